@@ -1,0 +1,34 @@
+"""trionet: network services on Trio's structured concurrency.
+
+The public API, re-exported from small private modules:
+
+* :class:`Service` — subclass it and write ``handle(conn)``: that is a service.
+* :class:`Connection` — what ``handle`` receives: lines, raw bytes, limits.
+* :class:`Server` / :func:`serve` — run services (limits, idle timeout,
+  graceful shutdown, crash isolation, access logs).
+* :class:`LineBuffer` — the sans-I/O line framer underneath.
+* :mod:`trionet.testing` — memory listeners and a scripted client for tests.
+"""
+
+from ._connection import RECEIVE_SIZE, Connection, LineError, format_peer
+from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineBuffer, LineEvent, LineTooLong
+from ._server import Server, serve
+from ._service import DEFAULT_MAX_CONNECTIONS, Service
+
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_LINE",
+    "RECEIVE_SIZE",
+    "BadEncoding",
+    "Connection",
+    "LineBuffer",
+    "LineError",
+    "LineEvent",
+    "LineTooLong",
+    "Server",
+    "Service",
+    "format_peer",
+    "serve",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,7 @@
+"""``python -m trionet`` is ``python -m trionet.serve``."""
+
+import sys
+
+from .serve import main
+
+sys.exit(main())

@@ -1,0 +1,363 @@
+"""One client connection: line framing, raw bytes, accounting, idle deadline.
+
+A :class:`Connection` wraps any :class:`trio.abc.Stream` (a TCP socket, a
+TLS stream, an in-memory stream). It has the methods of a
+:class:`trio.abc.HalfCloseableStream`, and :meth:`Connection.as_stream`
+gives a real one for code written against plain Trio streams, but it is
+not one itself: ``async for`` over a Trio stream yields byte chunks, while
+``async for`` over a connection yields lines. On top of the stream it
+offers what every line service needs, with PROTOCOL.md's shared rules
+applied in one place:
+
+* ``await conn.receive_line()`` / ``async for line in conn`` (CR dropped,
+  over-long and non-UTF-8 lines answered with ``ERR`` and skipped),
+* ``receive_exactly(n)`` and ``receive_some()`` for raw bytes, which first
+  hand out whatever the line framer already holds, so a protocol can mix
+  lines and binary payloads,
+* ``send_line()`` (one write now) and ``write_line()`` + ``flush()`` (queue
+  replies; the queue is flushed automatically before the connection waits
+  for more input, so a pipelining client gets its replies in one segment),
+* the peer address, a logger tagged with the connection id, and byte counts.
+
+The idle deadline lives here too. The server runs each handler inside the
+connection's cancel scope; whenever the connection starts waiting for input
+the scope's deadline is moved to *now + idle_timeout*. Time spent doing
+work for the client therefore never counts as the client being idle, and
+the deadline only ever fires while we wait for a client that sends nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Final
+
+import trio
+
+from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineBuffer, LineTooLong
+
+__all__ = ["RECEIVE_SIZE", "Connection", "ConnectionStream", "LineError", "format_peer"]
+
+#: Bytes asked of the transport per receive. Large chunks keep the number of
+#: system calls down for bulk transfers; the buffer is allocated by the
+#: kernel read only when data arrives, so idle connections do not pay for it.
+RECEIVE_SIZE: Final = 65536
+
+_ids = itertools.count(1)
+
+LineErrorHook = Callable[["Connection", LineTooLong | BadEncoding], Awaitable[None]]
+
+
+class LineError(ValueError):
+    """Raised by :meth:`Connection.receive_line` when no error hook is set."""
+
+    def __init__(self, event: LineTooLong | BadEncoding) -> None:
+        super().__init__(event.reply)
+        self.event = event
+
+
+def format_peer(stream: trio.abc.Stream) -> str:
+    """Describe the remote end of ``stream`` as ``host:port`` (or a kind name)."""
+    seen: Any = stream
+    for _ in range(8):  # unwrap TLS and similar wrappers
+        sock = getattr(seen, "socket", None)
+        if sock is not None:
+            try:
+                addr = sock.getpeername()
+            except OSError:
+                return "disconnected"
+            if isinstance(addr, tuple):
+                host = addr[0]
+                return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+            return str(addr) or "unix"
+        inner = getattr(seen, "transport_stream", None)
+        if inner is None:
+            break
+        seen = inner
+    return "memory"
+
+
+class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"{self.extra['tag']} {msg}" if self.extra else msg, kwargs
+
+
+class Connection:
+    """A client connection wrapping ``stream``.
+
+    Args:
+      stream: the transport.
+      max_line: the longest line accepted, in bytes, terminator excluded.
+      idle_timeout: seconds of waiting for input after which the connection's
+        cancel scope fires (only inside a server; ``None`` or 0: never).
+      on_line_error: awaited with each :class:`LineTooLong` /
+        :class:`BadEncoding` event; ``None`` makes :meth:`receive_line`
+        raise :class:`LineError` instead (what a client usually wants).
+      service: name used in log lines.
+      logger: parent logger for :attr:`log`.
+      conn_id: the id shown in logs (default: the next process-wide number).
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        max_line: int = DEFAULT_MAX_LINE,
+        idle_timeout: float | None = None,
+        on_line_error: LineErrorHook | None = None,
+        service: str = "",
+        logger: logging.Logger | None = None,
+        conn_id: int | None = None,
+    ) -> None:
+        self.stream = stream
+        #: A number unique in this process, for logs (``conn_id`` overrides).
+        self.id = next(_ids) if conn_id is None else conn_id
+        self.service = service
+        self.max_line = max_line
+        self.idle_timeout = idle_timeout if idle_timeout else None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        #: Why the connection ended, when the handler knows (e.g. ``"quit"``).
+        self.end_reason: str | None = None
+        #: True once the peer has sent EOF.
+        self.eof_received = False
+        self._on_line_error = on_line_error
+        self._logger = logger
+        self._log: _ConnectionLog | None = None
+        self._peer: str | None = None
+        self._lines = LineBuffer(max_line)
+        self._out = bytearray()
+        # The scope the server runs the handler in (idle timeout, shutdown).
+        self.cancel_scope = trio.CancelScope()
+        # Idle deadlines are moved only when they change by more than this,
+        # so a busy connection does not touch Trio's deadline heap per read.
+        self._slack = (self.idle_timeout or 0.0) / 1000.0
+        self._waiting = False
+        self._busy = 0
+        self._shutdown_requested = False
+
+    # -- identity and logging ------------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        """The remote address as ``host:port`` (``"memory"`` for memory streams)."""
+        if self._peer is None:
+            self._peer = format_peer(self.stream)
+        return self._peer
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose lines start with ``[service #id peer]``."""
+        if self._log is None:
+            base = self._logger or logging.getLogger(
+                f"trionet.{self.service}" if self.service else "trionet"
+            )
+            tag = f"[{self.service or 'conn'} #{self.id} {self.peer}]"
+            self._log = _ConnectionLog(base, {"tag": tag})
+        return self._log
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once the server has begun a graceful shutdown."""
+        return self._shutdown_requested
+
+    # -- waiting for input: idle deadline and shutdown ------------------------
+
+    def _begin_wait(self) -> None:
+        if self._shutdown_requested:
+            # Shutdown was requested while this connection was busy; now that
+            # its work is done and it would wait for the client, stop here.
+            self.cancel_scope.cancel()
+        if self.idle_timeout is not None and not self._busy:
+            target = trio.current_time() + self.idle_timeout
+            if abs(target - self.cancel_scope.deadline) > self._slack:
+                self.cancel_scope.deadline = target
+        self._waiting = True
+
+    def request_shutdown(self) -> None:
+        """Ask the connection to end once it next waits for input.
+
+        Called by the server on graceful shutdown: a connection that is idle
+        (waiting for its client) is cancelled at once; one that is busy
+        finishes its current piece of work first.
+        """
+        self._shutdown_requested = True
+        if self._waiting:
+            self.cancel_scope.cancel()
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Suspend the idle deadline for a long piece of work.
+
+        Use around work that may outlast the idle timeout without reading
+        from the client, such as streaming a large file to a slow reader.
+        """
+        self._busy += 1
+        self.cancel_scope.deadline = math.inf
+        try:
+            yield
+        finally:
+            self._busy -= 1
+
+    async def wait_readable(self, fd: int) -> None:
+        """Wait for ``fd`` to become readable, as an input wait.
+
+        For fast paths that read a socket's descriptor directly: the idle
+        deadline and graceful shutdown apply exactly as in :meth:`receive_some`.
+        """
+        await self.flush()
+        self._begin_wait()
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        finally:
+            self._waiting = False
+
+    async def _receive(self, max_bytes: int) -> bytes | bytearray:
+        if self._out:
+            await self.flush()
+        self._begin_wait()
+        try:
+            data = await self.stream.receive_some(max_bytes)
+        finally:
+            self._waiting = False
+        if data:
+            self.bytes_in += len(data)
+        else:
+            self.eof_received = True
+        return data
+
+    # -- lines ----------------------------------------------------------------
+
+    async def receive_line(self) -> str | None:
+        """Return the next line (without terminator), or ``None`` at EOF.
+
+        Framing errors are handed to the ``on_line_error`` hook (by default
+        in a server: reply ``ERR line-too-long N`` / ``ERR bad-encoding``)
+        and reading carries on with the next line. A final line not ended
+        by LF before EOF is still returned.
+        """
+        lines = self._lines
+        while True:
+            event = lines.next_event()
+            if event is None:
+                if lines.at_eof:
+                    return None
+                data = await self._receive(RECEIVE_SIZE)
+                if data:
+                    lines.feed(data)
+                else:
+                    lines.feed_eof()
+                continue
+            if isinstance(event, str):
+                return event
+            if self._on_line_error is None:
+                raise LineError(event)
+            await self._on_line_error(self, event)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._iter_lines()
+
+    async def _iter_lines(self) -> AsyncIterator[str]:
+        while (line := await self.receive_line()) is not None:
+            yield line
+
+    def write_line(self, line: str) -> None:
+        """Queue ``line`` + LF; sent by :meth:`flush` or before the next input wait."""
+        if "\n" in line:
+            raise ValueError("a line may not contain LF")
+        self._out += line.encode()
+        self._out.append(0x0A)
+
+    async def send_line(self, line: str) -> None:
+        """Send ``line`` + LF now (after anything queued by :meth:`write_line`)."""
+        self.write_line(line)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Send everything queued by :meth:`write_line`."""
+        if self._out:
+            data = bytes(self._out)
+            self._out.clear()
+            await self.stream.send_all(data)
+            self.bytes_out += len(data)
+
+    # -- raw bytes: the trio.abc.HalfCloseableStream interface ----------------
+
+    def as_stream(self) -> ConnectionStream:
+        """This connection as a :class:`trio.abc.HalfCloseableStream`.
+
+        Bytes go through the connection (line buffer first, byte counts,
+        idle deadline), so raw and line reads can be mixed safely.
+        """
+        return ConnectionStream(self)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Receive raw bytes; bytes already read past the last line come first."""
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if len(self._lines):
+            await trio.lowlevel.checkpoint()
+            return self._lines.take_bytes(max_bytes)
+        if self._lines.at_eof:
+            await trio.lowlevel.checkpoint()
+            return b""
+        return await self._receive(max_bytes or RECEIVE_SIZE)
+
+    async def receive_exactly(self, n: int) -> bytes:
+        """Receive exactly ``n`` bytes; :exc:`trio.BrokenResourceError` on early EOF."""
+        parts: list[bytes | bytearray] = []
+        got = 0
+        while got < n:
+            chunk = await self.receive_some(min(n - got, 1 << 20))
+            if not chunk:
+                raise trio.BrokenResourceError(f"connection closed after {got} of {n} bytes")
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send raw bytes (after anything queued by :meth:`write_line`)."""
+        if self._out:
+            await self.flush()
+        await self.stream.send_all(data)
+        self.bytes_out += len(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        """Flush queued lines, then half-close the sending side."""
+        if not isinstance(self.stream, trio.abc.HalfCloseableStream):
+            raise TypeError(f"{type(self.stream).__name__} cannot half-close")
+        await self.flush()
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        """Close the transport (queued but unflushed lines are dropped)."""
+        self._out.clear()
+        await self.stream.aclose()
+
+
+class ConnectionStream(trio.abc.HalfCloseableStream):
+    """A :class:`Connection` seen as a plain Trio stream (see :meth:`Connection.as_stream`)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.connection = conn
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.connection.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.connection.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.connection.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.connection.send_eof()
+
+    async def aclose(self) -> None:
+        await self.connection.aclose()

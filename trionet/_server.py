@@ -1,0 +1,276 @@
+"""The runner: listeners, limits, timeouts, crash isolation, graceful shutdown.
+
+Structure (Hypercorn's trio worker uses the same shape)::
+
+    connection nursery            <- every connection's task lives here
+        accept nursery            <- one accept loop per listener
+            ... until shutdown() ...
+        (accept nursery cancelled: listeners closed at once)
+        idle connections cancelled, busy ones given `grace` seconds
+        remaining connections cancelled; each says "BYE shutdown"
+
+Each connection runs inside its own cancel scope (``conn.cancel_scope``):
+the idle timeout is that scope's deadline, and shutdown cancels it. When
+the scope fires, the handler unwinds cleanly (nurseries inside it included)
+and the runner, not the handler, sends the ``BYE`` line and closes the
+stream. A handler that raises is logged with its traceback and only its own
+connection ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import trio
+
+from ._connection import Connection, format_peer
+from ._service import Service
+
+__all__ = ["Server", "serve"]
+
+log = logging.getLogger("trionet")
+access_log = logging.getLogger("trionet.access")
+
+# accept() errors that mean "out of resources right now": wait and retry
+# rather than crash the server (trio.serve_listeners does the same).
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_ACCEPT_RETRY_SLEEP = 0.1
+# Bound on time spent saying goodbye (BYE line, TLS close) to one client.
+_GOODBYE_TIMEOUT = 1.0
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    """True if ``exc`` only says the peer went away (not a handler bug)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_disconnect(e) for e in exc.exceptions)
+    return isinstance(exc, trio.BrokenResourceError | ConnectionError)
+
+
+class Server:
+    """Runs one or more services, each on its own listeners, under one nursery.
+
+    Args:
+      services: the services to run.
+      host: address to bind TCP listeners to.
+      grace: seconds busy connections may finish their work on shutdown.
+      listeners: optional ready-made listeners per service name (for
+        instance :class:`trionet.testing.MemoryListener`); services with
+        none get TCP listeners on ``host`` and their port.
+
+    Use :meth:`run` with ``nursery.start`` (it returns :attr:`addresses`)
+    and :meth:`shutdown` to stop gracefully.
+    """
+
+    def __init__(
+        self,
+        services: Sequence[Service],
+        *,
+        host: str = "127.0.0.1",
+        grace: float = 5.0,
+        listeners: Mapping[str, Sequence[trio.abc.Listener[Any]]] | None = None,
+    ) -> None:
+        names = [s.name for s in services]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each service may run once, got {names}")
+        if not grace >= 0:
+            raise ValueError(f"grace must be >= 0, got {grace}")
+        self.services = list(services)
+        self.host = host
+        self.grace = grace
+        #: Bound ``(host, port)`` addresses per service name, once started.
+        self.addresses: dict[str, list[tuple[str, int]]] = {}
+        self._given_listeners = dict(listeners or {})
+        self._connections: set[Connection] = set()
+        self._active: dict[str, int] = {s.name: 0 for s in services}
+        self._shutdown = trio.Event()
+        self._all_closed = trio.Event()
+
+    @property
+    def connection_count(self) -> int:
+        """Connections currently being served (all services)."""
+        return len(self._connections)
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once :meth:`shutdown` was called."""
+        return self._shutdown.is_set()
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown; :meth:`run` returns when it is complete."""
+        self._shutdown.set()
+
+    async def _open_listeners(self, service: Service) -> list[trio.abc.Listener[Any]]:
+        given = self._given_listeners.get(service.name)
+        if given is not None:
+            return list(given)
+        return list(await trio.open_tcp_listeners(service.effective_port, host=self.host))
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`shutdown` completes.
+
+        With ``await nursery.start(server.run)`` the result is
+        :attr:`addresses` (name → list of bound ``(host, port)``), so port 0
+        can be used and the real port read back.
+        """
+        opened: list[tuple[Service, trio.abc.Listener[Any]]] = []
+        try:
+            for service in self.services:
+                for listener in await self._open_listeners(service):
+                    opened.append((service, listener))
+        except BaseException:
+            for _, listener in opened:
+                await listener.aclose()
+            raise
+        for service, listener in opened:
+            sock = getattr(listener, "socket", None)
+            if sock is not None:
+                host, port = sock.getsockname()[:2]
+                self.addresses.setdefault(service.name, []).append((host, port))
+                shown = f"[{host}]" if ":" in host else host
+                log.info("%s listening on %s:%d", service.name, shown, port)
+            else:
+                self.addresses.setdefault(service.name, [])
+                log.info("%s listening on %r", service.name, listener)
+
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                for service, listener in opened:
+                    accepting.start_soon(self._accept_loop, service, listener, connections)
+                task_status.started(self.addresses)
+                await self._shutdown.wait()
+                log.info(
+                    "shutting down: listeners closed, %d connection(s) open", self.connection_count
+                )
+                accepting.cancel_scope.cancel()
+            await self._drain()
+
+    async def _drain(self) -> None:
+        for conn in list(self._connections):
+            conn.request_shutdown()
+        if self._connections:
+            with trio.move_on_after(self.grace):
+                await self._all_closed.wait()
+        for conn in list(self._connections):
+            conn.cancel_scope.cancel()
+
+    async def _accept_loop(
+        self,
+        service: Service,
+        listener: trio.abc.Listener[Any],
+        connections: trio.Nursery,
+    ) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                        log.error(
+                            "%s: accept failed (%s); retrying in %.1fs",
+                            service.name,
+                            errno.errorcode.get(exc.errno or 0, exc.errno),
+                            _ACCEPT_RETRY_SLEEP,
+                        )
+                        await trio.sleep(_ACCEPT_RETRY_SLEEP)
+                        continue
+                    raise
+                if self._active[service.name] >= service.max_connections:
+                    connections.start_soon(self._turn_away, service, stream)
+                else:
+                    self._active[service.name] += 1
+                    connections.start_soon(self._run_connection, service, stream)
+
+    async def _turn_away(self, service: Service, stream: trio.abc.Stream) -> None:
+        peer = format_peer(stream)
+        with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT):
+            try:
+                if service.line_based:
+                    await stream.send_all(b"BYE busy\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            finally:
+                await trio.aclose_forcefully(stream)
+        access_log.info(
+            "%s %s turned away: %d/%d connections in use",
+            service.name,
+            peer,
+            self._active[service.name],
+            service.max_connections,
+        )
+
+    async def _run_connection(self, service: Service, stream: trio.abc.Stream) -> None:
+        conn = Connection(
+            stream,
+            max_line=service.max_line,
+            idle_timeout=service.effective_idle_timeout,
+            on_line_error=service.on_line_error,
+            service=service.name,
+        )
+        conn.peer  # noqa: B018 - read the address now, while the socket is connected
+        self._connections.add(conn)
+        started = trio.current_time()
+        end = "closed"
+        try:
+            try:
+                with conn.cancel_scope:
+                    await service.handle(conn)
+            except Exception as exc:
+                if _is_disconnect(exc):
+                    end = "reset"
+                else:
+                    end = "error"
+                    conn.log.error("handler crashed", exc_info=exc)
+            else:
+                if conn.cancel_scope.cancelled_caught:
+                    end = "shutdown" if conn.shutting_down else "idle-timeout"
+                else:
+                    end = conn.end_reason or ("eof" if conn.eof_received else "closed")
+            if end in ("shutdown", "idle-timeout") and service.line_based:
+                await self._say_goodbye(conn, f"BYE {end}")
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT):
+                await trio.aclose_forcefully(conn.stream)
+            self._connections.discard(conn)
+            self._active[service.name] -= 1
+            if not self._connections and self._shutdown.is_set():
+                self._all_closed.set()
+            access_log.info(
+                "%s %s #%d end=%s duration=%.3fs in=%d out=%d",
+                service.name,
+                conn.peer,
+                conn.id,
+                end,
+                trio.current_time() - started,
+                conn.bytes_in,
+                conn.bytes_out,
+            )
+
+    @staticmethod
+    async def _say_goodbye(conn: Connection, line: str) -> None:
+        quiet = contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
+        )
+        with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT), quiet:
+            await conn.send_line(line)
+
+
+async def serve(
+    services: Sequence[Service],
+    *,
+    host: str = "127.0.0.1",
+    grace: float = 5.0,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``services`` on ``host`` until cancelled.
+
+    ``await nursery.start(serve, [EchoService(port=0)])`` returns the bound
+    addresses per service name. Cancelling the surrounding scope stops
+    everything at once; for a graceful stop use :class:`Server` directly and
+    call its :meth:`~Server.shutdown`.
+    """
+    server = Server(services, host=host, grace=grace)
+    await server.run(task_status=task_status)
