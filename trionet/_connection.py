@@ -138,6 +138,7 @@ class Connection:
         self._waiting = False
         self._busy = 0
         self._shutdown_requested = False
+        self._send_busy = False
 
     # -- identity and logging ------------------------------------------------
 
@@ -281,8 +282,22 @@ class Connection:
         if self._out:
             data = bytes(self._out)
             self._out.clear()
-            await self.stream.send_all(data)
+            with self._send_guard():
+                await self.stream.send_all(data)
             self.bytes_out += len(data)
+
+    @contextmanager
+    def _send_guard(self) -> Iterator[None]:
+        # Two tasks sending at once would interleave bytes mid-line. Trio's
+        # streams detect this for send_all, but not every stream does for
+        # send_eof, so the connection enforces it for all its send methods.
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is already sending on this connection")
+        self._send_busy = True
+        try:
+            yield
+        finally:
+            self._send_busy = False
 
     # -- raw bytes: the trio.abc.HalfCloseableStream interface ----------------
 
@@ -322,18 +337,22 @@ class Connection:
         """Send raw bytes (after anything queued by :meth:`write_line`)."""
         if self._out:
             await self.flush()
-        await self.stream.send_all(data)
+        with self._send_guard():
+            await self.stream.send_all(data)
         self.bytes_out += len(data)
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
+        """Wait until sending might not block (see Trio's documentation)."""
+        with self._send_guard():
+            await self.stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
         """Flush queued lines, then half-close the sending side."""
         if not isinstance(self.stream, trio.abc.HalfCloseableStream):
             raise TypeError(f"{type(self.stream).__name__} cannot half-close")
         await self.flush()
-        await self.stream.send_eof()
+        with self._send_guard():
+            await self.stream.send_eof()
 
     async def aclose(self) -> None:
         """Close the transport (queued but unflushed lines are dropped)."""

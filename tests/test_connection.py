@@ -1,0 +1,167 @@
+"""Connection: PROTOCOL.md's shared line rules, raw bytes, the idle deadline.
+
+Rules for deterministic network tests in this suite:
+
+* in-memory streams (``trio.testing`` pairs, :mod:`trionet.testing`), never
+  sockets, unless the test is *about* sockets;
+* every wait runs on the ``autojump_clock`` fixture, so a 300 s timeout
+  takes no real time and "nothing arrives for 60 s" is a real check;
+* every receive has a timeout, so a broken server fails a test, never hangs it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from trionet import Connection, LineError, Service
+from trionet.testing import open_memory_server
+
+
+def pair(**kwargs: object) -> tuple[trio.abc.Stream, Connection]:
+    client, server = trio.testing.memory_stream_pair()
+    return client, Connection(server, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_receive_line_rules_and_error_hook() -> None:
+    replies: list[str] = []
+
+    async def hook(conn: Connection, event: object) -> None:
+        replies.append(event.reply)  # type: ignore[attr-defined]
+
+    client, conn = pair(max_line=5, on_line_error=hook)
+    await client.send_all(b"one\r\n123456\n\xc3\x28\nabcde\r\nlast")
+    await client.send_eof()
+    got = [line async for line in conn]
+    assert got == ["one", "abcde", "last"]
+    assert replies == ["ERR line-too-long 5", "ERR bad-encoding"]
+    assert conn.eof_received
+
+
+async def test_without_hook_errors_raise() -> None:
+    client, conn = pair(max_line=3)
+    await client.send_all(b"toolong\nok\n")
+    with pytest.raises(LineError, match="line-too-long 3"):
+        await conn.receive_line()
+    assert await conn.receive_line() == "ok"
+
+
+async def test_mixing_lines_and_raw_bytes() -> None:
+    client, conn = pair()
+    await client.send_all(b"SIZE 10\n0123456789NEXT\n")
+    assert await conn.receive_line() == "SIZE 10"
+    assert await conn.receive_exactly(10) == b"0123456789"
+    assert await conn.receive_line() == "NEXT"
+    await client.send_all(b"xy")
+    assert await conn.receive_some() == b"xy"
+    await client.send_eof()
+    with pytest.raises(trio.BrokenResourceError, match="after 0 of 4"):
+        await conn.receive_exactly(4)
+
+
+async def test_write_line_is_coalesced_and_flushed_before_waiting() -> None:
+    client, conn = pair()
+    await client.send_all(b"a\nb\n")
+    sent: list[bytes] = []
+    real_send_all = conn.stream.send_all
+
+    async def spy(data: bytes | bytearray | memoryview) -> None:
+        sent.append(bytes(data))
+        await real_send_all(data)
+
+    conn.stream.send_all = spy  # type: ignore[method-assign]
+
+    async def serve() -> None:
+        async for line in conn:
+            conn.write_line(line.upper())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        assert await client.receive_some() == b"A\nB\n"
+        await client.send_eof()
+    # Two pipelined requests, one write: replies are flushed only when the
+    # connection is about to wait for more input.
+    assert sent == [b"A\nB\n"]
+    assert conn.bytes_out == 4
+    assert conn.bytes_in == 4
+
+
+async def test_send_line_refuses_embedded_newline() -> None:
+    _client, conn = pair()
+    with pytest.raises(ValueError):
+        await conn.send_line("two\nlines")
+
+
+async def test_as_stream_is_a_half_closeable_trio_stream() -> None:
+    async def make() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
+        a, b = trio.testing.memory_stream_pair()
+        return Connection(a).as_stream(), Connection(b).as_stream()
+
+    async def make_clogged() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
+        a, b = trio.testing.lockstep_stream_pair()
+        return Connection(a).as_stream(), Connection(b).as_stream()
+
+    await trio.testing.check_half_closeable_stream(make, make_clogged)
+
+
+async def test_peer_names() -> None:
+    _client, conn = pair()
+    assert conn.peer == "memory"
+    assert "memory" in repr(conn.log.process("x", {})[0])
+
+
+@attrs.define(kw_only=True, eq=False)
+class Upper(Service):
+    name: ClassVar[str] = "upper"
+
+    async def handle(self, conn: Connection) -> None:
+        async for line in conn:
+            conn.write_line(line.upper())
+
+
+async def test_idle_timeout_is_reset_by_every_byte(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_memory_server(Upper(idle_timeout=300)) as server:
+        client = await server.connect()
+        start = trio.current_time()
+        for _ in range(3):
+            await client.expect_nothing(for_seconds=299)
+            await client.send(b"x")  # one byte, no LF: still resets the clock
+        await client.send(b"\n")
+        await client.expect("XXX")
+        await client.expect_nothing(for_seconds=299)
+        await client.expect("BYE idle-timeout")
+        await client.expect_closed()
+        assert 4 * 299 < trio.current_time() - start < 4 * 299 + 2
+
+
+async def test_idle_timeout_zero_turns_it_off(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_memory_server(Upper(idle_timeout=0)) as server:
+        client = await server.connect()
+        await client.expect_nothing(for_seconds=10 * 24 * 3600)
+        await client.send_line("still here")
+        await client.expect("STILL HERE")
+
+
+async def test_busy_suspends_the_idle_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    @attrs.define(kw_only=True, eq=False)
+    class Slow(Service):
+        name: ClassVar[str] = "slow"
+
+        async def handle(self, conn: Connection) -> None:
+            async for line in conn:
+                with conn.busy():
+                    await trio.sleep(1000)  # long work for the client
+                await conn.send_line(f"done {line}")
+
+    async with open_memory_server(Slow(idle_timeout=300)) as server:
+        client = await server.connect()
+        await client.send_line("job")
+        assert await client.receive_line(timeout=1100) == "done job"
+        # The idle clock restarts when the connection waits again.
+        await client.expect_nothing(for_seconds=280)
+        assert await client.receive_line(timeout=30) == "BYE idle-timeout"
+        assert trio.current_time() == pytest.approx(1300, abs=1)

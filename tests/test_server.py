@@ -1,0 +1,196 @@
+"""The runner, entirely in memory: limits, shutdown, crash isolation, logs.
+
+Rules: the whole :class:`trionet.Server` runs on memory listeners (no
+sockets); waits run on the ``autojump_clock``; every receive is bounded by
+the scripted client's timeout, so a regression fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from trionet import Connection, Server, Service
+from trionet.services.echo import EchoService
+from trionet.testing import MemoryListener, open_memory_server
+
+
+@attrs.define(kw_only=True, eq=False)
+class Work(Service):
+    """A line service whose requests take ``work`` seconds of (fake) time."""
+
+    name: ClassVar[str] = "work"
+    work: float = 0.0
+
+    async def handle(self, conn: Connection) -> None:
+        async for line in conn:
+            if line == "crash":
+                raise RuntimeError("handler bug")
+            if line == "quit":
+                await conn.send_line("BYE")
+                conn.end_reason = "quit"
+                return
+            await trio.sleep(self.work)
+            await conn.send_line(f"did {line}")
+
+
+async def test_max_connections_turns_new_clients_away(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_memory_server(Work(max_connections=2)) as server:
+        a = await server.connect()
+        b = await server.connect()
+        c = await server.connect()
+        await c.expect("BYE busy")
+        await c.expect_closed()
+        # The established clients are untouched.
+        for client in (a, b):
+            await client.send_line("x")
+            await client.expect("did x")
+        await a.send_line("quit")
+        await a.expect("BYE")
+        await a.expect_closed()
+        d = await server.connect()  # a freed its place
+        await d.send_line("y")
+        await d.expect("did y")
+
+
+async def test_echo_limit_closes_silently(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_memory_server(EchoService(max_connections=1)) as server:
+        first = await server.connect()
+        second = await server.connect()
+        assert await second.receive_all() == b""
+        await first.send(b"ping")
+        assert await first.receive_exactly(4) == b"ping"
+
+
+async def test_crash_is_logged_and_ends_only_its_connection(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with open_memory_server(Work()) as server:
+        bystander = await server.connect()
+        victim = await server.connect()
+        await victim.send_line("crash")
+        await victim.expect_closed()
+        await bystander.send_line("still fine")
+        await bystander.expect("did still fine")
+        after = await server.connect()
+        await after.send_line("new")
+        await after.expect("did new")
+    crash = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(crash) == 1
+    assert "handler crashed" in crash[0].getMessage()
+    assert crash[0].exc_info is not None and "handler bug" in str(crash[0].exc_info[1])
+    assert "[work #" in crash[0].getMessage()
+    access = [r.getMessage() for r in caplog.records if r.name == "trionet.access"]
+    assert any("end=error" in m for m in access)
+    assert any("end=shutdown" in m for m in access)
+
+
+async def test_access_log_line(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trionet.access")
+    async with open_memory_server(Work()) as server:
+        client = await server.connect()
+        await client.send_line("abc")
+        await client.expect("did abc")
+        await client.send_line("quit")
+        await client.expect("BYE")
+        await client.expect_closed()
+        await trio.sleep(1)
+    (line,) = [r.getMessage() for r in caplog.records if "end=quit" in r.getMessage()]
+    assert line.startswith("work memory #")
+    assert "in=9 out=12" in line
+    assert "duration=" in line
+
+
+async def test_graceful_shutdown(autojump_clock: trio.testing.MockClock) -> None:
+    """Idle clients are told at once; work in flight finishes within the grace."""
+    listener = MemoryListener()
+    server = Server([Work(work=3.0)], grace=5.0, listeners={"work": [listener]})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        from trionet.testing import Client
+
+        idle = Client(await listener.connect())
+        busy = Client(await listener.connect())
+        await busy.send_line("job")
+        await trio.sleep(1)  # the job is now in flight
+        started = trio.current_time()
+        server.shutdown()
+        await idle.expect("BYE shutdown")
+        await idle.expect_closed()
+        assert trio.current_time() - started < 0.1
+        # The busy client gets its answer, then the goodbye.
+        await busy.expect("did job", "BYE shutdown")
+        await busy.expect_closed()
+        assert 1.9 < trio.current_time() - started < 2.1
+        # Listeners closed at once: nobody new gets in.
+        with pytest.raises(trio.BrokenResourceError):
+            await listener.connect()
+    assert server.connection_count == 0
+
+
+async def test_grace_expires(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_memory_server(Work(work=100.0), grace=5.0) as server:
+        client = await server.connect()
+        await client.send_line("forever")
+        await trio.sleep(1)
+        started = trio.current_time()
+        server.shutdown()
+        await client.expect("BYE shutdown")
+        await client.expect_closed()
+        assert 4.9 < trio.current_time() - started < 5.1
+
+
+async def test_echo_shutdown_is_silent(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_memory_server(EchoService()) as server:
+        client = await server.connect()
+        await client.send(b"abc")
+        assert await client.receive_exactly(3) == b"abc"
+        server.shutdown()
+        assert await client.receive_all() == b""
+
+
+async def test_echo_idle_timeout_is_silent(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_memory_server(EchoService(idle_timeout=300)) as server:
+        client = await server.connect(timeout=400)
+        start = trio.current_time()
+        assert await client.receive_all() == b""
+        assert 299.9 < trio.current_time() - start < 301
+
+
+async def test_serve_binds_port_zero_and_reports_addresses() -> None:
+    import trionet
+
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(trionet.serve, [EchoService(port=0), Work(port=0)])
+        assert set(addresses) == {"echo", "work"}
+        (host, port), *_ = addresses["echo"]
+        assert host == "127.0.0.1" and port > 0
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                await stream.send_all(b"hi")
+                assert await stream.receive_some() == b"hi"
+        nursery.cancel_scope.cancel()
+
+
+def test_service_options_are_validated() -> None:
+    with pytest.raises(ValueError):
+        Work(max_line=0)
+    with pytest.raises(ValueError):
+        Work(idle_timeout=-1)
+    with pytest.raises(ValueError):
+        Work(port=70000)
+    with pytest.raises(ValueError):
+        Server([Work(), Work()])
+    assert Work(idle_timeout=0).effective_idle_timeout is None
+    assert Work().effective_idle_timeout == 300
