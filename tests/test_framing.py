@@ -147,7 +147,9 @@ def test_invalid_limit() -> None:
 def chunkings(data: bytes) -> st.SearchStrategy[list[bytes]]:
     """Every way of cutting ``data`` into consecutive chunks."""
     return st.lists(st.integers(0, len(data)), max_size=12).map(
-        lambda cuts: [data[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(data)])]
+        lambda cuts: [
+            data[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(data)], strict=True)
+        ]
     )
 
 
