@@ -186,6 +186,33 @@ def _first_os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def _raise_fd_limit(services: Sequence[Service]) -> None:
+    """Let the process hold every connection it is configured to accept.
+
+    The usual soft limit of 1024 descriptors is below the default
+    ``--max-connections`` of 1000 per service times five services; raise it
+    towards the hard limit (which needs no privilege) and warn if that is
+    still short.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Unix
+        return
+    needed = sum(s.max_connections for s in services) + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        log.warning(
+            "open-file limit %d is below the %d descriptors --max-connections may need",
+            target,
+            needed,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m trionet.serve`` and ``trionet-serve``."""
     classes = service_classes()
@@ -197,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    _raise_fd_limit(services)
     server = Server(services, host=args.host, grace=args.grace)
     try:
         trio.run(_run, server)
