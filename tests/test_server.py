@@ -194,3 +194,16 @@ def test_service_options_are_validated() -> None:
         Server([Work(), Work()])
     assert Work(idle_timeout=0).effective_idle_timeout is None
     assert Work().effective_idle_timeout == 300
+
+
+async def test_a_request_just_before_the_idle_deadline_is_answered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_memory_server(Work(work=5.0, idle_timeout=300)) as server:
+        client = await server.connect()
+        await client.expect_nothing(for_seconds=299.5)
+        await client.send_line("late")
+        # The work (5 s) runs past the old deadline: the request still counts.
+        await client.expect("did late")
+        await client.expect_nothing(for_seconds=295)
+        await client.expect("BYE idle-timeout")

@@ -167,15 +167,23 @@ class Connection:
 
     # -- waiting for input: idle deadline and shutdown ------------------------
 
+    def touch(self) -> None:
+        """Restart the idle clock (done on every input wait and every byte received).
+
+        Twisted calls this ``resetTimeout``. Call it yourself only when
+        reading the transport behind the connection's back (a fast path).
+        """
+        if self.idle_timeout is not None and not self._busy:
+            target = trio.current_time() + self.idle_timeout
+            if abs(target - self.cancel_scope.deadline) > self._slack:
+                self.cancel_scope.deadline = target
+
     def _begin_wait(self) -> None:
         if self._shutdown_requested:
             # Shutdown was requested while this connection was busy; now that
             # its work is done and it would wait for the client, stop here.
             self.cancel_scope.cancel()
-        if self.idle_timeout is not None and not self._busy:
-            target = trio.current_time() + self.idle_timeout
-            if abs(target - self.cancel_scope.deadline) > self._slack:
-                self.cancel_scope.deadline = target
+        self.touch()
         self._waiting = True
 
     def request_shutdown(self) -> None:
@@ -226,6 +234,9 @@ class Connection:
             self._waiting = False
         if data:
             self.bytes_in += len(data)
+            # The client just spoke: whatever the handler now does with it
+            # must not be cut short by a deadline set before it arrived.
+            self.touch()
         else:
             self.eof_received = True
         return data

@@ -95,6 +95,7 @@ async def _echo_fd(conn: Connection, fd: int) -> None:
             conn.eof_received = True
             return
         conn.bytes_in += len(data)
+        conn.touch()
         expect_data = len(data) == CHUNK
         view = memoryview(data)
         while view:
