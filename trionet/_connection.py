@@ -101,6 +101,32 @@ class Connection:
       conn_id: the id shown in logs (default: the next process-wide number).
     """
 
+    # Slots: a server may hold many thousands of idle connections, and a
+    # per-instance __dict__ would be a large share of each one's memory.
+    __slots__ = (
+        "_busy",
+        "_lines",
+        "_log",
+        "_logger",
+        "_on_line_error",
+        "_out",
+        "_peer",
+        "_send_busy",
+        "_shutdown_requested",
+        "_slack",
+        "_waiting",
+        "bytes_in",
+        "bytes_out",
+        "cancel_scope",
+        "end_reason",
+        "eof_received",
+        "id",
+        "idle_timeout",
+        "max_line",
+        "service",
+        "stream",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
