@@ -222,9 +222,11 @@ def test_parse_reply(line: str, reply: object) -> None:
     assert parse_reply(line) == reply
 
 
-@pytest.mark.parametrize("line", ["", "HIGHER 5", "NEW 1", "NEW a b", "CORRECT", "WHAT", "NEW 1  2"])
+@pytest.mark.parametrize(
+    "line", ["", "HIGHER 5", "NEW 1", "NEW a b", "CORRECT", "WHAT", "NEW 1  2"]
+)
 def test_parse_reply_rejects(line: str) -> None:
-    with pytest.raises(ValueError, match="not a number|unexpected"):
+    with pytest.raises(ValueError, match=r"not a number|unexpected"):
         parse_reply(line)
 
 

@@ -141,7 +141,8 @@ class GuessService(Service):
 
     async def _serve_stream(self, conn: Connection, game: Game) -> None:
         """The generic path: any stream (memory streams in tests, TLS)."""
-        out = [format_outcome(game.new_round())]
+        conn.write_line(format_outcome(game.new_round()))
+        out: list[str] = []
         # write_line only queues: the connection flushes before it waits for
         # input, so a client that pipelines guesses gets its replies in one
         # segment, and a win's CORRECT + NEW leave together.
@@ -191,6 +192,7 @@ class GuessService(Service):
                 raise _broken(exc) from exc
             if data:
                 conn.bytes_in += len(data)
+                conn.touch()  # the client spoke: restart the idle clock
                 lines.feed(data)
             else:
                 conn.eof_received = True
@@ -215,7 +217,7 @@ class GuessService(Service):
             metavar=("LO", "HI"),
             default=[DEFAULT_LO, DEFAULT_HI],
             help="secrets are whole numbers LO..HI, LO <= HI; a one-number range is "
-            "allowed (default: %(default)s)",
+            f"allowed (default: {DEFAULT_LO} {DEFAULT_HI})",
         )
         group.add_argument(
             "--seed",
