@@ -230,16 +230,24 @@ def test_parse_reply_rejects(line: str) -> None:
         parse_reply(line)
 
 
-def _play(lo: int, hi: int, secret: int) -> int:
-    """Bisect for ``secret`` with the pure rules on both sides; the server's count."""
+def _play(lo: int, hi: int, secret: int, uncertain: list[int] | None = None) -> int:
+    """Bisect for ``secret`` with the pure rules on both sides; the server's count.
+
+    ``uncertain``, if given, receives the number of guesses made while more
+    than one number was still possible.
+    """
     game = Game(lo, hi, random.Random())
     game.new_round()
     game.secret = secret  # the test decides the secret
     player = Bisector(lo, hi)
+    open_guesses = 0
     for _ in range(hi - lo + 2):
+        open_guesses += player.candidates > 1
         outcome = game.guess(player.next_guess())
         if isinstance(outcome, Correct):
             assert outcome.attempts == player.guesses
+            if uncertain is not None:
+                uncertain.append(open_guesses)
             return outcome.attempts
         assert isinstance(outcome, Hint)
         player.hint(outcome.higher)
@@ -264,6 +272,11 @@ def test_bisection_is_optimal_for_every_secret_of_small_ranges() -> None:
         assert worst == math.ceil(math.log2(n + 1))
         power_of_two = n & (n - 1) == 0
         assert worst == math.ceil(math.log2(n)) + power_of_two
+        # Guesses made while the answer was still open stay within log2(n).
+        open_guesses: list[int] = []
+        for secret in range(n):
+            _play(0, n - 1, secret, open_guesses)
+        assert max(open_guesses) == math.floor(math.log2(n)) <= math.ceil(math.log2(n))
 
 
 def test_one_number_range_takes_one_guess() -> None:
