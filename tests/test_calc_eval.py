@@ -406,3 +406,101 @@ def test_differential_against_python_eval(expr: str, ans: Number) -> None:
         # Refused before computing: Python might take forever, do not ask it.
         return
     assert ours == oracle(expr, ans), expr
+
+
+# -- the fast path agrees with the AST path (the reference) -----------------------
+
+
+def reply_ast(expr: str, ans: Number = 0) -> str:
+    try:
+        return "OK " + format_value(calc_eval.evaluate_ast(expr, ans))
+    except CalcError as exc:
+        return f"ERR {exc.code}"
+
+
+def fast_path(expr: str, ans: Number = 0) -> str | None:
+    """The fast path's own answer, or None when it falls back."""
+    try:
+        return "OK " + format_value(
+            calc_eval._evaluate_fast(expr, calc_eval._Evaluation(ans, 10**7))
+        )
+    except calc_eval._Fallback:
+        return None
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "1 + 2 * 3",
+        "-2**2",
+        "2**3**2",
+        "sqrt(2) * (3.5 - 1) / 7",
+        "max(1, 2, 3) // 2",
+        "ans % 7",
+        "hypot()",
+        "1.e5 + .5e-3 + 2E+3",
+        "round(2.675, 2)",
+        "\t1\t+ 2 ",
+        "pi * e - tau",
+    ],
+)
+def test_fast_path_takes_plain_arithmetic(expr: str) -> None:
+    assert fast_path(expr, 5) == reply_ast(expr, 5) == reply(expr, 5)
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "0x1F",
+        "1_000",
+        "01",
+        "1__0",
+        "1if 1else 2",
+        "2pi",
+        "1e",
+        "1..2",
+        "(1).real",
+        "1 2",
+        "f(1)",
+        "pi(1)",
+        "ans(1)",
+        "sqrt",
+        "sqrt(1,)",
+        "max(*a)",
+        "round(1, x=2)",
+        "1 # c",
+        "",
+        "1/0",
+        "sqrt(-1)",
+        "9**9**9",
+        "1e999",
+        "1" * 4400,
+        "-" * 30 + "1",
+        "()",
+        "(1",
+        "1)",
+        "1 +",
+        "True",
+        "x",
+        "é",
+        "1\f+1",
+        "1\v+1",
+        "1\x00",
+        "1\\\n",
+    ],
+)
+def test_fast_path_falls_back_on_anything_else(expr: str) -> None:
+    assert fast_path(expr) is None
+
+
+TRICKY = st.text(alphabet="0123456789._eExXbBjJ+-*/%(), \tpiansqrtmxl#'", max_size=24)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(expr=st.one_of(TRICKY, expressions()), ans=st.sampled_from([0, -3, 2.5]))
+def test_fast_path_never_disagrees_with_the_ast_path(expr: str, ans: Number) -> None:
+    fast = fast_path(expr, ans)
+    reference = reply_ast(expr, ans)
+    if fast is not None:
+        assert fast == reference, expr
+    assert reply(expr, ans) == reference, expr

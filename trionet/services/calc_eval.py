@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 import warnings
 from collections.abc import Callable
 from typing import ClassVar, Final
@@ -60,6 +61,7 @@ __all__ = [
     "TooLarge",
     "ZeroDivision",
     "evaluate",
+    "evaluate_ast",
     "format_value",
 ]
 
@@ -87,6 +89,9 @@ MAX_DEPTH: Final = 100
 WORK_BUDGET: Final = 3_000_000
 #: Below this magnitude integer operations are cheap enough not to charge.
 _CHEAP: Final = 1 << 2048
+#: Lines longer than this skip the fast path (a line that long is most
+#: likely hostile; the AST path bounds it).
+_FAST_MAX_LEN: Final = 1024
 #: Longest piece of the expression quoted back in an error message.
 _QUOTE_MAX: Final = 40
 
@@ -301,7 +306,7 @@ class _Evaluation:
                 node = node.left
             acc = self.value(node, depth + 1)
             for b in reversed(spine):
-                acc = self.binop(b.op, acc, self.value(b.right, depth + 1))
+                acc = self.binop(type(b.op), acc, self.value(b.right, depth + 1))
             return acc
         if t is _Constant:
             v = node.value  # type: ignore[attr-defined]
@@ -336,9 +341,8 @@ class _Evaluation:
             return self.call(node, depth)  # type: ignore[arg-type]
         raise NotAllowed(f"{_describe(node)} is not allowed")
 
-    def binop(self, op: ast.operator, a: Number, b: Number) -> Number:
-        """``a op b`` with Python's semantics, bounded before it runs."""
-        t = type(op)
+    def binop(self, t: type[ast.operator], a: Number, b: Number) -> Number:
+        """``a op b`` (``t`` is the operator's AST class), bounded before it runs."""
         try:
             if t is _Add:
                 r = a + b
@@ -371,6 +375,8 @@ class _Evaluation:
             raise ZeroDivision("division by zero") from None
         except OverflowError:
             raise TooLarge("result too large for a float") from None
+        if type(r) is float and r - r == 0.0:  # finite: inf - inf is nan
+            return r
         return _check(r)
 
     def power(self, a: Number, b: Number) -> Number:
@@ -404,8 +410,11 @@ class _Evaluation:
             raise NotAllowed(f"unknown function {_quote(name)}")
         if node.keywords:
             raise NotAllowed("keyword arguments are not allowed")
-        args = [self.value(arg, depth + 1) for arg in node.args]
-        lo, hi = arity
+        return self.apply(name, [self.value(arg, depth + 1) for arg in node.args])
+
+    def apply(self, name: str, args: list[Number]) -> Number:
+        """Call function ``name`` (one of :data:`FUNCTIONS`) on evaluated ``args``."""
+        lo, hi = FUNCTIONS[name]
         if len(args) < lo or (hi is not None and len(args) > hi):
             want = f"{lo}" if lo == hi else f"{lo} to {hi}" if hi else f"at least {lo}"
             plural = "" if want == "1" else "s"
@@ -520,6 +529,141 @@ def _describe(node: ast.AST) -> str:
     return _DESCRIPTIONS.get(type(node), type(node).__name__)
 
 
+# -- the fast path -----------------------------------------------------------------
+#
+# ast.parse costs more than evaluating a typical line (it builds a Python
+# object, with positions, for every node). Most lines are plain arithmetic,
+# so they are first tried by a small precedence-climbing parser that
+# evaluates as it parses, over a *conservative subset* of the grammar:
+# decimal literals without underscores, ASCII names, the operators, parens,
+# commas, spaces and tabs. The subset is chosen so that whatever it accepts,
+# Python's parser accepts too and builds the same tree; the arithmetic goes
+# through the same bounded :class:`_Evaluation` methods as the AST walk.
+#
+# It never decides an error: on anything outside the subset, on any
+# evaluation error, and on nesting deeper than _FAST_DEPTH, it gives up
+# (_Fallback) and the line goes to the AST path, which is the reference
+# (ast.parse, the whitelist, Python's error precedence). _FAST_DEPTH is
+# chosen so a line the fast path accepts is never too deep for the AST walk:
+# each level the fast path counts (parentheses, unary operator, call
+# arguments, exponent) adds at most 4 levels of AST (additive, multiplicative
+# and power groups, then the call), so 4 * 24 + 3 < MAX_DEPTH.
+
+_FAST_DEPTH: Final = 24
+_FLOAT_RE: Final = (
+    r"[0-9]+\.[0-9]*(?:[eE][-+]?[0-9]+)?"
+    r"|\.[0-9]+(?:[eE][-+]?[0-9]+)?"
+    r"|[0-9]+[eE][-+]?[0-9]+"
+)
+#: One token per match, blanks before it skipped; ``.`` catches any other
+#: character (a token no rule accepts, so the line falls back).
+_tokenize: Final = re.compile(
+    rf"[ \t]*({_FLOAT_RE}|0|[1-9][0-9]*|[A-Za-z_][A-Za-z0-9_]*|\*\*|//|.)", re.DOTALL
+).findall
+_ADDITIVE: Final[dict[str, type[ast.operator]]] = {"+": _Add, "-": _Sub}
+_MULTIPLICATIVE: Final[dict[str, type[ast.operator]]] = {
+    "*": _Mult,
+    "/": _Div,
+    "//": _FloorDiv,
+    "%": _Mod,
+}
+_DIGITS: Final = frozenset("0123456789.")
+
+
+class _Fallback(Exception):
+    """The fast path cannot decide this line: use the AST path."""
+
+
+def _fast_sum(toks: list[str], ev: _Evaluation, depth: int) -> Number:
+    """sum: term (('+'|'-') term)*, term: factor (('*'|'/'|'//'|'%') factor)*.
+
+    Both levels in one function (one call per operand, not two), consuming
+    tokens from the end of ``toks``; the order of operations is Python's.
+    """
+    acc = _fast_factor(toks, ev, depth)
+    tok = toks[-1]
+    while (mul := _MULTIPLICATIVE.get(tok)) is not None:
+        toks.pop()
+        acc = ev.binop(mul, acc, _fast_factor(toks, ev, depth))
+        tok = toks[-1]
+    while (add := _ADDITIVE.get(tok)) is not None:
+        toks.pop()
+        term = _fast_factor(toks, ev, depth)
+        tok = toks[-1]
+        while (mul := _MULTIPLICATIVE.get(tok)) is not None:
+            toks.pop()
+            term = ev.binop(mul, term, _fast_factor(toks, ev, depth))
+            tok = toks[-1]
+        acc = ev.binop(add, acc, term)
+    return acc
+
+
+def _fast_factor(toks: list[str], ev: _Evaluation, depth: int) -> Number:
+    """factor: ('+'|'-') factor | primary ['**' factor]  (Python's grammar)."""
+    if depth > _FAST_DEPTH:
+        raise _Fallback
+    tok = toks.pop()
+    if tok[:1] in _DIGITS and tok != ".":
+        if "." in tok or "e" in tok or "E" in tok:
+            value: Number = float(tok)
+            if not _isfinite(value):
+                raise _Fallback
+        elif len(tok) > MAX_DIGITS:
+            raise _Fallback
+        else:
+            value = int(tok)
+    elif tok == "(":
+        value = _fast_sum(toks, ev, depth + 1)
+        if toks.pop() != ")":
+            raise _Fallback
+    elif tok == "-":
+        return -_fast_factor(toks, ev, depth + 1)
+    elif tok == "+":
+        return +_fast_factor(toks, ev, depth + 1)
+    elif tok in FUNCTIONS:
+        if toks.pop() != "(":
+            raise _Fallback
+        args: list[Number] = []
+        if toks[-1] == ")":
+            toks.pop()
+        else:
+            while True:
+                args.append(_fast_sum(toks, ev, depth + 1))
+                sep = toks.pop()
+                if sep == ")":
+                    break
+                if sep != ",":
+                    raise _Fallback
+        value = ev.apply(tok, args)
+    elif tok == "ans":
+        value = ev.ans
+    else:
+        constant = _CONSTANTS.get(tok)
+        if constant is None:
+            raise _Fallback
+        value = constant
+    if toks[-1] == "**":
+        toks.pop()
+        value = ev.binop(_Pow, value, _fast_factor(toks, ev, depth + 1))
+    return value
+
+
+def _evaluate_fast(text: str, ev: _Evaluation) -> Number:
+    """The fast path: the value, or :class:`_Fallback` (never a CalcError)."""
+    toks = _tokenize(text.strip(" \t"))
+    toks.append("")  # the end: no rule accepts it, so nothing reads past it
+    toks.reverse()
+    try:
+        value = _fast_sum(toks, ev, 0)
+    except (CalcError, IndexError):
+        # Errors are decided by the AST path. IndexError cannot happen (the
+        # end token is never read past) but would only mean "fall back".
+        raise _Fallback from None
+    if len(toks) != 1:
+        raise _Fallback
+    return value
+
+
 def evaluate(source: str, ans: Number = 0, *, budget: int = WORK_BUDGET) -> Number:
     """Evaluate one calculator line; ``ans`` is the previous result.
 
@@ -527,6 +671,16 @@ def evaluate(source: str, ans: Number = 0, *, budget: int = WORK_BUDGET) -> Numb
     ``float``; raises a :class:`CalcError` subclass otherwise. Pure: no I/O,
     no global state, and bounded work whatever ``source`` holds.
     """
+    if len(source) <= _FAST_MAX_LEN:
+        try:
+            return _evaluate_fast(source, _Evaluation(ans, budget))
+        except _Fallback:
+            pass
+    return evaluate_ast(source, ans, budget=budget)
+
+
+def evaluate_ast(source: str, ans: Number = 0, *, budget: int = WORK_BUDGET) -> Number:
+    """:func:`evaluate` by the reference path alone: ast.parse and the tree walk."""
     tree = parse(source)
     return _Evaluation(ans, budget).value(tree, 0)
 
