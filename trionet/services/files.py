@@ -286,17 +286,19 @@ class FilesService(Service):
 
     async def _get(self, conn: Connection, name: str, offset: int) -> bool:
         """Answer one ``GET``; ``False`` if the connection must end."""
-        try:
-            opened = await trio.to_thread.run_sync(open_served, self.root, name)
-        except Refused as exc:
-            conn.log.info("GET %r refused: %s", name, exc)
-            conn.write_line(f"ERR {exc.code} {name}")
-            return True
-        try:
-            if offset > opened.size:
-                conn.write_line(f"ERR bad-offset {opened.size}")
+        # busy() from the start: opening, hashing and sending are all work
+        # done for the client, none of it may count as the client idling.
+        with conn.busy():
+            try:
+                opened = await trio.to_thread.run_sync(open_served, self.root, name)
+            except Refused as exc:
+                conn.log.info("GET %r refused: %s", name, exc)
+                conn.write_line(f"ERR {exc.code} {name}")
                 return True
-            with conn.busy():
+            try:
+                if offset > opened.size:
+                    conn.write_line(f"ERR bad-offset {opened.size}")
+                    return True
                 digest = await self.digests.digest(opened.fd, opened.key)
                 if digest is None:
                     conn.log.warning("GET %r: file got shorter while hashing", name)
@@ -304,8 +306,8 @@ class FilesService(Service):
                     return True
                 conn.write_line(f"OK {opened.size} {digest}")
                 return await self._send(conn, opened, offset)
-        finally:
-            opened.close()
+            finally:
+                opened.close()
 
     async def _send(self, conn: Connection, opened: OpenedFile, offset: int) -> bool:
         stream = conn.stream

@@ -231,9 +231,12 @@ class _Sink:
             raise
         return cls(path, fd, h, keep)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Hash and append ``data`` (blocking; hashlib and write release the GIL)."""
+    def hash(self, data: bytes | bytearray | memoryview) -> None:
+        """Add ``data`` to the digest (blocking; hashlib releases the GIL)."""
         self.h.update(data)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data`` to the file (blocking)."""
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
@@ -246,16 +249,28 @@ async def _receive_into_sink(
 ) -> None:
     """Receive the file's remaining bytes into ``sink``; returns early at EOF."""
     remaining = announce.size - sink.written
+    # A three-stage pipeline over a few reused buffers: receive -> hash ->
+    # write -> back to the pool. Hashing and writing run in two worker
+    # threads at once (both release the GIL), so a buffer is hashed while
+    # the previous one is written: the slower of the two sets the pace, not
+    # their sum.
     free_send, free_recv = trio.open_memory_channel[bytearray](BUFFERS)
     full_send, full_recv = trio.open_memory_channel[tuple[bytearray, int]](BUFFERS)
+    hashed_send, hashed_recv = trio.open_memory_channel[tuple[bytearray, int]](BUFFERS)
     for _ in range(BUFFERS):
         free_send.send_nowait(bytearray(BUFFER))
 
-    async def write_out() -> None:
-        async with full_recv:
+    async def hash_in() -> None:
+        async with full_recv, hashed_send:
             async for buf, n in full_recv:
+                await trio.to_thread.run_sync(sink.hash, memoryview(buf)[:n])
+                await hashed_send.send((buf, n))
+
+    async def write_out() -> None:
+        async with hashed_recv:
+            async for buf, n in hashed_recv:
                 try:
-                    await trio.to_thread.run_sync(sink.feed, memoryview(buf)[:n])
+                    await trio.to_thread.run_sync(sink.write, memoryview(buf)[:n])
                 except OSError as exc:
                     raise _disk_error(exc, sink.path) from None
                 progress.update(sink.written)
@@ -299,6 +314,7 @@ async def _receive_into_sink(
                     return
 
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(hash_in)
         nursery.start_soon(write_out)
         nursery.start_soon(receive)
 

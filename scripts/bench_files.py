@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Benchmark the files service against ``python -m http.server`` + curl.
+
+One run, on 127.0.0.1, with a file of random bytes (1 GiB by default) in a
+temporary directory that is deleted at the end. Rounds are interleaved
+(each round runs every contender once, in a rotating order) because this
+machine's loopback figures swing widely from one second to the next:
+
+  (a) trionet files server, discard client (read and drop, like
+      ``curl -o /dev/null``), in this process;
+  (b) the full trionet client: ``python -m trionet.client files get`` as a
+      process, writing to disk and checking size and sha256 (process start
+      included);
+  (c) ``python -m http.server`` downloaded with ``curl -o /dev/null`` (a
+      Python discard client over HTTP when curl is not installed).
+
+Before the rounds it also shows that hashing does not stall the server:
+while the first GET of the fresh file is being hashed, another client's
+``LIST`` is timed.
+
+Usage: python scripts/bench_files.py [--size-mib 1024] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHUNK = 16 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited early with status {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on port {port} after {timeout}s")
+
+
+def make_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(CHUNK, left)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def read_line(sock: socket.socket) -> tuple[str, bytes]:
+    """The first line from ``sock`` and whatever arrived after it."""
+    buf = b""
+    while b"\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise SystemExit("server closed before replying")
+        buf += data
+    line, _, rest = buf.partition(b"\n")
+    return line.decode(), rest
+
+
+def discard(sock: socket.socket, left: int) -> None:
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    while left > 0:
+        n = sock.recv_into(view, min(len(buf), left))
+        if not n:
+            raise SystemExit(f"connection closed with {left} bytes still to come")
+        left -= n
+
+
+def trionet_discard(port: int, name: str) -> int:
+    """(a): GET and drop the bytes; returns the byte count."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"GET {name}\n".encode())
+        line, rest = read_line(sock)
+        word, size, _digest = line.split(" ")
+        if word != "OK":
+            raise SystemExit(f"unexpected reply: {line}")
+        discard(sock, int(size) - len(rest))
+        return int(size)
+
+
+def trionet_client(port: int, name: str, out: Path) -> None:
+    """(b): the real client, as a process, writing and verifying."""
+    cmd = [sys.executable, "-m", "trionet.client", "files", "get", name]
+    cmd += ["-o", str(out), "--port", str(port)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise SystemExit(f"trionet client failed ({done.returncode}): {done.stderr.strip()}")
+    out.unlink()
+
+
+def http_download(port: int, name: str, size: int) -> None:
+    """(c): curl from http.server, or a Python discard client without curl."""
+    url = f"http://127.0.0.1:{port}/{name}"
+    curl = shutil.which("curl")
+    if curl:
+        subprocess.run([curl, "-sSf", "-o", "/dev/null", url], check=True, timeout=300)
+        return
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(f"GET /{name} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = sock.recv(65536)
+            if not data:
+                raise SystemExit("http.server closed early")
+            buf += data
+        discard(sock, size - len(buf.partition(b"\r\n\r\n")[2]))
+
+
+def list_latency_while_hashing(port: int, name: str) -> tuple[float, float]:
+    """Time a LIST sent while another client's first GET is being hashed."""
+    hashing_done = threading.Event()
+    first_byte: list[float] = []
+
+    def first_get() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(f"GET {name}\n".encode())
+            line, rest = read_line(sock)
+            first_byte.append(time.monotonic())
+            hashing_done.set()
+            discard(sock, int(line.split(" ")[1]) - len(rest))
+
+    started = time.monotonic()
+    thread = threading.Thread(target=first_get)
+    thread.start()
+    time.sleep(0.1)  # let the hash start
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        t0 = time.monotonic()
+        sock.sendall(b"LIST\n")
+        buf = b""
+        while b"END " not in buf:
+            buf += sock.recv(65536)
+        latency = time.monotonic() - t0
+    if hashing_done.is_set():
+        print("note: the hash finished before LIST was sent; latency not meaningful")
+    thread.join(300)
+    return latency, first_byte[0] - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help="file size (default: 1024)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default: 7)")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.size_mib < 1:
+        parser.error("--rounds and --size-mib must be at least 1")
+    size = args.size_mib << 20
+    tmp = Path(tempfile.mkdtemp(prefix="bench_files_"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        root = tmp / "root"
+        root.mkdir()
+        name = "big.bin"
+        print(f"creating {args.size_mib} MiB of random bytes in {root} ...", flush=True)
+        make_file(root / name, size)
+        tport, hport = free_port(), free_port()
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        serve = [sys.executable, "-m", "trionet.serve", "files", "--port", str(tport)]
+        serve += ["--root", str(root), "--log-level", "WARNING"]
+        procs.append(subprocess.Popen(serve, cwd=ROOT, env=env))
+        http = [sys.executable, "-m", "http.server", str(hport), "--bind", "127.0.0.1"]
+        http += ["--directory", str(root)]
+        procs.append(subprocess.Popen(http, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_listening(tport, procs[0])
+        wait_listening(hport, procs[1])
+
+        latency, hashed = list_latency_while_hashing(tport, name)
+        print(
+            f"first GET (cold digest): OK after {hashed:.2f}s; "
+            f"a LIST sent meanwhile answered in {latency * 1000:.1f} ms"
+        )
+        http_download(hport, name, size)  # warm-up, not counted
+        out = tmp / "out.bin"
+        contenders = {
+            "a trionet discard": lambda: trionet_discard(tport, name),
+            "b trionet client": lambda: trionet_client(tport, name, out),
+            "c http.server+curl" if shutil.which("curl") else "c http.server+py": lambda: (
+                http_download(hport, name, size)
+            ),
+        }
+        times: dict[str, list[float]] = {k: [] for k in contenders}
+        keys = list(contenders)
+        for r in range(args.rounds):
+            order = keys[r % 3 :] + keys[: r % 3]
+            row = []
+            for key in order:
+                t0 = time.perf_counter()
+                contenders[key]()
+                dt = time.perf_counter() - t0
+                times[key].append(dt)
+                row.append(f"{key[0]} {size / dt / 1e6:7.0f} MB/s")
+            print(f"round {r + 1}: " + "   ".join(sorted(row)), flush=True)
+
+        base = statistics.median(times[keys[2]])
+        print(f"\nmedian of {args.rounds} rounds, {args.size_mib} MiB:")
+        for key in keys:
+            med = statistics.median(times[key])
+            print(f"  {key:20} {med:6.3f} s  {size / med / 1e6:7.0f} MB/s  {base / med:4.2f}x (c)")
+        ratio_a = base / statistics.median(times[keys[0]])
+        ratio_b = base / statistics.median(times[keys[1]])
+        print(
+            f"\ntargets: (a) >= 1.3x (c): {'met' if ratio_a >= 1.3 else 'NOT met'}; "
+            f"(b) >= 0.8x (c): {'met' if ratio_b >= 0.8 else 'NOT met'}"
+        )
+        return 0
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
