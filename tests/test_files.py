@@ -460,6 +460,30 @@ async def test_graceful_shutdown_lets_a_download_finish(
         await c.expect_closed()
 
 
+async def test_shutdown_past_the_grace_period_closes_without_bye(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A transfer still running when the grace period ends is cut, and no
+    # "BYE shutdown" is mixed into the file bytes: the client just sees a
+    # short transfer (and can resume it elsewhere).
+    data = random.Random(4).randbytes(4 << 20)
+    (tmp_path / "f").write_bytes(data)
+    async with open_memory_server(FilesService(root=str(tmp_path)), grace=10, lockstep=True) as srv:
+        stream = await srv.open_stream()
+        await stream.send_all(b"GET f\n")
+        head = f"OK {len(data)} {sha(data)}\n".encode()
+        got = bytearray()
+        while len(got) < len(head) + 1000:
+            got += await stream.receive_some(1000)
+        srv.shutdown()
+        await trio.sleep(30)  # a reader far too slow for the 10 s grace
+        while chunk := await stream.receive_some(1 << 20):
+            got += chunk
+        assert got.startswith(head)
+        body = bytes(got[len(head) :])
+        assert len(body) < len(data) and data.startswith(body)
+
+
 async def test_shutdown_during_a_transfer_over_tcp(big: tuple[Path, bytes]) -> None:
     root, data = big
     with trio.fail_after(15):

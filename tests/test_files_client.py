@@ -264,6 +264,8 @@ async def test_refusals_and_disk_errors(
                 (".hidden", str(tmp_path / "x"), EXIT_FORBIDDEN),
                 ("../etc/passwd", str(tmp_path / "x"), EXIT_FORBIDDEN),
                 ("sub/small.txt", str(tmp_path / "missing-dir" / "x"), EXIT_DISK),
+                # Refused before sending: the newline would be a second command.
+                ("nope\nLIST", str(tmp_path / "x"), EXIT_FORBIDDEN),
             ]
             for name, out, status in cases:
                 with pytest.raises(ClientError) as info:

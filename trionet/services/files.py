@@ -329,6 +329,14 @@ class FilesService(Service):
             conn.log.info("client took no data for %.0fs: closing", self.stall_timeout)
             conn.end_reason = "stalled"
             return False
+        except BaseException:
+            # Cancelled mid-transfer (shutdown after the grace period): the
+            # runner would now send "BYE shutdown", which the client would
+            # take for file bytes. Close first; its BYE then goes nowhere and
+            # the client sees a plain drop (and keeps its .part for resume).
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            raise
         return True
 
     # -- command line -----------------------------------------------------------

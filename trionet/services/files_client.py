@@ -40,6 +40,7 @@ from .._client import (
     run_client,
 )
 from .files_digest import hash_range
+from .files_paths import NameProblem, name_problem
 
 __all__ = [
     "EXIT_DISK",
@@ -341,6 +342,12 @@ async def download(
     With ``resume`` an existing ``.part`` is continued (``REST``). Returns
     what the server announced once ``path`` holds the verified file.
     """
+    problem = name_problem(name)
+    if problem in (NameProblem.EMPTY, NameProblem.CONTROL, NameProblem.ENCODING):
+        # Names that cannot be sent as one UTF-8 line (a newline would even
+        # be sent as a second command); the server would refuse them anyway.
+        assert problem is not None
+        raise ClientError(f"files: {name!r}: invalid name ({problem.value})", EXIT_FORBIDDEN)
     part = path + ".part"
     # The .part file is only created (or touched) once the server has said
     # OK: a refused name leaves the disk exactly as it was.
@@ -373,6 +380,7 @@ async def download(
     finally:
         os.close(sink.fd)
     if sink.written < announce.size:
+        bar.update(sink.written, final=True)  # end the bar's line before the message
         raise ClientError(
             f"files: connection lost after {sink.written} of {announce.size} bytes; "
             f"kept {part} (rerun with --resume to continue)",
