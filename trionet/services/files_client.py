@@ -415,30 +415,35 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
 
 
+_EXIT_HELP = (
+    "exit status:\n"
+    "  0 done\n"
+    "  2 bad command-line usage\n"
+    "  3 cannot connect (refused, timed out)\n"
+    "  4 connection dropped (a partial download is kept as PATH.part)\n"
+    "  5 the server said something unexpected\n"
+    f"  {EXIT_NOT_FOUND} no such file on the server\n"
+    f"  {EXIT_FORBIDDEN} the server refuses that name (outside the root, hidden, "
+    "not a regular file)\n"
+    f"  {EXIT_MISMATCH} size or sha256 mismatch: nothing was kept\n"
+    f"  {EXIT_DISK} local disk error (cannot write PATH.part or rename it)"
+)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trionet.client files",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="List and download the files a trionet files server offers.",
-        epilog=(
-            "exit status:\n"
-            "  0 done\n"
-            "  2 bad command-line usage\n"
-            "  3 cannot connect (refused, timed out)\n"
-            "  4 connection dropped (a partial download is kept as PATH.part)\n"
-            "  5 the server said something unexpected\n"
-            f"  {EXIT_NOT_FOUND} no such file on the server\n"
-            f"  {EXIT_FORBIDDEN} the server refuses that name (outside the root, hidden, "
-            "not a regular file)\n"
-            f"  {EXIT_MISMATCH} size or sha256 mismatch: nothing was kept\n"
-            f"  {EXIT_DISK} local disk error (cannot write PATH.part or rename it)"
-        ),
+        epilog=_EXIT_HELP,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     lister = sub.add_parser("list", help="list the files: size and name, one a line")
     add_address_arguments(lister, DEFAULT_PORT)
     getter = sub.add_parser(
         "get",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EXIT_HELP,
         help="download one file, verified by size and sha256",
         description=(
             "Download NAME to PATH.part, verify its size and sha256, then rename it to "
