@@ -12,7 +12,9 @@ machine's loopback figures swing widely from one second to the next:
       process, writing to disk and checking size and sha256 (process start
       included);
   (c) ``python -m http.server`` downloaded with ``curl -o /dev/null`` (a
-      Python discard client over HTTP when curl is not installed).
+      Python discard client over HTTP when curl is not installed);
+  (d) for reference only, when curl is installed: the same curl writing the
+      file to disk (no digest), to show what the disk alone costs (b).
 
 Before the rounds it also shows that hashing does not stall the server:
 while the first GET of the fresh file is being hashed, another client's
@@ -129,6 +131,13 @@ def http_download(port: int, name: str, size: int) -> None:
         discard(sock, size - len(buf.partition(b"\r\n\r\n")[2]))
 
 
+def curl_to_disk(port: int, name: str, out: Path) -> None:
+    """(d): curl writing to disk, for reference."""
+    url = f"http://127.0.0.1:{port}/{name}"
+    subprocess.run(["curl", "-sSf", "-o", str(out), url], check=True, timeout=300)
+    out.unlink()
+
+
 def list_latency_while_hashing(port: int, name: str) -> tuple[float, float]:
     """Time a LIST sent while another client's first GET is being hashed."""
     hashing_done = threading.Event()
@@ -203,7 +212,7 @@ def main() -> int:
         times: dict[str, list[float]] = {k: [] for k in contenders}
         keys = list(contenders)
         for r in range(args.rounds):
-            order = keys[r % 3 :] + keys[: r % 3]
+            order = keys[r % len(keys) :] + keys[: r % len(keys)]
             row = []
             for key in order:
                 t0 = time.perf_counter()
