@@ -1,0 +1,303 @@
+"""chat: a line-based chat room (port 7003).
+
+The handler only maps lines to room operations (:mod:`.chat_room`); the
+rules live in pure modules (:mod:`.chat_text`, :mod:`.chat_flood`).
+
+Each connection runs two tasks under one nursery:
+
+* the reader (the handler itself) parses lines and calls the room, which
+  queues lines for members with ``send_nowait`` and never waits;
+* the writer (:meth:`ChannelMember.pump`) is the only task that sends on
+  the socket. It drains everything queued and sends it in one ``send_all``.
+
+Because only the writer sends, replies to the client itself (``OK``,
+``WHO``, every ``ERR``, the framing errors of :meth:`ChatService.on_line_error`
+included) go through the member's queue too: a second task calling
+``send_all`` while the writer is sending would raise ``BusyResourceError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, ClassVar, Final, Self
+
+import attrs
+import trio
+
+from .._client import (
+    EXIT_DROPPED,
+    EXIT_OK,
+    EXIT_PROTOCOL,
+    ClientError,
+    add_address_arguments,
+    connect,
+    run_client,
+)
+from .._connection import Connection
+from .._framing import BadEncoding, LineTooLong
+from .._service import Service
+from .chat_flood import TokenBucket
+from .chat_room import ChannelMember, ChatError, Room
+from .chat_text import Me, Message, Nick, Private, Quit, Unknown, Who, parse_line, sanitize
+
+__all__ = ["SERVICE", "ChatService", "client_main", "render"]
+
+WELCOME: Final = "WELCOME trionet chat — send /nick <name> to join"
+DEFAULT_RATE: Final = 5.0
+DEFAULT_BURST: Final = 10.0
+DEFAULT_SENDQ: Final = 1 << 20
+#: After ``/quit`` or EOF, how long the writer may take to send what is queued
+#: (``BYE``, the last replies) before the connection is closed anyway.
+DRAIN_TIMEOUT: Final = 5.0
+#: What a transport raises when the peer is gone.
+_GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+
+
+@attrs.define(kw_only=True, eq=False)
+class ChatService(Service):
+    """One chat room with flood control and slow-consumer eviction."""
+
+    name: ClassVar[str] = "chat"
+    default_port: ClassVar[int] = 7003
+    line_based: ClassVar[bool] = True
+    default_idle_timeout: ClassVar[float] = 3600.0
+    summary: ClassVar[str] = "a chat room: /nick, messages, /me, /msg, /who, /quit"
+
+    #: Lines per second refilled into each client's bucket (0: no limit).
+    rate: float = attrs.field(default=DEFAULT_RATE, validator=attrs.validators.ge(0))
+    #: Lines a client may send at once.
+    burst: float = attrs.field(default=DEFAULT_BURST, validator=attrs.validators.ge(1))
+    #: Bytes of pending output per client before it is evicted.
+    sendq: int = attrs.field(default=DEFAULT_SENDQ, validator=attrs.validators.ge(1))
+    room: Room = attrs.field(factory=Room)
+    _members: dict[Connection, ChannelMember] = attrs.field(factory=dict, init=False)
+
+    async def handle(self, conn: Connection) -> None:
+        member = ChannelMember(self.sendq)
+        self._members[conn] = member
+        try:
+            async with trio.open_nursery() as nursery:
+                member.on_evict = nursery.cancel_scope.cancel
+                nursery.start_soon(self._write, conn, member, nursery.cancel_scope)
+                self.room.reply(member, WELCOME)
+                try:
+                    await self._read(conn, member)
+                except _GONE:
+                    # A reset is a drop like EOF. Caught here, in the task
+                    # where it happens, so it cannot reach the runner mixed
+                    # with a Cancelled in one exception group.
+                    conn.end_reason = "reset"
+                    return
+                # /quit or EOF: leave now, then let the writer send what is
+                # queued (BYE, last replies), within a bound.
+                self.room.leave(member, "")
+                member.close()
+                nursery.cancel_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
+        finally:
+            # Runs under cancellation too (idle timeout, shutdown, reset):
+            # leave() is synchronous, so the others always get the LEAVE.
+            self.room.leave(member, "")
+            member.close()
+            del self._members[conn]
+            if member.evicted:
+                conn.end_reason = "slow-consumer"
+                conn.log.info("evicted: over %d bytes of pending output", self.sendq)
+
+    @staticmethod
+    async def _write(conn: Connection, member: ChannelMember, scope: trio.CancelScope) -> None:
+        try:
+            await member.pump(conn.send_all)
+        except _GONE:
+            conn.end_reason = "reset"
+            scope.cancel()
+
+    async def _read(self, conn: Connection, member: ChannelMember) -> None:
+        room = self.room
+        bucket = TokenBucket(self.rate, self.burst, trio.current_time())
+        while (line := await conn.receive_line()) is not None:
+            cmd = parse_line(line)
+            if cmd is None:
+                continue
+            if isinstance(cmd, Quit):
+                # /quit is never rate-limited: leaving must always work.
+                room.leave(member, cmd.reason)
+                room.reply(member, "BYE")
+                conn.end_reason = "quit"
+                return
+            # Lines before a nick are not charged: they never reach the room,
+            # and their replies are bounded by the client's own sendq. So a
+            # client that has just joined has its whole burst for the room.
+            if member in room and not bucket.take(trio.current_time()):
+                room.reply(member, "ERR rate-limited")
+                continue
+            try:
+                match cmd:
+                    case Message(text):
+                        room.say(member, text)
+                    case Me(text):
+                        room.act(member, text)
+                    case Private(target, text):
+                        room.whisper(member, target, text)
+                    case Nick(name):
+                        room.set_nick(member, name)
+                    case Who():
+                        room.who(member)
+                    case Unknown(word):
+                        word = sanitize(word)
+                        raise ChatError("unknown-command", word)
+            except ChatError as err:
+                room.reply(member, err.line)
+
+    async def on_line_error(self, conn: Connection, event: LineTooLong | BadEncoding) -> None:
+        """Queue the ``ERR`` line for the writer instead of sending it here."""
+        member = self._members.get(conn)
+        if member is not None:
+            self.room.reply(member, event.reply)
+        await trio.lowlevel.checkpoint()
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument(
+            "--rate",
+            type=float,
+            default=DEFAULT_RATE,
+            metavar="LINES",
+            help="flood control: lines per second refilled per client; a line over "
+            "the rate gets 'ERR rate-limited'; 0 turns it off (default: %(default)s)",
+        )
+        group.add_argument(
+            "--burst",
+            type=float,
+            default=DEFAULT_BURST,
+            metavar="LINES",
+            help="flood control: lines a client may send at once (default: %(default)s)",
+        )
+        group.add_argument(
+            "--sendq",
+            type=int,
+            default=DEFAULT_SENDQ,
+            metavar="BYTES",
+            help="output the server holds for one client before it is disconnected "
+            "as a slow consumer (default: %(default)s)",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **common: Any) -> Self:
+        return cls(rate=args.rate, burst=args.burst, sendq=args.sendq, **common)
+
+
+SERVICE = ChatService
+
+
+# -- client ----------------------------------------------------------------------
+
+
+def render(line: str) -> str | None:
+    """How the client shows one server line to a person (``None``: show nothing)."""
+    keyword, _, rest = sanitize(line).partition(" ")
+    nick, _, text = rest.partition(" ")
+    match keyword:
+        case "MSG":
+            return f"<{nick}> {text}"
+        case "ACTION":
+            return f"* {nick} {text}"
+        case "PRIV":
+            return f"[private] <{nick}> {text}"
+        case "JOIN":
+            return f"-- {nick} joined"
+        case "LEAVE":
+            return f"-- {nick} left ({text})" if text else f"-- {nick} left"
+        case "NICK":
+            return f"-- {nick} is now {text}"
+        case "WHO":
+            return f"-- here: {rest}"
+        case "OK":
+            return f"-- you are {text}" if nick == "nick" else f"-- ok {rest}"
+        case "ERR":
+            return f"-- error: {rest}"
+        case "WELCOME":
+            return None
+        case _:
+            return f"-- {line}"
+
+
+def client_main(argv: list[str]) -> int:
+    """``python -m trionet.client chat --nick NAME``: a line-mode chat client."""
+    parser = argparse.ArgumentParser(
+        prog="python -m trionet.client chat",
+        description=(
+            "Join a trionet chat room as NAME. Lines typed (or piped) on standard "
+            "input are sent as messages; lines starting with '/' are commands passed "
+            "to the server (/me ACTION, /msg NICK TEXT, /who, /nick NEW, /quit "
+            "[REASON]; '//text' sends '/text'). The room is printed as it happens. "
+            "At the end of input the client says /quit and exits."
+        ),
+        epilog="exit status: 0 done, 3 cannot connect, 4 connection lost or closed by "
+        "the server, 5 refused (bad or taken nick)",
+    )
+    parser.add_argument("--nick", required=True, help="the nick to join with (required)")
+    add_address_arguments(parser, ChatService.default_port)
+    args = parser.parse_args(argv)
+    return run_client(lambda: _client(args.host, args.port, args.nick), "chat")
+
+
+async def _client(host: str, port: int, nick: str) -> int:
+    stream = await connect(host, port, "chat")
+    conn = Connection(stream, max_line=1 << 20)
+    out = sys.stdout
+
+    def show(line: str) -> None:
+        shown = render(line)
+        if shown is not None:
+            print(shown, file=out, flush=True)
+
+    async with stream:
+        await conn.send_line(f"/nick {nick}")
+        # Wait for the answer to /nick before sending anything typed, so a
+        # refused nick ends the client instead of sending lines that would
+        # all get ERR no-nick.
+        while True:
+            line = await _receive(conn)
+            if line.startswith("OK nick"):
+                show(line)
+                break
+            if line.startswith("ERR"):
+                raise ClientError(f"chat: nick refused: {line[4:]}", EXIT_PROTOCOL)
+            show(line)
+        quitting = False
+
+        async def type_lines() -> None:
+            nonlocal quitting
+            stdin = sys.stdin.buffer
+            # A blocking read of a terminal or pipe, in a thread: making stdin
+            # non-blocking would leak into the shell that shares it. Only this
+            # task sends, so it writes to the stream directly.
+            while raw := await trio.to_thread.run_sync(stdin.readline, abandon_on_cancel=True):
+                text = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if text.lower().split(" ", 1)[0] == "/quit":
+                    quitting = True
+                await stream.send_all(text.encode() + b"\n")
+                if quitting:
+                    return
+            quitting = True
+            await stream.send_all(b"/quit\n")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(type_lines)
+            while True:
+                line = await _receive(conn)
+                if line.startswith("BYE"):
+                    if line == "BYE" and quitting:
+                        nursery.cancel_scope.cancel()
+                        return EXIT_OK
+                    raise ClientError(f"chat: server closed the session: {line}", EXIT_DROPPED)
+                show(line)
+    return EXIT_OK  # pragma: no cover - the loop only ends by return or raise
+
+
+async def _receive(conn: Connection) -> str:
+    line = await conn.receive_line()
+    if line is None:
+        raise ClientError("chat: connection closed by the server", EXIT_DROPPED)
+    return line
