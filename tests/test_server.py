@@ -207,3 +207,13 @@ async def test_a_request_just_before_the_idle_deadline_is_answered(
         await client.expect("did late")
         await client.expect_nothing(for_seconds=295)
         await client.expect("BYE idle-timeout")
+
+
+async def test_trionet_serve_stays_callable_after_importing_the_cli_module() -> None:
+    import trionet
+    import trionet.serve  # binds the package attribute to the submodule
+
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(trionet.serve, [EchoService(port=0)])
+        assert addresses["echo"][0][1] > 0
+        nursery.cancel_scope.cancel()

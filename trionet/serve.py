@@ -13,13 +13,14 @@ import argparse
 import logging
 import signal
 import sys
+import types
 from collections.abc import Sequence
 from typing import Any
 
 import trio
 
 from ._framing import DEFAULT_MAX_LINE
-from ._server import Server
+from ._server import Server, serve
 from ._service import DEFAULT_MAX_CONNECTIONS, Service
 from .services import service_classes
 
@@ -237,6 +238,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("stopped")
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    """Keeps ``trionet.serve`` callable once this module is imported.
+
+    Importing the submodule ``trionet.serve`` makes Python bind the package
+    attribute ``trionet.serve`` to this module, shadowing the
+    :func:`trionet.serve` coroutine function re-exported by the package: a
+    program that ran ``import trionet.serve`` anywhere would then find
+    ``nursery.start(trionet.serve, ...)`` failing with "not callable".
+    Making the module callable, forwarding to the function, keeps both
+    spellings working whatever was imported first.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return serve(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())
