@@ -209,6 +209,8 @@ def main() -> int:
                 http_download(hport, name, size)
             ),
         }
+        if shutil.which("curl"):
+            contenders["d curl to disk (ref)"] = lambda: curl_to_disk(hport, name, out)
         times: dict[str, list[float]] = {k: [] for k in contenders}
         keys = list(contenders)
         for r in range(args.rounds):
