@@ -40,6 +40,9 @@ import sys
 import time
 from pathlib import Path
 
+# Run from a checkout: import this tree's trionet even if it is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from trionet.services.guess_rules import (
     Bisector,
     Correct,

@@ -210,7 +210,9 @@ def _check_range(inst: object, attr: attrs.Attribute[int], hi: int) -> None:
         raise ValueError(f"range must have LO <= HI, got {lo} {hi}")
 
 
-@attrs.define
+# Game and Bisector validate their range once, at creation; their fields then
+# change on every guess, and attrs' per-assignment hooks would only cost time.
+@attrs.define(on_setattr=attrs.setters.NO_OP)
 class Game:
     """One connection's game: a series of rounds over ``lo..hi``.
 
@@ -350,7 +352,7 @@ def parse_reply(line: str) -> Reply:
     raise ValueError(f"unexpected line from the server: {line!r}")
 
 
-@attrs.define
+@attrs.define(on_setattr=attrs.setters.NO_OP)
 class Bisector:
     """Bisection over ``lo..hi``: guess the middle, keep the half the hint points to.
 
@@ -362,8 +364,8 @@ class Bisector:
     """
 
     lo: int
-    # Validated once; hints then narrow lo..hi (and may cross it, if they lie).
-    hi: int = attrs.field(validator=_check_range, on_setattr=attrs.setters.NO_OP)
+    # Hints narrow lo..hi (and may cross it, if they lie: next_guess says so).
+    hi: int = attrs.field(validator=_check_range)
     guesses: int = attrs.field(init=False, default=0)
     _last: int | None = attrs.field(init=False, default=None)
 
