@@ -297,3 +297,17 @@ async def test_interactive_client_quits_at_end_of_input() -> None:
         session = ServerSession(await srv.open_stream(), timeout=5)
         await play_interactive(session, ask, said.append)
     assert said[-1] == "Bye!"
+
+
+async def test_interactive_client_survives_a_refused_line() -> None:
+    typed = iter(["9" * 40, "quit"])
+    said: list[str] = []
+
+    async def ask(prompt: str) -> str | None:
+        return next(typed)
+
+    async with open_memory_server(GuessService(max_line=16)) as srv:
+        session = ServerSession(await srv.open_stream(), timeout=5)
+        await play_interactive(session, ask, said.append)
+    assert "The server refused that line (line-too-long); it did not count." in said
+    assert said[-1] == "Bye!"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import os
 import random
 import sys
@@ -421,6 +422,8 @@ async def play_interactive(session: ServerSession, ask: Ask, say: Callable[[str]
                 say("That is not a whole number (nor giveup, stats or quit).")
             case Error("out-of-range", (lo, hi)):
                 say(f"Out of range: pick a number from {lo} to {hi}. (That did not count.)")
+            case Error(code):  # line-too-long, bad-encoding: the line was refused
+                say(f"The server refused that line ({code}); it did not count.")
             case _:
                 raise _unexpected(reply, "a reply to a guess")
         if round_over:
@@ -487,6 +490,10 @@ def build_client_parser() -> argparse.ArgumentParser:
 def client_main(argv: list[str]) -> int:
     """``python -m trionet.client guess``: play, or let bisection play (``--auto``)."""
     args = build_client_parser().parse_args(argv)
+    # A person may type (or paste) bytes that are not UTF-8: send them as
+    # U+FFFD rather than die on a decoding error.
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="replace")
 
     def say(line: str) -> None:
         if line:
