@@ -161,3 +161,11 @@ def test_client_help_explains_options() -> None:
     for option in ("--host", "--port", "--auto", "--rounds", "--timeout"):
         assert option in done.stdout
     assert done.stdout.count("default") >= 5
+
+
+@pytest.mark.parametrize("bad", [["--rounds", "0"], ["--timeout", "0"], ["--timeout", "nan"]])
+def test_client_rejects_bad_options(bad: list[str]) -> None:
+    done = run_client("--auto", *bad)
+    assert done.returncode == 2
+    assert "must be" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -437,20 +437,6 @@ async def play_interactive(session: ServerSession, ask: Ask, say: Callable[[str]
             say(f"New game: a whole number from {new.lo} to {new.hi}.")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def build_client_parser() -> argparse.ArgumentParser:
     """The ``python -m trionet.client guess`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -472,14 +458,14 @@ def build_client_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=int,
         default=1,
         metavar="N",
         help="with --auto: rounds to play before quitting (default: %(default)s)",
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=float,
         default=10.0,
         metavar="SECONDS",
         help="with --auto: give up if a reply takes longer than this (default: %(default)s)",
@@ -489,7 +475,12 @@ def build_client_parser() -> argparse.ArgumentParser:
 
 def client_main(argv: list[str]) -> int:
     """``python -m trionet.client guess``: play, or let bisection play (``--auto``)."""
-    args = build_client_parser().parse_args(argv)
+    parser = build_client_parser()
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be > 0, got {args.timeout}")
     # A person may type (or paste) bytes that are not UTF-8: send them as
     # U+FFFD rather than die on a decoding error.
     if isinstance(sys.stdin, io.TextIOWrapper):
