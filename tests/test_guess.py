@@ -186,6 +186,17 @@ async def test_graceful_shutdown_says_bye(transport: str) -> None:
             await c.expect_closed()
 
 
+async def test_connection_limit_says_busy(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_memory_server(GuessService(max_connections=1)) as srv:
+        first = await srv.connect()
+        await first.expect("NEW 1 100")
+        second = await srv.connect()
+        await second.expect("BYE busy")
+        await second.expect_closed()
+        await first.send_line("stats")  # the established client is untouched
+        await first.expect("STATS 0 0 - -")
+
+
 async def test_fifty_concurrent_games_over_real_sockets() -> None:
     players = 50
     service = GuessService(lo=1, hi=1000, rng=random.Random(99))

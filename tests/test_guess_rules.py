@@ -102,6 +102,19 @@ def test_parse_move(line: str, move: object) -> None:
     assert parse_move(line) == move
 
 
+@given(st.text())
+def test_parse_move_is_total(line: str) -> None:
+    move = parse_move(line)
+    stripped = line.strip(" \t")
+    if isinstance(move, Guess):
+        assert stripped.lstrip("+-").isascii() and stripped.lstrip("+-").isdigit()
+        assert move.value == int(stripped)
+    elif isinstance(move, Blank):
+        assert stripped == ""
+    elif not isinstance(move, NotANumber):
+        assert stripped.upper() in ("GIVEUP", "STATS", "QUIT")
+
+
 # -- a game ----------------------------------------------------------------------
 
 
