@@ -19,8 +19,9 @@ included) go through the member's queue too: a second task calling
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Any, ClassVar, Final, Self
+from typing import Any, ClassVar, Final, Self, TextIO
 
 import attrs
 import trio
@@ -236,7 +237,12 @@ def client_main(argv: list[str]) -> int:
         epilog="exit status: 0 done, 3 cannot connect, 4 connection lost or closed by "
         "the server, 5 refused (bad or taken nick)",
     )
-    parser.add_argument("--nick", required=True, help="the nick to join with (required)")
+    parser.add_argument(
+        "--nick",
+        required=True,
+        metavar="NAME",
+        help="the nick to join with: 1-32 of A-Z a-z 0-9 _ - (required, no default)",
+    )
     add_address_arguments(parser, ChatService.default_port)
     args = parser.parse_args(argv)
     return run_client(lambda: _client(args.host, args.port, args.nick), "chat")
@@ -247,10 +253,11 @@ async def _client(host: str, port: int, nick: str) -> int:
     conn = Connection(stream, max_line=1 << 20)
     out = sys.stdout
 
-    def show(line: str) -> None:
+    async def show(line: str) -> None:
         shown = render(line)
         if shown is not None:
-            print(shown, file=out, flush=True)
+            # A write to a full pipe blocks: keep it off the event loop.
+            await trio.to_thread.run_sync(_print, out, shown)
 
     async with stream:
         await conn.send_line(f"/nick {nick}")
@@ -260,26 +267,40 @@ async def _client(host: str, port: int, nick: str) -> int:
         while True:
             line = await _receive(conn)
             if line.startswith("OK nick"):
-                show(line)
+                await show(line)
+                # Newcomers are told of later arrivals only: ask who is here.
+                await stream.send_all(b"/who\n")
                 break
             if line.startswith("ERR"):
                 raise ClientError(f"chat: nick refused: {line[4:]}", EXIT_PROTOCOL)
-            show(line)
+            if line.startswith("BYE"):
+                raise ClientError(f"chat: server closed the session: {line}", EXIT_DROPPED)
+            await show(line)
         quitting = False
 
         async def type_lines() -> None:
             nonlocal quitting
-            stdin = sys.stdin.buffer
-            # A blocking read of a terminal or pipe, in a thread: making stdin
-            # non-blocking would leak into the shell that shares it. Only this
-            # task sends, so it writes to the stream directly.
-            while raw := await trio.to_thread.run_sync(stdin.readline, abandon_on_cancel=True):
-                text = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if text.lower().split(" ", 1)[0] == "/quit":
-                    quitting = True
-                await stream.send_all(text.encode() + b"\n")
-                if quitting:
-                    return
+            # Blocking reads of the terminal or pipe, in a thread: making stdin
+            # non-blocking would leak into the shell that shares it. os.read,
+            # not sys.stdin: a thread left blocked in sys.stdin's buffered
+            # reader holds its lock, and the interpreter aborts at exit when
+            # the server ends the session first. Only this task sends, so it
+            # writes to the stream directly.
+            fd = sys.stdin.fileno()
+            pending = b""
+            while chunk := await trio.to_thread.run_sync(
+                os.read, fd, 65536, abandon_on_cancel=True
+            ):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for raw in lines:
+                    text = raw.decode("utf-8", "replace").rstrip("\r")
+                    # Set before sending: the BYE may arrive before send_all returns.
+                    quitting = text.lower().split(" ", 1)[0] == "/quit"
+                    await stream.send_all(text.encode() + b"\n")
+                    if quitting:
+                        return
+            if pending:  # a last line without LF
+                await stream.send_all(pending + b"\n")
             quitting = True
             await stream.send_all(b"/quit\n")
 
@@ -292,7 +313,7 @@ async def _client(host: str, port: int, nick: str) -> int:
                         nursery.cancel_scope.cancel()
                         return EXIT_OK
                     raise ClientError(f"chat: server closed the session: {line}", EXIT_DROPPED)
-                show(line)
+                await show(line)
     return EXIT_OK  # pragma: no cover - the loop only ends by return or raise
 
 
@@ -301,3 +322,7 @@ async def _receive(conn: Connection) -> str:
     if line is None:
         raise ClientError("chat: connection closed by the server", EXIT_DROPPED)
     return line
+
+
+def _print(out: TextIO, text: str) -> None:
+    print(text, file=out, flush=True)
