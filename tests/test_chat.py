@@ -160,7 +160,7 @@ async def test_eof_still_gets_pending_replies() -> None:
 
 async def test_flood_control(autojump_clock: trio.testing.MockClock) -> None:
     async with open_memory_server(ChatService()) as srv:
-        alice = await join(srv, "alice")  # lines before the nick are not charged
+        alice = await join(srv, "alice")  # joining starts a fresh bucket
         bob = await join(srv, "bob")
         await alice.expect("JOIN bob")
         await alice.send(b"".join(b"m%d\n" % i for i in range(12)))
@@ -186,8 +186,12 @@ async def test_flood_control_options(autojump_clock: trio.testing.MockClock) -> 
     async with open_memory_server(ChatService(rate=1, burst=2)) as srv:
         c = await srv.connect()
         await c.expect(WELCOME)
-        await c.send(b"/who\n" * 5 + b"/nick c\n/who\n/who\n/who\n")
-        await c.expect(*["ERR no-nick"] * 5, "OK nick c", "WHO c", "WHO c", "ERR rate-limited")
+        await c.send(b"/who\n" * 3)  # lines before a nick are charged too
+        await c.expect("ERR no-nick", "ERR no-nick", "ERR rate-limited")
+        await trio.sleep(1.0)
+        # Joining starts a fresh bucket: the whole burst is for the room.
+        await c.send(b"/nick c\n/who\n/who\n/who\n")
+        await c.expect("OK nick c", "WHO c", "WHO c", "ERR rate-limited")
         await trio.sleep(0.9)
         await c.send_line("/who")
         await c.expect("ERR rate-limited")
@@ -277,12 +281,14 @@ async def test_burst_from_many_members_evicts_nobody() -> None:
 async def test_shutdown_says_bye_to_everyone() -> None:
     async with open_memory_server(ChatService(), grace=1) as srv:
         alice = await join(srv, "alice")
+        bob = await join(srv, "bob")
+        await alice.expect("JOIN bob")
         lurker = await srv.connect()
         await lurker.expect(WELCOME)
         srv.shutdown()
-        await alice.expect("BYE shutdown")
-        await lurker.expect("BYE shutdown")
-        await alice.expect_closed()
+        for c in (alice, bob, lurker):
+            await c.expect("BYE shutdown")  # and no LEAVE lines before it
+            await c.expect_closed()
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -126,12 +126,10 @@ class ChatService(Service):
                 room.reply(member, "BYE")
                 conn.end_reason = "quit"
                 return
-            # Lines before a nick are not charged: they never reach the room,
-            # and their replies are bounded by the client's own sendq. So a
-            # client that has just joined has its whole burst for the room.
-            if member in room and not bucket.take(trio.current_time()):
+            if not bucket.take(trio.current_time()):
                 room.reply(member, "ERR rate-limited")
                 continue
+            joined = member in room
             try:
                 match cmd:
                     case Message(text):
@@ -142,6 +140,10 @@ class ChatService(Service):
                         room.whisper(member, target, text)
                     case Nick(name):
                         room.set_nick(member, name)
+                        if not joined:
+                            # A fresh bucket on joining: lines spent getting a
+                            # nick do not eat into the burst for the room.
+                            bucket = TokenBucket(self.rate, self.burst, trio.current_time())
                     case Who():
                         room.who(member)
                     case Unknown(word):
