@@ -100,9 +100,11 @@ async def test_slow_consumer_evicted_while_others_keep_receiving() -> None:
         await alice.expect("JOIN bob", "JOIN slow")
         await bob.expect("JOIN slow")
         line = "x" * 4000
-        batch = 50
+        # 64 KB a batch: well under bob's bound even if the kernel buffered
+        # nothing for bob, so only slow can be over it.
+        batch = 16
         evicted_after = None
-        for b in range(100):  # at most 20 MB: far past the kernel buffers
+        for b in range(400):  # at most 25 MB: far past the kernel buffers
             await alice.send(
                 b"".join(b"%d %s\n" % (b * batch + k, line.encode()) for k in range(batch))
             )
@@ -117,6 +119,7 @@ async def test_slow_consumer_evicted_while_others_keep_receiving() -> None:
             if evicted_after is not None:
                 break
         assert evicted_after is not None, "the slow consumer was never evicted"
+        assert evicted_after >= 3  # bob got 4+ batches (256 KiB) while slow was stuck
         await alice.expect("LEAVE slow slow-consumer")
         await alice.send_line("/who")
         await alice.expect("WHO alice bob")
