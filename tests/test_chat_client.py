@@ -6,6 +6,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
 
@@ -154,3 +155,23 @@ async def test_help_explains_every_option() -> None:
     text = result.stdout.decode()
     for option in ("--nick", "--host", "--port", "default: 127.0.0.1", "default: 7003"):
         assert option in text
+
+
+async def test_garbage_from_server_exits_with_one_line() -> None:
+    async def bogus(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"WELCOME\n\xff\xfe\n")
+        await trio.sleep(5)
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, bogus, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        result = await trio.run_process(
+            [*CLIENT, "--nick", "bob", "--port", str(port)],
+            stdin=b"",
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        nursery.cancel_scope.cancel()
+    assert result.returncode == 5
+    assert result.stderr.decode() == "chat: the server sent a bad line: ERR bad-encoding\n"

@@ -35,7 +35,7 @@ from .._client import (
     connect,
     run_client,
 )
-from .._connection import Connection
+from .._connection import Connection, LineError
 from .._framing import BadEncoding, LineTooLong
 from .._service import Service
 from .chat_flood import TokenBucket
@@ -320,7 +320,10 @@ async def _client(host: str, port: int, nick: str) -> int:
 
 
 async def _receive(conn: Connection) -> str:
-    line = await conn.receive_line()
+    try:
+        line = await conn.receive_line()
+    except LineError as exc:
+        raise ClientError(f"chat: the server sent a bad line: {exc}", EXIT_PROTOCOL) from None
     if line is None:
         raise ClientError("chat: connection closed by the server", EXIT_DROPPED)
     return line
