@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -132,3 +133,20 @@ async def test_slow_consumer_evicted_while_others_keep_receiving() -> None:
                 pass
         for c in (alice, bob, slow):
             await c.aclose()
+
+
+async def test_reset_connection_is_announced_as_leave() -> None:
+    async with running(ChatService(port=0)) as addr:
+        alice = await join(addr, "alice")
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+        await sock.connect(addr)
+        bob = Client(trio.SocketStream(sock), timeout=5)
+        await bob.send_line("/nick bob")
+        await alice.expect("JOIN bob")
+        # Linger 0: close() sends RST, so the server's read fails with a reset.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        await alice.expect("LEAVE bob")
+        await alice.send_line("/who")
+        await alice.expect("WHO alice")
+        await alice.aclose()

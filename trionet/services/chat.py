@@ -75,6 +75,7 @@ class ChatService(Service):
     _members: dict[Connection, ChannelMember] = attrs.field(factory=dict, init=False)
 
     async def handle(self, conn: Connection) -> None:
+        """Serve one client: a reader (this task) and a writer, under one nursery."""
         member = ChannelMember(self.sendq)
         self._members[conn] = member
         try:
@@ -87,8 +88,10 @@ class ChatService(Service):
                 except _GONE:
                     # A reset is a drop like EOF. Caught here, in the task
                     # where it happens, so it cannot reach the runner mixed
-                    # with a Cancelled in one exception group.
+                    # with a Cancelled in one exception group; the writer has
+                    # nobody left to write to.
                     conn.end_reason = "reset"
+                    nursery.cancel_scope.cancel()
                     return
                 # /quit or EOF: leave now, then let the writer send what is
                 # queued (BYE, last replies), within a bound.
@@ -107,6 +110,7 @@ class ChatService(Service):
 
     @staticmethod
     async def _write(conn: Connection, member: ChannelMember, scope: trio.CancelScope) -> None:
+        """The writer task; a broken connection ends the whole session quietly."""
         try:
             await member.pump(conn.send_all)
         except _GONE:
@@ -114,6 +118,7 @@ class ChatService(Service):
             scope.cancel()
 
     async def _read(self, conn: Connection, member: ChannelMember) -> None:
+        """Map each line to a room operation until ``/quit`` or end of input."""
         room = self.room
         bucket = TokenBucket(self.rate, self.burst, trio.current_time())
         while (line := await conn.receive_line()) is not None:
@@ -161,6 +166,7 @@ class ChatService(Service):
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        """Add ``--rate``, ``--burst`` and ``--sendq``."""
         group.add_argument(
             "--rate",
             type=float,
@@ -187,6 +193,7 @@ class ChatService(Service):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **common: Any) -> Self:
+        """Build the service from ``trionet.serve``'s parsed options."""
         return cls(rate=args.rate, burst=args.burst, sendq=args.sendq, **common)
 
 
