@@ -3,7 +3,7 @@
 
 Run from the repository root with the project's venv::
 
-    python scripts/bench_guess.py [--players 100] [--seconds 3] [--rounds 5]
+    python scripts/bench_guess.py [--players 100] [--seconds 1] [--rounds 11] [--pin]
 
 Three kinds of process, all on 127.0.0.1:
 
@@ -15,7 +15,7 @@ Three kinds of process, all on 127.0.0.1:
   concurrent players, each playing by bisection with the same
   :class:`~trionet.services.guess_rules.Bisector` the ``--auto`` client
   uses, one guess in flight per player, for ``--seconds`` after a short
-  warm-up. It is a plain ``selectors`` loop rather than Trio so that the
+  warm-up. It is a plain ``epoll`` loop rather than Trio so that the
   load generator costs as little CPU as possible and the servers, not the
   generator, are what is measured.
 
@@ -31,7 +31,7 @@ import json
 import os
 import random
 import re
-import selectors
+import select
 import signal
 import socket
 import statistics
@@ -45,8 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trionet.services.guess_rules import (
     Bisector,
-    Correct,
-    Hint,
     NewRound,
     optimal_worst_case,
     parse_reply,
@@ -148,65 +146,77 @@ def trionet_server(port: int, lo: int, hi: int) -> None:
 
 
 class Player:
-    """One bisecting player on a non-blocking socket."""
+    """One bisecting player on a non-blocking socket.
+
+    The common replies are recognised as bytes and the rest goes through
+    :func:`~trionet.services.guess_rules.parse_reply`: the load generator
+    must cost less CPU per game than the servers it measures, or games/s
+    would measure the generator.
+    """
+
+    __slots__ = ("buffer", "n", "player", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = b""
-        self.player: Bisector | None = None
+        self.player = Bisector(0, 0)
         #: Candidates at the start of the current round.
         self.n = 0
 
-    def on_line(self, line: str) -> tuple[str | None, int | None]:
+    def on_line(self, line: bytes) -> tuple[bytes | None, int | None]:
         """Handle one server line: (the guess to send, guesses of a won round)."""
-        reply = parse_reply(line)
+        if line == b"HIGHER" or line == b"LOWER":
+            self.player.hint(line == b"HIGHER")
+            return b"%d\n" % self.player.next_guess(), None
+        if line.startswith(b"CORRECT "):
+            return None, int(line[8:])
+        reply = parse_reply(line.decode())
         if isinstance(reply, NewRound):
             self.player = Bisector(reply.lo, reply.hi)
             self.n = reply.hi - reply.lo + 1
-            return str(self.player.next_guess()), None
-        if isinstance(reply, Hint) and self.player is not None:
-            self.player.hint(reply.higher)
-            return str(self.player.next_guess()), None
-        if isinstance(reply, Correct):
-            return None, reply.attempts
+            return b"%d\n" % self.player.next_guess(), None
         raise RuntimeError(f"unexpected reply {line!r}")
 
 
 def loadgen(port: int, players: int, seconds: float, warmup: float) -> dict[str, float]:
     """Run ``players`` bisecting players against ``port``; games/s over ``seconds``."""
-    sel = selectors.DefaultSelector()
+    poller = select.epoll()
+    by_fd: dict[int, Player] = {}
     socks = []
     for _ in range(players):
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sel.register(sock, selectors.EVENT_READ, Player(sock))
+        by_fd[sock.fileno()] = Player(sock)
+        poller.register(sock.fileno(), select.EPOLLIN)
         socks.append(sock)
     start = time.perf_counter()
+    cpu_start = time.process_time()
     measure_from = start + warmup
     stop = measure_from + seconds
     games = 0
+    total_games = 0  # warm-up included, to relate to the server's CPU time
     over_bound = 0
     while (now := time.perf_counter()) < stop:
-        for key, _ in sel.select(timeout=min(0.5, stop - now)):
-            p: Player = key.data
+        measuring = now >= measure_from
+        for fd, _ in poller.poll(min(0.5, stop - now)):
+            p = by_fd[fd]
             data = p.sock.recv(65536)
             if not data:
                 raise RuntimeError("the server closed a connection")
-            p.buffer += data
+            *lines, p.buffer = (p.buffer + data).split(b"\n")
             out = []
-            while b"\n" in p.buffer:
-                raw, p.buffer = p.buffer.split(b"\n", 1)
-                guess, won_in = p.on_line(raw.decode())
+            for line in lines:
+                guess, won_in = p.on_line(line)
                 if guess is not None:
                     out.append(guess)
                 if won_in is not None:
                     # A sanity check on the player, not on speed.
                     over_bound += won_in > optimal_worst_case(p.n)
-                    if time.perf_counter() >= measure_from:
-                        games += 1
+                    total_games += 1
+                    games += measuring
             if out:
-                p.sock.sendall(("\n".join(out) + "\n").encode())
+                p.sock.sendall(b"".join(out))
     elapsed = time.perf_counter() - measure_from
     for sock in socks:
         sock.close()
@@ -214,6 +224,8 @@ def loadgen(port: int, players: int, seconds: float, warmup: float) -> dict[str,
         "games": games,
         "seconds": elapsed,
         "games_per_s": games / elapsed,
+        "total_games": total_games,
+        "loadgen_cpu_us_per_game": 1e6 * (time.process_time() - cpu_start) / max(1, total_games),
         "over_bound": over_bound,
     }
 
@@ -221,8 +233,9 @@ def loadgen(port: int, players: int, seconds: float, warmup: float) -> dict[str,
 # -- the driver -------------------------------------------------------------------
 
 
-def _start_server(role: str, lo: int, hi: int) -> tuple[subprocess.Popen[bytes], int]:
+def _start_server(role: str, lo: int, hi: int, pin: bool) -> tuple[subprocess.Popen[bytes], int]:
     cmd = [sys.executable, __file__, role, "--range", str(lo), str(hi)]
+    cmd += ["--pin"] if pin else []
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
@@ -241,6 +254,7 @@ def _cpu_seconds(pid: int) -> float:
 def _run_load(port: int, args: argparse.Namespace) -> dict[str, float]:
     cmd = [sys.executable, __file__, "loadgen", "--port", str(port)]
     cmd += ["--players", str(args.players), "--seconds", str(args.seconds)]
+    cmd += ["--warmup", str(args.warmup)] + (["--pin"] if args.pin else [])
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=args.seconds + 60, check=False)
     if out.returncode != 0:
         raise SystemExit(f"load generator failed:\n{out.stderr.decode()}")
@@ -265,10 +279,10 @@ def drive(args: argparse.Namespace) -> None:
     print(
         f"guess benchmark: {args.players} concurrent bisecting players, range {lo}..{hi}, "
         f"{args.seconds}s per measurement, {args.rounds} interleaved rounds, "
-        f"{os.cpu_count()} CPUs"
+        f"{os.cpu_count()} CPUs, {'' if args.pin else 'not '}pinned"
     )
-    trionet_proc, trionet_port = _start_server("trionet-server", lo, hi)
-    baseline_proc, baseline_port = _start_server("baseline-server", lo, hi)
+    trionet_proc, trionet_port = _start_server("trionet-server", lo, hi, args.pin)
+    baseline_proc, baseline_port = _start_server("baseline-server", lo, hi, args.pin)
     results: dict[str, list[float]] = {"trionet": [], "baseline": []}
     cpu: dict[str, list[float]] = {"trionet": [], "baseline": []}
     procs = {"trionet": trionet_proc, "baseline": baseline_proc}
@@ -279,15 +293,18 @@ def drive(args: argparse.Namespace) -> None:
             for name in order:
                 before = _cpu_seconds(procs[name].pid)
                 result = _run_load(ports[name], args)
-                # Server CPU per game includes the warm-up's games only
-                # approximately (they are few); it is a secondary figure.
+                # The server's CPU time over the whole load run (warm-up and
+                # connection setup included) per game played in it: a
+                # secondary figure that other processes on the machine
+                # disturb far less than games/s.
                 used = _cpu_seconds(procs[name].pid) - before
                 rate = result["games_per_s"]
                 results[name].append(rate)
-                cpu[name].append(1e6 * used / max(1.0, rate * (args.seconds + args.warmup)))
+                cpu[name].append(1e6 * used / max(1, result["total_games"]))
                 print(
-                    f"round {i + 1} {name:<8} {rate:9.1f} games/s  "
-                    f"server CPU {cpu[name][-1]:6.0f} us/game",
+                    f"round {i + 1:2d} {name:<8} {rate:9.1f} games/s  "
+                    f"server CPU {cpu[name][-1]:4.0f} us/game  "
+                    f"(load generator {result['loadgen_cpu_us_per_game']:4.0f} us/game)",
                     flush=True,
                 )
     finally:
@@ -303,6 +320,25 @@ def drive(args: argparse.Namespace) -> None:
         "  (plain Trio, serve_tcp)"
     )
     print(f"ratio trionet/baseline {med['trionet'] / med['baseline']:.2f}x")
+    paired = [t / b for t, b in zip(results["trionet"], results["baseline"], strict=True)]
+    print(f"median of per-round ratios {statistics.median(paired):.2f}x")
+    print(
+        f"server CPU per game, baseline/trionet {mcpu['baseline'] / mcpu['trionet']:.2f}x "
+        "(higher: trionet does a game with less CPU)"
+    )
+
+
+def _pin(role: str, enabled: bool) -> None:
+    """Keep the server and the load generator off each other's CPU (Linux only).
+
+    With 2 CPUs and the two processes free to migrate, the scheduler now and
+    then stacks both on one CPU for a while, which shows up as noise in
+    games/s; pinning removes that source of noise for both servers alike.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not enabled or len(cpus) < 2 or role == "drive":
+        return
+    os.sched_setaffinity(0, {cpus[1] if role == "loadgen" else cpus[0]})
 
 
 def main() -> None:
@@ -318,16 +354,17 @@ def main() -> None:
         "--players", type=int, default=100, help="concurrent players (default: %(default)s)"
     )
     parser.add_argument(
-        "--seconds", type=float, default=3.0, help="measured seconds per run (default: %(default)s)"
+        "--seconds", type=float, default=1.0, help="measured seconds per run (default: %(default)s)"
     )
     parser.add_argument(
-        "--warmup", type=float, default=0.5, help="unmeasured seconds first (default: %(default)s)"
+        "--warmup", type=float, default=0.3, help="unmeasured seconds first (default: %(default)s)"
     )
     parser.add_argument(
         "--rounds",
         type=int,
-        default=5,
-        help="interleaved rounds, at least 5 (default: %(default)s)",
+        default=11,
+        help="interleaved rounds, at least 5; many short rounds sample the same "
+        "machine conditions for both servers (default: %(default)s)",
     )
     parser.add_argument(
         "--range",
@@ -343,7 +380,14 @@ def main() -> None:
         default=0,
         help="loadgen: server port; baseline-server: port to bind (default: 0)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the servers to the first CPU and the load generator to the second; "
+        "steadier on an otherwise idle machine, worse on a busy one (default: off)",
+    )
     args = parser.parse_args()
+    _pin(args.role, args.pin)
     if args.role == "trionet-server":
         trionet_server(args.port, *args.range)
     elif args.role == "baseline-server":
