@@ -10,6 +10,11 @@ The rules live in :mod:`trionet.services.guess_rules` (no I/O); this module
 only maps lines to moves and outcomes to lines, and holds what all
 connections share: the range, the random source and the statistics.
 
+Two serving paths, one behaviour (the tests run every conversation over
+both): the generic path works on any stream (memory streams in tests, TLS);
+the fast path, for a plain TCP socket, reads and writes the descriptor
+directly, like echo's, to spend less per tiny request/reply exchange.
+
 The client (``python -m trionet.client guess``) is interactive for a person
 by default, and with ``--auto`` plays by bisection and prints the
 transcript.
