@@ -1,20 +1,69 @@
-"""The chat service in memory: every protocol line and error, flood control,
-idle timeout, slow consumers and shutdown (long waits on the autojump clock)."""
+"""The chat service: every protocol line and error, flood control, idle
+timeout, slow consumers and shutdown.
+
+Protocol tests run twice, in memory and over TCP on 127.0.0.1 (the
+``transport`` fixture); long waits run in memory on the autojump clock.
+"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol
 
 import pytest
 import trio
 import trio.testing
 
+import trionet
 from trionet.serve import build_parser, services_from_args
 from trionet.services.chat import WELCOME, ChatService
-from trionet.testing import Client, MemoryServer, open_memory_server
+from trionet.testing import Client, open_memory_server
 
 
-async def join(srv: MemoryServer, nick: str) -> Client:
+class Chat(Protocol):
+    """What a test needs of a running server: a way in, and a way to stop it."""
+
+    async def connect(self) -> Client: ...
+
+    def shutdown(self) -> None: ...
+
+
+class TcpChat:
+    """A chat server on a real socket (127.0.0.1, a free port)."""
+
+    def __init__(self, server: trionet.Server, port: int) -> None:
+        self.server = server
+        self.port = port
+
+    async def connect(self) -> Client:
+        return Client(await trio.open_tcp_stream("127.0.0.1", self.port), timeout=5)
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture(params=["memory", "tcp"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@asynccontextmanager
+async def open_chat(transport: str, service: ChatService, grace: float = 5) -> AsyncIterator[Chat]:
+    if transport == "memory":
+        async with open_memory_server(service, grace=grace) as srv:
+            yield srv
+        return
+    service.port = 0
+    server = trionet.Server([service], grace=grace)
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(server.run)
+        yield TcpChat(server, addresses["chat"][0][1])
+        nursery.cancel_scope.cancel()
+
+
+async def join(srv: Chat, nick: str) -> Client:
     c = await srv.connect()
     await c.expect(WELCOME)
     await c.send_line(f"/nick {nick}")
@@ -22,8 +71,8 @@ async def join(srv: MemoryServer, nick: str) -> Client:
     return c
 
 
-async def test_protocol_walkthrough() -> None:
-    async with open_memory_server(ChatService()) as srv:
+async def test_protocol_walkthrough(transport: str) -> None:
+    async with open_chat(transport, ChatService()) as srv:
         alice = await join(srv, "alice")
         bob = await join(srv, "bob")
         await alice.expect("JOIN bob")
@@ -58,8 +107,8 @@ async def test_protocol_walkthrough() -> None:
         await bob.expect_nothing(0.05)
 
 
-async def test_nick_errors() -> None:
-    async with open_memory_server(ChatService()) as srv:
+async def test_nick_errors(transport: str) -> None:
+    async with open_chat(transport, ChatService()) as srv:
         alice = await join(srv, "alice")
         c = await srv.connect()
         await c.expect(WELCOME)
@@ -76,8 +125,8 @@ async def test_nick_errors() -> None:
         await alice.expect_nothing(0.05)
 
 
-async def test_before_nick_only_nick_and_quit_and_no_traffic() -> None:
-    async with open_memory_server(ChatService()) as srv:
+async def test_before_nick_only_nick_and_quit_and_no_traffic(transport: str) -> None:
+    async with open_chat(transport, ChatService()) as srv:
         alice = await join(srv, "alice")
         lurker = await srv.connect()
         await lurker.expect(WELCOME)
@@ -97,8 +146,8 @@ async def test_before_nick_only_nick_and_quit_and_no_traffic() -> None:
         await alice.expect_nothing(0.05)  # no LEAVE for one who never joined
 
 
-async def test_command_errors_and_blank_lines() -> None:
-    async with open_memory_server(ChatService()) as srv:
+async def test_command_errors_and_blank_lines(transport: str) -> None:
+    async with open_chat(transport, ChatService()) as srv:
         alice = await join(srv, "alice")
         bob = await join(srv, "bob")
         await alice.expect("JOIN bob")
@@ -116,8 +165,8 @@ async def test_command_errors_and_blank_lines() -> None:
         await alice.expect_nothing(0.05)
 
 
-async def test_sanitizing_and_empty_messages() -> None:
-    async with open_memory_server(ChatService()) as srv:
+async def test_sanitizing_and_empty_messages(transport: str) -> None:
+    async with open_chat(transport, ChatService()) as srv:
         alice = await join(srv, "alice")
         bob = await join(srv, "bob")
         await alice.send_line("\x1b[2Jclear\u202eevil\ttab")
@@ -129,8 +178,8 @@ async def test_sanitizing_and_empty_messages() -> None:
         await bob.expect("MSG alice last")
 
 
-async def test_framing_errors_go_through_the_queue() -> None:
-    async with open_memory_server(ChatService(max_line=64)) as srv:
+async def test_framing_errors_go_through_the_queue(transport: str) -> None:
+    async with open_chat(transport, ChatService(max_line=64)) as srv:
         alice = await join(srv, "alice")
         bob = await join(srv, "bob")
         await alice.send(b"x" * 200 + b"\nafter\n\xff\xfe\nok\n")
@@ -138,8 +187,8 @@ async def test_framing_errors_go_through_the_queue() -> None:
         await bob.expect("MSG alice after", "MSG alice ok")
 
 
-async def test_drop_is_announced_as_leave() -> None:
-    async with open_memory_server(ChatService()) as srv:
+async def test_drop_is_announced_as_leave(transport: str) -> None:
+    async with open_chat(transport, ChatService()) as srv:
         alice = await join(srv, "alice")
         bob = await join(srv, "bob")
         await alice.expect("JOIN bob")
@@ -147,8 +196,8 @@ async def test_drop_is_announced_as_leave() -> None:
         await alice.expect("LEAVE bob")
 
 
-async def test_eof_still_gets_pending_replies() -> None:
-    async with open_memory_server(ChatService()) as srv:
+async def test_eof_still_gets_pending_replies(transport: str) -> None:
+    async with open_chat(transport, ChatService()) as srv:
         alice = await join(srv, "alice")
         c = await srv.connect()
         await c.send(b"/nick bob\n/who\n")
@@ -180,6 +229,16 @@ async def test_flood_control(autojump_clock: trio.testing.MockClock) -> None:
         await alice.send_line("/quit")
         await alice.expect("BYE")
         await bob.expect("LEAVE alice")
+
+
+async def test_flood_control_any_transport(transport: str) -> None:
+    # A bucket that practically never refills: no waiting needed over TCP.
+    async with open_chat(transport, ChatService(rate=0.001, burst=3)) as srv:
+        alice = await join(srv, "alice")
+        bob = await join(srv, "bob")
+        await alice.send(b"a\nb\n/who\nc\n/quit\n")
+        await alice.expect("JOIN bob", "WHO alice bob", "ERR rate-limited", "BYE")
+        await bob.expect("MSG alice a", "MSG alice b", "LEAVE alice")
 
 
 async def test_flood_control_options(autojump_clock: trio.testing.MockClock) -> None:
@@ -278,8 +337,8 @@ async def test_burst_from_many_members_evicts_nobody() -> None:
             assert senders == {f"m{j}" for j in range(30)} - {f"m{i}"}
 
 
-async def test_shutdown_says_bye_to_everyone() -> None:
-    async with open_memory_server(ChatService(), grace=1) as srv:
+async def test_shutdown_says_bye_to_everyone(transport: str) -> None:
+    async with open_chat(transport, ChatService(), grace=1) as srv:
         alice = await join(srv, "alice")
         bob = await join(srv, "bob")
         await alice.expect("JOIN bob")

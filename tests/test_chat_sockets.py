@@ -150,3 +150,19 @@ async def test_reset_connection_is_announced_as_leave() -> None:
         await alice.send_line("/who")
         await alice.expect("WHO alice")
         await alice.aclose()
+
+
+async def test_idle_timeout_over_tcp() -> None:
+    async with running(ChatService(port=0, idle_timeout=1.0)) as addr:
+        alice = await join(addr, "alice")
+        bob = await join(addr, "bob")
+        await alice.expect("JOIN bob")
+        with trio.fail_after(5):
+            for _ in range(2):  # bob keeps talking; alice only listens
+                await trio.sleep(0.2)
+                await bob.send_line("/who")
+                await bob.expect("WHO alice bob")
+            await alice.expect("BYE idle-timeout")
+            await alice.expect_closed()
+            await bob.expect("LEAVE alice")
+        await bob.aclose()
