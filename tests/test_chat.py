@@ -25,6 +25,8 @@ from trionet.testing import Client, open_memory_server
 class Chat(Protocol):
     """What a test needs of a running server: a way in, and a way to stop it."""
 
+    server: trionet.Server
+
     async def connect(self) -> Client: ...
 
     def shutdown(self) -> None: ...
@@ -351,7 +353,7 @@ async def test_shutdown_says_bye_to_everyone(transport: str) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-async def test_join_leave_invariant_random_clients(seed: int) -> None:
+async def test_join_leave_invariant_random_clients(transport: str, seed: int) -> None:
     """Random joins, renames, messages, quits and drops over the real handler.
 
     The watcher joins first and stays: every MSG it receives must come from
@@ -359,7 +361,7 @@ async def test_join_leave_invariant_random_clients(seed: int) -> None:
     saw must have been matched by a LEAVE.
     """
     rng = random.Random(seed)
-    async with open_memory_server(ChatService(rate=0)) as srv:
+    async with open_chat(transport, ChatService(rate=0)) as srv:
         watcher = await join(srv, "watcher")
         live: list[Client] = []
         async with trio.open_nursery() as nursery:
