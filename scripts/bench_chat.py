@@ -79,6 +79,7 @@ def start_servers(names: list[str]) -> dict[str, tuple[subprocess.Popen[bytes], 
         ],
         "naive": [sys.executable, str(HERE / "bench_chat_naive.py")],
         "twisted": [sys.executable, str(HERE / "bench_chat_twisted.py")],
+        "twisted-nd": [sys.executable, str(HERE / "bench_chat_twisted.py"), "--nodelay"],
     }  # fmt: skip
     for name in names:
         cmd = commands[name]
@@ -174,12 +175,12 @@ def main() -> int:
     p.add_argument(
         "--servers",
         nargs="+",
-        choices=["trionet", "naive", "twisted"],
+        choices=["trionet", "naive", "twisted", "twisted-nd"],
         default=["trionet", "naive", "twisted"],
         help="servers to compare (default: all three)",
     )
     a = p.parse_args()
-    if "twisted" in a.servers:
+    if any(n.startswith("twisted") for n in a.servers):
         ensure_twisted()
     servers = start_servers(a.servers)
     names = list(servers)
@@ -188,7 +189,7 @@ def main() -> int:
         f"{a.clients} clients, {a.senders} senders x {a.messages} messages, window {a.window}, "
         f"{a.load_procs} load processes, {os.cpu_count()} CPUs"
     )
-    print(f"{'round':>5} {'server':<8} {'deliv/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+    print(f"{'round':>5} {'server':<10} {'deliv/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'srv CPU':>7} {'gen CPU':>7} {'delivered':>15}")  # fmt: skip
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -199,7 +200,7 @@ def main() -> int:
                     res = run_round(proc.pid, port, a, tmp)
                     rows[name].append(res)
                     print(
-                        f"{r + 1:>5} {name:<8} {res['rate']:>9.0f} {res['p50_ms']:>7.1f} "
+                        f"{r + 1:>5} {name:<10} {res['rate']:>9.0f} {res['p50_ms']:>7.1f} "
                         f"{res['p99_ms']:>7.1f} {res['server_cpu']:>6.0%} {res['load_cpu']:>6.0%} "
                         f"{int(res['received']):>7}/{int(res['expected'])}",
                         flush=True,
@@ -217,7 +218,7 @@ def main() -> int:
     for n in names:
         m = med[n]
         print(
-            f"  {n:<8} {m['rate']:>9.0f} deliveries/s  "
+            f"  {n:<10} {m['rate']:>9.0f} deliveries/s  "
             f"p50 {m['p50_ms']:.1f} ms  p99 {m['p99_ms']:.1f} ms"
         )
     complete = all(row["received"] == row["expected"] for rs in rows.values() for row in rs)

@@ -4,7 +4,7 @@
 the chat protocol the benchmark uses (WELCOME, /nick, JOIN, MSG, LEAVE).
 Twisted is needed only here; bench_chat.py installs it on demand.
 
-Usage: python scripts/bench_chat_twisted.py PORT
+Usage: python scripts/bench_chat_twisted.py [--nodelay] PORT
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 from twisted.internet import protocol, reactor
 from twisted.protocols.basic import LineReceiver
 
+#: ``--nodelay``: disable Nagle's algorithm as Trio does by default (Twisted does not).
+NODELAY = "--nodelay" in sys.argv
 WELCOME = "WELCOME trionet chat — send /nick <name> to join".encode()
 
 
@@ -27,6 +29,8 @@ class Chat(LineReceiver):
         self.nick: bytes | None = None
 
     def connectionMade(self) -> None:
+        if NODELAY:
+            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
         self.sendLine(WELCOME)
 
     def broadcast(self, line: bytes, skip: Chat | None) -> None:
@@ -59,6 +63,7 @@ class ChatFactory(protocol.Factory):
 
 
 if __name__ == "__main__":
-    reactor.listenTCP(int(sys.argv[1]), ChatFactory(), interface="127.0.0.1")  # type: ignore[attr-defined]
+    port = int(next(a for a in sys.argv[1:] if a != "--nodelay"))
+    reactor.listenTCP(port, ChatFactory(), interface="127.0.0.1")  # type: ignore[attr-defined]
     print("listening", flush=True)
     reactor.run()  # type: ignore[attr-defined]
