@@ -13,9 +13,10 @@ and evictions each run to completion without an ``await``, so no other
 operation can interleave with one. Every member's queue is FIFO. Together
 that gives the consistency the protocol needs for free: a member is added
 to the room (and the others told ``JOIN``) in the same step, so nobody
-ever receives a ``MSG`` from a nick it was not told about; a member leaves
-in one step, with one ``LEAVE``, so every ``JOIN`` is matched by exactly
-one ``LEAVE``. And because broadcasting never awaits a member's socket,
+ever receives a ``MSG`` from a nick that was neither there when it joined
+(what ``/who`` lists) nor announced since by ``JOIN`` or ``NICK``; a member
+leaves in one step, with one ``LEAVE``, so every ``JOIN`` is matched by
+exactly one ``LEAVE``. And because broadcasting never awaits a member's socket,
 one stalled reader cannot delay anybody else: it only grows its own queue
 until it is evicted.
 """
