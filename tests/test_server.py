@@ -7,6 +7,7 @@ the scripted client's timeout, so a regression fails instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import ClassVar
 
@@ -217,3 +218,33 @@ async def test_trionet_serve_stays_callable_after_importing_the_cli_module() -> 
         addresses = await nursery.start(trionet.serve, [EchoService(port=0)])
         assert addresses["echo"][0][1] > 0
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("marked", [True, False])
+async def test_no_bye_after_a_payload_cut_short(
+    autojump_clock: trio.testing.MockClock, marked: bool
+) -> None:
+    """Past the grace, a half-sent payload ends in a silent close, not 'BYE' glued to it."""
+
+    @attrs.define(kw_only=True, eq=False)
+    class Blob(Service):
+        name: ClassVar[str] = "blob"
+
+        async def handle(self, conn: Connection) -> None:
+            async for _line in conn:
+                with conn.payload() if marked else contextlib.nullcontext():
+                    for _ in range(100):
+                        await conn.send_all(b"x" * 1000)
+                        await trio.sleep(0.7)  # not in step with the grace deadline
+
+    async with open_memory_server(Blob(), grace=5.0) as server:
+        client = await server.connect(timeout=60)
+        await client.send_line("get")
+        await trio.sleep(2)
+        server.shutdown()
+        received = await client.receive_all()
+    if marked:
+        assert set(received) == {ord("x")}
+        assert 5000 <= len(received) < 100_000
+    else:  # an unmarked payload cannot be told from a reply: the runner says goodbye
+        assert received.endswith(b"BYE shutdown\n")

@@ -112,6 +112,7 @@ class Connection:
         "_out",
         "_peer",
         "_send_busy",
+        "_send_interrupted",
         "_shutdown_requested",
         "_slack",
         "_waiting",
@@ -165,6 +166,7 @@ class Connection:
         self._busy = 0
         self._shutdown_requested = False
         self._send_busy = False
+        self._send_interrupted = False
 
     # -- identity and logging ------------------------------------------------
 
@@ -333,8 +335,34 @@ class Connection:
         self._send_busy = True
         try:
             yield
+        except BaseException:
+            self._send_interrupted = True
+            raise
         finally:
             self._send_busy = False
+
+    @property
+    def send_interrupted(self) -> bool:
+        """True if a send was cut short (cancelled or failed) part way.
+
+        The peer may then hold half a line or half a payload, so nothing
+        more can be framed on this connection: the server closes it without
+        its usual ``BYE`` line.
+        """
+        return self._send_interrupted
+
+    @contextmanager
+    def payload(self) -> Iterator[None]:
+        """Mark raw bytes sent behind the connection's back (``os.sendfile``).
+
+        If the block is left by an exception (cancellation included), the
+        connection counts as :attr:`send_interrupted`.
+        """
+        try:
+            yield
+        except BaseException:
+            self._send_interrupted = True
+            raise
 
     # -- raw bytes: the trio.abc.HalfCloseableStream interface ----------------
 

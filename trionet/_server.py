@@ -229,7 +229,13 @@ class Server:
                     end = "shutdown" if conn.shutting_down else "idle-timeout"
                 else:
                     end = conn.end_reason or ("eof" if conn.eof_received else "closed")
-            if end in ("shutdown", "idle-timeout") and service.line_based:
+            # No goodbye after a send cut short: the client would read
+            # "BYE" glued to half a line or into a file's bytes.
+            if (
+                end in ("shutdown", "idle-timeout")
+                and service.line_based
+                and not conn.send_interrupted
+            ):
                 await self._say_goodbye(conn, f"BYE {end}")
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT):
