@@ -9,6 +9,7 @@ not where in our code we noticed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -67,7 +68,10 @@ async def connect(host: str, port: int, service: str) -> trio.SocketStream:
         while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
             cause = cause.exceptions[0]
         inner = cause if isinstance(cause, OSError) else exc
-        reason = inner.strerror or str(inner)
+        if inner.errno and inner.errno > 0:  # trio's own text repeats the address
+            reason = os.strerror(inner.errno)
+        else:  # name resolution (socket.gaierror) and the like
+            reason = inner.strerror or str(inner)
         raise ClientError(
             f"{service}: cannot connect to {host}:{port}: {reason}", EXIT_REFUSED
         ) from None
