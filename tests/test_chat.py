@@ -442,3 +442,54 @@ def test_command_line_options() -> None:
         ChatService(burst=0.5)
     with pytest.raises(ValueError):
         ChatService(rate=-1)
+
+
+class CountingStream(trio.abc.Stream):
+    """Wraps a stream and counts ``send_all`` calls (one per system call on TCP)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.sends = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sends += 1
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def stream_pair(transport: str) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    """(client end, server end), in memory or a TCP connection over 127.0.0.1."""
+    if transport == "memory":
+        return trio.testing.memory_stream_pair()
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listener:
+        client = await trio.testing.open_stream_to_socket_listener(listener)
+        return client, await listener.accept()
+
+
+async def test_writer_coalesces_a_burst_into_one_send(transport: str) -> None:
+    service = ChatService(rate=0)
+    ends = [await stream_pair(transport) for _ in range(2)]
+    counted = [CountingStream(server) for _, server in ends]
+    alice, bob = (Client(client) for client, _ in ends)
+    async with trio.open_nursery() as nursery:
+        for stream in counted:
+            nursery.start_soon(service.handle, trionet.Connection(stream))
+        for c, nick in ((alice, "alice"), (bob, "bob")):
+            await c.expect(WELCOME)
+            await c.send_line(f"/nick {nick}")
+            await c.expect(f"OK nick {nick}")
+        await alice.expect("JOIN bob")
+        before = counted[0].sends
+        await bob.send(b"".join(b"line %d\n" % i for i in range(50)))
+        await alice.expect(*(f"MSG bob line {i}" for i in range(50)))
+        assert counted[0].sends - before == 1  # 50 lines, one send_all
+        nursery.cancel_scope.cancel()
