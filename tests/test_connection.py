@@ -108,6 +108,41 @@ async def test_as_stream_is_a_half_closeable_trio_stream() -> None:
     await trio.testing.check_half_closeable_stream(make, make_clogged)
 
 
+async def test_socket_fast_path_is_a_half_closeable_trio_stream() -> None:
+    """The os.read/os.write path for plain sockets passes Trio's own stream checks."""
+
+    async def make() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
+        a, b = trio.socket.socketpair()
+        ca, cb = Connection(trio.SocketStream(a)), Connection(trio.SocketStream(b))
+        assert ca._sock is not None  # the fast path is the one under test
+        return ca.as_stream(), cb.as_stream()
+
+    await trio.testing.check_half_closeable_stream(make, None)
+
+
+async def test_socket_fast_path_lines_and_bulk() -> None:
+    a, b = trio.socket.socketpair()
+    client, conn = trio.SocketStream(a), Connection(trio.SocketStream(b))
+    payload = bytes(range(256)) * 4096  # 1 MiB, more than one read
+    async with trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            await client.send_all(b"SIZE\r\n" + payload + b"END\n")
+
+        nursery.start_soon(send)
+        assert await conn.receive_line() == "SIZE"
+        assert await conn.receive_exactly(len(payload)) == payload
+        assert await conn.receive_line() == "END"
+    await conn.send_line("bye")
+    assert await client.receive_some() == b"bye\n"
+    await client.aclose()
+    assert await conn.receive_line() is None
+    assert conn.bytes_in == len(payload) + 10
+    await conn.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await conn.send_all(b"x")
+
+
 async def test_peer_names() -> None:
     _client, conn = pair()
     assert conn.peer == "memory"

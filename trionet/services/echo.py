@@ -20,7 +20,6 @@ Two paths, one behaviour:
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 from typing import ClassVar
@@ -29,7 +28,7 @@ import attrs
 import trio
 
 from .._client import EXIT_OK, add_address_arguments, connect, run_client
-from .._connection import Connection
+from .._connection import Connection, translate_os_error
 from .._service import Service
 
 __all__ = ["SERVICE", "EchoService", "client_main"]
@@ -38,8 +37,6 @@ __all__ = ["SERVICE", "EchoService", "client_main"]
 CHUNK = 65536
 #: Read size once a client is streaming (see ``_echo_fd``).
 STREAM_CHUNK = 256 * 1024
-
-_RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT}
 
 
 @attrs.define(kw_only=True, eq=False)
@@ -66,12 +63,6 @@ async def _echo_stream(conn: Connection) -> None:
     """The generic path: any stream."""
     while data := await conn.receive_some(CHUNK):
         await conn.send_all(data)
-
-
-def _broken(exc: OSError) -> BaseException:
-    if exc.errno in _RESET_ERRNOS:
-        return trio.BrokenResourceError(f"peer reset the connection: {exc.strerror}")
-    return exc
 
 
 async def _echo_fd(conn: Connection, fd: int) -> None:
@@ -105,7 +96,7 @@ async def _echo_fd(conn: Connection, fd: int) -> None:
             expect_data = False
             continue
         except OSError as exc:
-            raise _broken(exc) from exc
+            raise translate_os_error(exc) from exc
         n = len(data)
         if not n:
             conn.eof_received = True
@@ -122,7 +113,7 @@ async def _echo_fd(conn: Connection, fd: int) -> None:
                 yielded = True
                 continue
             except OSError as exc:
-                raise _broken(exc) from exc
+                raise translate_os_error(exc) from exc
             conn.bytes_out += sent
             view = view[sent:]
         del view, data
