@@ -24,8 +24,11 @@ def broadcast(data: bytes, skip: str | None) -> None:
 
 
 async def writer(stream: trio.SocketStream, receive: trio.MemoryReceiveChannel[bytes]) -> None:
-    async for data in receive:
-        await stream.send_all(data)  # one system call per message
+    try:
+        async for data in receive:
+            await stream.send_all(data)  # one system call per message
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the reader sees the end too
 
 
 async def handle(stream: trio.SocketStream) -> None:
