@@ -39,20 +39,21 @@ async def handle(stream: trio.SocketStream) -> None:
             nursery.start_soon(writer, stream, receive)
             send.send_nowait("WELCOME trionet chat — send /nick <name> to join\n".encode())
             buf = b""
-            while data := await stream.receive_some(65536):
-                *lines, buf = (buf + data).split(b"\n")
-                for raw in lines:
-                    line = raw.decode().rstrip("\r")
-                    if line.startswith("/nick "):
-                        nick = line[6:].strip()
-                        members[nick] = send
-                        send.send_nowait(f"OK nick {nick}\n".encode())
-                        broadcast(f"JOIN {nick}\n".encode(), nick)
-                    elif nick is not None and line:
-                        broadcast(f"MSG {nick} {line}\n".encode(), nick)
+            try:
+                while data := await stream.receive_some(65536):
+                    *lines, buf = (buf + data).split(b"\n")
+                    for raw in lines:
+                        line = raw.decode().rstrip("\r")
+                        if line.startswith("/nick "):
+                            nick = line[6:].strip()
+                            members[nick] = send
+                            send.send_nowait(f"OK nick {nick}\n".encode())
+                            broadcast(f"JOIN {nick}\n".encode(), nick)
+                        elif nick is not None and line:
+                            broadcast(f"MSG {nick} {line}\n".encode(), nick)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
             nursery.cancel_scope.cancel()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
     finally:
         if nick is not None and members.get(nick) is send:
             del members[nick]
