@@ -33,7 +33,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Final
 
@@ -384,12 +384,17 @@ class Connection:
                 raise LineError(event)
             await self._on_line_error(self, event)
 
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self._iter_lines()
+    # The connection is its own line iterator. (Not an async generator:
+    # those cost more per item, and one left suspended at the end of a
+    # handler would need finalizing.)
+    def __aiter__(self) -> Connection:
+        return self
 
-    async def _iter_lines(self) -> AsyncIterator[str]:
-        while (line := await self.receive_line()) is not None:
-            yield line
+    async def __anext__(self) -> str:
+        line = await self.receive_line()
+        if line is None:
+            raise StopAsyncIteration
+        return line
 
     def write_line(self, line: str) -> None:
         """Queue ``line`` + LF; sent by :meth:`flush` or before the next input wait."""
