@@ -89,9 +89,6 @@ MAX_DEPTH: Final = 100
 WORK_BUDGET: Final = 3_000_000
 #: Below this magnitude integer operations are cheap enough not to charge.
 _CHEAP: Final = 1 << 2048
-#: Lines longer than this skip the fast path (a line that long is most
-#: likely hostile; the AST path bounds it).
-_FAST_MAX_LEN: Final = 1024
 #: Longest piece of the expression quoted back in an error message.
 _QUOTE_MAX: Final = 40
 
@@ -671,12 +668,10 @@ def evaluate(source: str, ans: Number = 0, *, budget: int = WORK_BUDGET) -> Numb
     ``float``; raises a :class:`CalcError` subclass otherwise. Pure: no I/O,
     no global state, and bounded work whatever ``source`` holds.
     """
-    if len(source) <= _FAST_MAX_LEN:
-        try:
-            return _evaluate_fast(source, _Evaluation(ans, budget))
-        except _Fallback:
-            pass
-    return evaluate_ast(source, ans, budget=budget)
+    try:
+        return _evaluate_fast(source, _Evaluation(ans, budget))
+    except _Fallback:
+        return evaluate_ast(source, ans, budget=budget)
 
 
 def evaluate_ast(source: str, ans: Number = 0, *, budget: int = WORK_BUDGET) -> Number:
