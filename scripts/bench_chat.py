@@ -197,6 +197,8 @@ def main() -> int:
                 order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
                     proc, port = servers[name]
+                    if proc.poll() is not None:
+                        raise SystemExit(f"the {name} server died (exit {proc.returncode})")
                     res = run_round(proc.pid, port, a, tmp)
                     rows[name].append(res)
                     print(
