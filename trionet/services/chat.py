@@ -8,7 +8,8 @@ Each connection runs two tasks under one nursery:
 * the reader (the handler itself) parses lines and calls the room, which
   queues lines for members with ``send_nowait`` and never waits;
 * the writer (:meth:`ChannelMember.pump`) is the only task that sends on
-  the socket. It drains everything queued and sends it in one ``send_all``.
+  the socket. It drains everything queued and sends it in one write
+  (``send_all``, or on plain TCP a write to the descriptor: see :func:`_sender`).
 
 Because only the writer sends, replies to the client itself (``OK``,
 ``WHO``, every ``ERR``, the framing errors of :meth:`ChatService.on_line_error`
