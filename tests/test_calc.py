@@ -248,10 +248,10 @@ def calc_port() -> Iterator[int]:
 
 
 def test_client_evaluates_arguments(calc_port: int, capsys: pytest.CaptureFixture[str]) -> None:
-    status = client_main(["--port", str(calc_port), "6 * 7", "ans / 4", "2 ** 64"])
+    status = client_main(["--port", str(calc_port), "6 * 7", "ans / 4", "2 ** 64", "--", "-2**2"])
     out, err = capsys.readouterr()
     assert status == 0
-    assert out == "42\n10.5\n18446744073709551616\n"
+    assert out == "42\n10.5\n18446744073709551616\n-4\n"
     assert err == ""
 
 

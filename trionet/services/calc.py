@@ -139,7 +139,8 @@ def build_client_parser() -> argparse.ArgumentParser:
             "Without, the lines of standard input are evaluated (a pipe or file), "
             "or, on a terminal, an interactive prompt runs (QUIT or end of input "
             "leaves it). Errors are printed in words on standard error. "
-            "'ans' is the last value."
+            "'ans' is the last value. Put '--' before expressions that start with "
+            "'-': python -m trionet.client calc -- -2**2"
         ),
         epilog=(
             "exit status: 0 every expression evaluated, 1 some expression failed, "

@@ -30,12 +30,15 @@ How it stays safe
 
 How it stays fast
 -----------------
-The tree is walked once, evaluating as it goes, by a single method that
-dispatches with ``type(node) is ...`` tests ordered by frequency and does
-the arithmetic inline: no per-node dictionary lookup or method call beyond
-the recursion itself. Chains of left-associative operators (``1+2+3+...``,
-the long dimension of real expressions) are walked iteratively, so they
-cost no recursion depth at all.
+``ast.parse`` alone costs more than evaluating a typical line, so plain
+arithmetic is first tried by a small precedence-climbing parser that
+evaluates as it parses, over a conservative subset of the syntax (see "the
+fast path" below). It never decides an error and gives up on anything
+unusual; the AST path is the reference, and the tests check that the two
+never disagree. The AST path walks the tree once, evaluating as it goes, in
+a single method dispatching with ``type(node) is ...`` tests ordered by
+frequency. Chains of left-associative operators (``1+2+3+...``) are walked
+iteratively in both, so a full line of them costs no recursion depth.
 """
 
 from __future__ import annotations
