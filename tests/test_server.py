@@ -248,3 +248,66 @@ async def test_no_bye_after_a_payload_cut_short(
         assert 5000 <= len(received) < 100_000
     else:  # an unmarked payload cannot be told from a reply: the runner says goodbye
         assert received.endswith(b"BYE shutdown\n")
+
+
+async def test_cancelling_the_server_while_a_handler_fails_is_clean() -> None:
+    """A failure inside a handler's own nursery, mixed with the server's
+    cancellation in one exception group, stays that connection's failure."""
+
+    @attrs.define(kw_only=True, eq=False)
+    class Fragile(Service):
+        name: ClassVar[str] = "fragile"
+
+        async def handle(self, conn: Connection) -> None:
+            async def breaks_when_cancelled() -> None:
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    raise trio.BrokenResourceError("peer went away during cleanup")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(breaks_when_cancelled)
+                nursery.start_soon(trio.sleep_forever)
+                await conn.send_line("ready")
+
+    listener = MemoryListener()
+    server = Server([Fragile()], listeners={"fragile": [listener]})
+    from trionet.testing import Client
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            client = Client(await listener.connect())
+            await client.expect("ready")
+            nursery.cancel_scope.cancel()
+    assert server.connection_count == 0
+
+
+async def test_pipelined_lines_do_not_starve_other_tasks() -> None:
+    order: list[str] = []
+
+    @attrs.define(kw_only=True, eq=False)
+    class Count(Service):
+        name: ClassVar[str] = "count"
+
+        async def handle(self, conn: Connection) -> None:
+            async for line in conn:
+                order.append("line")
+                conn.write_line(line)
+
+    async with open_memory_server(Count()) as server:
+        client = await server.connect()
+
+        async def ticker() -> None:
+            while True:
+                order.append("tick")
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await client.send(b"x\n" * 1000)  # one segment, a thousand requests
+            assert await client.receive_exactly(2000) == b"x\n" * 1000
+            nursery.cancel_scope.cancel()
+    first, last = order.index("line"), len(order) - order[::-1].index("line")
+    ticks_between = order[first:last].count("tick")
+    assert ticks_between >= 1000 // 16 - 2

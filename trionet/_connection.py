@@ -48,6 +48,9 @@ __all__ = ["RECEIVE_SIZE", "Connection", "ConnectionStream", "LineError", "forma
 #: kernel read only when data arrives, so idle connections do not pay for it.
 RECEIVE_SIZE: Final = 65536
 
+#: Lines handed out from the buffer between two yields to the scheduler.
+_LINES_PER_YIELD: Final = 16
+
 _ids = itertools.count(1)
 
 LineErrorHook = Callable[["Connection", LineTooLong | BadEncoding], Awaitable[None]]
@@ -119,6 +122,7 @@ class Connection:
         "_shutdown_requested",
         "_slack",
         "_sock",
+        "_unyielded",
         "_waiting",
         "bytes_in",
         "bytes_out",
@@ -179,6 +183,7 @@ class Connection:
             stream.socket if type(stream) is trio.SocketStream else None
         )
         self._expect_data = False
+        self._unyielded = 0
 
     # -- identity and logging ------------------------------------------------
 
@@ -368,10 +373,19 @@ class Connection:
         """
         lines = self._lines
         while True:
+            if self._unyielded >= _LINES_PER_YIELD:
+                # Lines already buffered are returned without waiting. A
+                # client pipelining thousands of requests in one segment
+                # must not keep every other connection from running, so
+                # yield now and then (before taking the line: a
+                # cancellation here loses nothing).
+                self._unyielded = 0
+                await trio.lowlevel.checkpoint()
             event = lines.next_event()
             if event is None:
                 if lines.at_eof:
                     return None
+                self._unyielded = 0
                 data = await self._receive(RECEIVE_SIZE)
                 if data:
                     lines.feed(data)
@@ -379,6 +393,7 @@ class Connection:
                     lines.feed_eof()
                 continue
             if isinstance(event, str):
+                self._unyielded += 1
                 return event
             if self._on_line_error is None:
                 raise LineError(event)

@@ -219,11 +219,20 @@ class Server:
                 with conn.cancel_scope:
                     await service.handle(conn)
             except Exception as exc:
-                if _is_disconnect(exc):
-                    end = "reset"
-                else:
-                    end = "error"
-                    conn.log.error("handler crashed", exc_info=exc)
+                end = self._classify_failure(conn, exc)
+            except BaseExceptionGroup as group:
+                # The server itself is being cancelled while the handler's
+                # own nursery also had a failure: the group mixes Cancelled
+                # with ordinary errors. Log the errors as for one connection
+                # and let only the cancellation travel on, so one
+                # connection's failure never becomes the server's.
+                cancelled, others = group.split(trio.Cancelled)
+                if others is not None:
+                    if not isinstance(others, Exception):
+                        raise  # KeyboardInterrupt and the like: not ours to swallow
+                    end = self._classify_failure(conn, others)
+                if cancelled is not None:
+                    raise cancelled from None
             else:
                 if conn.cancel_scope.cancelled_caught:
                     end = "shutdown" if conn.shutting_down else "idle-timeout"
@@ -254,6 +263,13 @@ class Server:
                 conn.bytes_in,
                 conn.bytes_out,
             )
+
+    @staticmethod
+    def _classify_failure(conn: Connection, exc: Exception) -> str:
+        if _is_disconnect(exc):
+            return "reset"
+        conn.log.error("handler crashed", exc_info=exc)
+        return "error"
 
     @staticmethod
     async def _say_goodbye(conn: Connection, line: str) -> None:
