@@ -33,6 +33,7 @@ import itertools
 import logging
 import math
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -48,8 +49,9 @@ __all__ = ["RECEIVE_SIZE", "Connection", "ConnectionStream", "LineError", "forma
 #: kernel read only when data arrives, so idle connections do not pay for it.
 RECEIVE_SIZE: Final = 65536
 
-#: Lines handed out from the buffer between two yields to the scheduler.
-_LINES_PER_YIELD: Final = 16
+#: Seconds of work a connection may do on lines it already holds before it
+#: yields to the scheduler (see receive_line).
+_RUN_BUDGET: Final = 0.005
 
 _ids = itertools.count(1)
 
@@ -117,12 +119,12 @@ class Connection:
         "_on_line_error",
         "_out",
         "_peer",
+        "_ran_since",
         "_send_busy",
         "_send_interrupted",
         "_shutdown_requested",
         "_slack",
         "_sock",
-        "_unyielded",
         "_waiting",
         "bytes_in",
         "bytes_out",
@@ -183,7 +185,7 @@ class Connection:
             stream.socket if type(stream) is trio.SocketStream else None
         )
         self._expect_data = False
-        self._unyielded = 0
+        self._ran_since = 0.0
 
     # -- identity and logging ------------------------------------------------
 
@@ -373,27 +375,29 @@ class Connection:
         """
         lines = self._lines
         while True:
-            if self._unyielded >= _LINES_PER_YIELD:
+            if time.perf_counter() - self._ran_since > _RUN_BUDGET:
                 # Lines already buffered are returned without waiting. A
-                # client pipelining thousands of requests in one segment
-                # must not keep every other connection from running, so
-                # yield now and then (before taking the line: a
-                # cancellation here loses nothing).
-                self._unyielded = 0
+                # client pipelining thousands of costly requests in one
+                # segment must not keep every other connection from running,
+                # so once this connection has run for a while without
+                # waiting, yield (before taking the line: a cancellation
+                # here loses nothing). A budget in time rather than in lines
+                # keeps cheap bursts together (chat's writer then sends a
+                # whole burst in one write) and still bounds costly ones.
                 await trio.lowlevel.checkpoint()
+                self._ran_since = time.perf_counter()
             event = lines.next_event()
             if event is None:
                 if lines.at_eof:
                     return None
-                self._unyielded = 0
                 data = await self._receive(RECEIVE_SIZE)
+                self._ran_since = time.perf_counter()
                 if data:
                     lines.feed(data)
                 else:
                     lines.feed_eof()
                 continue
             if isinstance(event, str):
-                self._unyielded += 1
                 return event
             if self._on_line_error is None:
                 raise LineError(event)
