@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import hashlib
 import mmap
 import os
+import queue
 import re
+import socket
 import sys
 import time
 from collections.abc import Callable
+from functools import cache, partial
 from typing import Final, TextIO
 
 import attrs
@@ -66,11 +68,15 @@ EXIT_DISK: Final = 9
 
 #: Size of each receive buffer; a few of them are reused for the whole file.
 BUFFER: Final = 4 << 20
-#: Buffers in flight between the network and the disk thread.
-BUFFERS: Final = 4
+#: Buffers in flight between the network, the hash thread and the disk thread.
+BUFFERS: Final = 8
+#: Most bytes the receiver waits for before it is woken (``SO_RCVLOWAT``).
+LOWAT: Final = 1 << 20
 # O_DIRECT writes must be whole blocks at block-aligned offsets; 4096 covers
 # 512-byte and 4 KiB logical block sizes.
 _DIRECT_ALIGN: Final = 4096
+
+_Item = tuple[mmap.mmap, int] | None
 
 _OK = re.compile(r"OK ([0-9]{1,19}) ([0-9a-f]{64})")
 _FILE = re.compile(r"FILE ([0-9]{1,19}) (.+)")
@@ -216,9 +222,13 @@ def _disk_error(exc: OSError, path: str) -> ClientError:
 _FALLOC_FL_KEEP_SIZE: Final = 1
 
 
+@cache
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``fallocate`` (loaded on first use: ctypes costs start-up time)."""
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         func = libc.fallocate
@@ -227,9 +237,6 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
     func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
     func.restype = ctypes.c_int
     return func
-
-
-_fallocate = _load_fallocate()
 
 
 def _reserve(fd: int, offset: int, length: int) -> None:
@@ -243,10 +250,13 @@ def _reserve(fd: int, offset: int, length: int) -> None:
     still exactly the bytes received (what ``--resume`` relies on). Where
     this is not supported nothing is reserved.
     """
-    if _fallocate is None or length <= 0:
+    fallocate = _load_fallocate() if length > 0 else None
+    if fallocate is None:
         return
-    if _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
+    if fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        from ctypes import get_errno  # loaded already by _load_fallocate
+
+        err = get_errno()
         if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise OSError(err, os.strerror(err))
         # EOPNOTSUPP and the like: the file system cannot; writing still works.
@@ -272,6 +282,8 @@ class _Sink:
     direct_fd: int | None
     h: hashlib._Hash
     written: int
+    #: The first write error (set by the writer thread; the transfer then stops).
+    error: OSError | None = None
 
     @classmethod
     def open(cls, path: str, keep: int, size: int) -> _Sink:
@@ -336,38 +348,62 @@ class _Sink:
             view = view[n:]
 
 
+def _hash_worker(
+    sink: _Sink, full: queue.SimpleQueue[_Item], hashed: queue.SimpleQueue[_Item]
+) -> None:
+    """Hash every buffer from ``full`` in order and pass it on (a worker thread)."""
+    while (item := full.get()) is not None:
+        buf, n = item
+        sink.hash(memoryview(buf)[:n])
+        hashed.put(item)
+    hashed.put(None)
+
+
+def _write_worker(
+    sink: _Sink, hashed: queue.SimpleQueue[_Item], give_back: Callable[[mmap.mmap | None], None]
+) -> None:
+    """Write every buffer from ``hashed`` in order, then hand it back (a worker thread).
+
+    After a disk error the error is kept in ``sink.error``, ``None`` is handed
+    back (the receiver stops) and the remaining buffers are only drained.
+    """
+    while (item := hashed.get()) is not None:
+        buf, n = item
+        if sink.error is None:
+            try:
+                sink.write(memoryview(buf)[:n])
+            except OSError as exc:
+                sink.error = exc
+                give_back(None)
+                continue
+            give_back(buf)
+
+
 async def _receive_into_sink(
     stream: trio.abc.Stream, lines: _Lines, sink: _Sink, announce: Announce, progress: Progress
 ) -> None:
-    """Receive the file's remaining bytes into ``sink``; returns early at EOF."""
+    """Receive the file's remaining bytes into ``sink``; returns early at EOF or a disk error.
+
+    A three-stage pipeline over a few reused buffers: receive (this task) ->
+    hash (one thread) -> write (another thread) -> back to the receiver.
+    The two threads run for the whole transfer and pass buffers through
+    plain queues, so a buffer is hashed while the previous one is written
+    and the next one received: the slowest stage (SHA-256, on this kind of
+    machine) sets the pace, not the sum of the three. Both hashlib and
+    ``os.pwrite`` release the GIL for the whole call.
+    """
     remaining = announce.size - sink.written
-    # A three-stage pipeline over a few reused buffers: receive -> hash ->
-    # write -> back to the pool. Hashing and writing run in two worker
-    # threads at once (both release the GIL), so a buffer is hashed while
-    # the previous one is written: the slower of the two sets the pace, not
-    # their sum.
-    free_send, free_recv = trio.open_memory_channel[mmap.mmap](BUFFERS)
-    full_send, full_recv = trio.open_memory_channel[tuple[mmap.mmap, int]](BUFFERS)
-    hashed_send, hashed_recv = trio.open_memory_channel[tuple[mmap.mmap, int]](BUFFERS)
+    full: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+    hashed: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+    free_send, free_recv = trio.open_memory_channel[mmap.mmap | None](BUFFERS)
     for _ in range(BUFFERS):
         # Anonymous mmaps: page-aligned, as O_DIRECT writes need.
         free_send.send_nowait(mmap.mmap(-1, BUFFER))
+    token = trio.lowlevel.current_trio_token()
 
-    async def hash_in() -> None:
-        async with full_recv, hashed_send:
-            async for buf, n in full_recv:
-                await trio.to_thread.run_sync(sink.hash, memoryview(buf)[:n])
-                await hashed_send.send((buf, n))
-
-    async def write_out() -> None:
-        async with hashed_recv:
-            async for buf, n in hashed_recv:
-                try:
-                    await trio.to_thread.run_sync(sink.write, memoryview(buf)[:n])
-                except OSError as exc:
-                    raise _disk_error(exc, sink.path) from None
-                progress.update(sink.written)
-                await free_send.send(buf)
+    def give_back(buf: mmap.mmap | None) -> None:
+        # From the writer thread: fire and forget, never blocks the writer.
+        token.run_sync_soon(free_send.send_nowait, buf)
 
     async def receive() -> None:
         nonlocal remaining
@@ -376,9 +412,13 @@ async def _receive_into_sink(
         del lines.buffer[: len(head)]
         pos = sink.written
         sock = stream.socket if type(stream) is trio.SocketStream else None
-        async with full_send:
+        lowat = _Lowat(sock)
+        try:
             while remaining > 0:
                 buf = await free_recv.receive()
+                if buf is None:
+                    return  # the writer failed: sink.error says why
+                progress.update(sink.written)
                 view = memoryview(buf)
                 # Chunks end where the file offset is a multiple of BUFFER,
                 # so every chunk but the first and the last is a whole,
@@ -391,6 +431,7 @@ async def _receive_into_sink(
                 try:
                     while filled < want:
                         if sock is not None:
+                            lowat.set(want - filled)
                             n = await sock.recv_into(view[filled:want])
                         else:
                             data = await stream.receive_some(want - filled)
@@ -406,14 +447,58 @@ async def _receive_into_sink(
                 remaining -= filled
                 pos += filled
                 if filled:
-                    await full_send.send((buf, filled))
+                    full.put((buf, filled))
                 if dropped or filled < want:
                     return
+        finally:
+            full.put(None)  # the workers finish what they hold, then stop
+            lowat.reset()
 
+    # The workers live as long as the transfer: they get their own limiter,
+    # not Trio's shared default one (twenty downloads would hold all of its
+    # tokens, and every other to_thread call, the server's included, would wait).
+    own = trio.CapacityLimiter(2)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(hash_in)
-        nursery.start_soon(write_out)
+        # Not abandoned on cancel: the threads stop at the end-of-data mark
+        # that receive() always queues, after at most BUFFERS buffers.
+        nursery.start_soon(
+            partial(trio.to_thread.run_sync, _hash_worker, sink, full, hashed, limiter=own)
+        )
+        nursery.start_soon(
+            partial(trio.to_thread.run_sync, _write_worker, sink, hashed, give_back, limiter=own)
+        )
         nursery.start_soon(receive)
+
+
+@attrs.define(eq=False)
+class _Lowat:
+    """``SO_RCVLOWAT`` on the receiving socket: wake up for big batches only.
+
+    Without it the receiver wakes for every 64 KiB segment that loopback
+    delivers (about 16,000 wake-ups and event-loop turns per GiB); with it
+    the kernel reports the socket readable once ``LOWAT`` bytes are queued
+    (or the connection ends). Near the end it is lowered to what is still
+    due: the server does not close after a file, so a mark above the
+    remaining bytes would never be reached.
+    """
+
+    sock: trio.socket.SocketType | None
+    current: int = 1
+
+    def set(self, want: int) -> None:
+        """Wake up once ``want`` bytes (at most ``LOWAT``) are waiting."""
+        mark = max(1, min(want, LOWAT))
+        if self.sock is not None and mark != self.current:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+            except OSError:
+                self.sock = None  # not supported: every segment wakes us, still correct
+                return
+            self.current = mark
+
+    def reset(self) -> None:
+        """Back to the default (1), for whatever the connection does next."""
+        self.set(1)
 
 
 def _output_path(name: str, output: str | None) -> str:
@@ -475,6 +560,9 @@ async def download(
         await _receive_into_sink(stream, lines, sink, announce, bar)
     finally:
         sink.close()
+    if sink.error is not None:
+        bar.update(sink.written, final=True)
+        raise _disk_error(sink.error, part)
     if sink.written < announce.size:
         bar.update(sink.written, final=True)  # end the bar's line before the message
         raise ClientError(
