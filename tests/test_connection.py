@@ -200,3 +200,100 @@ async def test_busy_suspends_the_idle_deadline(autojump_clock: trio.testing.Mock
         await client.expect_nothing(for_seconds=280)
         assert await client.receive_line(timeout=30) == "BYE idle-timeout"
         assert trio.current_time() == pytest.approx(1300, abs=1)
+
+
+# -- regressions found in review: each scenario below once went wrong -----------------
+
+
+def test_socket_errors_become_trio_stream_errors() -> None:
+    import errno
+
+    from trionet._connection import translate_os_error
+
+    for code in (errno.ECONNRESET, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH):
+        assert isinstance(translate_os_error(OSError(code, "x")), trio.BrokenResourceError)
+    assert isinstance(translate_os_error(OSError(errno.EBADF, "x")), trio.ClosedResourceError)
+
+
+async def test_replies_to_the_last_lines_before_eof_are_sent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_memory_server(Upper()) as server:
+        client = await server.connect()
+        await client.send(b"one\ntwo")  # the last line has no LF
+        await client.send_eof()
+        await client.expect("ONE", "TWO")
+        await client.expect_closed()
+
+
+@attrs.define(kw_only=True, eq=False)
+class Slow(Service):
+    name: ClassVar[str] = "slow"
+    work: float = 0.0
+
+    async def handle(self, conn: Connection) -> None:
+        async for line in conn:
+            await trio.sleep(self.work)
+            conn.write_line(f"did {line}")
+
+
+async def test_work_is_not_idleness(autojump_clock: trio.testing.MockClock) -> None:
+    """Requests that take longer than the idle timeout are answered, pipelined or not."""
+    async with open_memory_server(Slow(work=400, idle_timeout=300)) as server:
+        client = await server.connect(timeout=5000)
+        await client.send(b"a\nb\nc\n")
+        await client.expect("did a", "did b", "did c")
+        started = trio.current_time()
+        await client.expect("BYE idle-timeout")
+        assert trio.current_time() - started == pytest.approx(300, abs=1)
+
+
+async def test_a_request_read_at_shutdown_is_answered_then_bye() -> None:
+    """Shutdown arriving in the same instant as a request never swallows the request."""
+    import socket
+
+    for _ in range(40):
+        a, b = socket.socketpair()
+        conn = Connection(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
+        got: list[str] = []
+
+        async def handler(conn: Connection = conn, got: list[str] = got) -> None:
+            with conn.cancel_scope:
+                line = await conn.receive_line()
+                got.append(f"read {line}")
+                await conn.send_line(f"reply {line}")
+                got.append("replied")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handler)
+            while conn._wait is None:
+                await trio.lowlevel.checkpoint()
+            b.send(b"req\n")
+            await trio.lowlevel.checkpoint()
+            conn.request_shutdown()
+        assert got in ([], ["read req", "replied"]), got
+        b.close()
+        await conn.aclose()
+
+
+async def test_work_outliving_the_grace_still_gets_its_bye() -> None:
+    """A reply cancelled before any byte left is not a broken payload: it is still
+    delivered, then the BYE."""
+    import time
+
+    @attrs.define(kw_only=True, eq=False)
+    class Blocking(Service):
+        name: ClassVar[str] = "blocking"
+
+        async def handle(self, conn: Connection) -> None:
+            async for line in conn:
+                await trio.to_thread.run_sync(time.sleep, 0.3)  # e.g. walking a big tree
+                await conn.send_line(f"did {line}")
+
+    async with open_memory_server(Blocking(), grace=0.05) as server:
+        client = await server.connect()
+        await client.send_line("x")
+        await trio.sleep(0.02)
+        server.shutdown()
+        await client.expect("did x", "BYE shutdown")
+        await client.expect_closed()

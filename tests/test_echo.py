@@ -8,6 +8,7 @@ read the real port from the server's ``listening on`` log line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -240,3 +241,32 @@ def test_serve_cli_port_in_use_is_one_clear_error() -> None:
         )
     assert result.returncode == 1
     assert b"cannot start" in result.stderr and b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fd-fast-path", "generic"])
+async def test_shutdown_ends_a_client_that_streams_without_pause(fast_path: bool) -> None:
+    server = trionet.Server([EchoService(port=0, fast_path=fast_path)], grace=30)
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(server.run)
+        host, port = addresses["echo"][0]
+        stream = await trio.open_tcp_stream(host, port)
+        closed = trio.Event()
+
+        async def stream_forever() -> None:
+            chunk = b"z" * 65536
+            with contextlib.suppress(trio.BrokenResourceError):
+                while not closed.is_set():
+                    await stream.send_all(chunk)
+
+        async def drain() -> None:
+            while await stream.receive_some(1 << 20):
+                pass
+            closed.set()
+
+        with trio.fail_after(10):  # far less than the 30 s grace
+            async with trio.open_nursery() as clients:
+                clients.start_soon(stream_forever)
+                clients.start_soon(drain)
+                await trio.sleep(0.2)
+                server.shutdown()
+        await stream.aclose()

@@ -19,11 +19,12 @@ applied in one place:
   for more input, so a pipelining client gets its replies in one segment),
 * the peer address, a logger tagged with the connection id, and byte counts.
 
-The idle deadline lives here too. The server runs each handler inside the
-connection's cancel scope; whenever the connection starts waiting for input
-the scope's deadline is moved to *now + idle_timeout*. Time spent doing
-work for the client therefore never counts as the client being idle, and
-the deadline only ever fires while we wait for a client that sends nothing.
+The idle deadline lives here too. Each wait for input runs in a cancel
+scope of its own whose deadline is *now + idle_timeout*; a send that makes
+no progress (the client stopped reading) is bounded the same way. Time
+spent doing work for the client therefore never counts as the client
+being idle, and a request that has been read is always answered, even when
+the deadline or a shutdown arrives in the same instant.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import trio
 
@@ -123,9 +123,8 @@ class Connection:
         "_send_busy",
         "_send_interrupted",
         "_shutdown_requested",
-        "_slack",
         "_sock",
-        "_waiting",
+        "_wait",
         "bytes_in",
         "bytes_out",
         "cancel_scope",
@@ -169,10 +168,8 @@ class Connection:
         self._out = bytearray()
         # The scope the server runs the handler in (idle timeout, shutdown).
         self.cancel_scope = trio.CancelScope()
-        # Idle deadlines are moved only when they change by more than this,
-        # so a busy connection does not touch Trio's deadline heap per read.
-        self._slack = (self.idle_timeout or 0.0) / 1000.0
-        self._waiting = False
+        # The cancel scope of the input wait in progress, if any.
+        self._wait: trio.CancelScope | None = None
         self._busy = 0
         self._shutdown_requested = False
         self._send_busy = False
@@ -213,25 +210,31 @@ class Connection:
         return self._shutdown_requested
 
     # -- waiting for input: idle deadline and shutdown ------------------------
+    #
+    # Every wait for input runs in a cancel scope of its own, whose deadline
+    # is now + idle_timeout and which request_shutdown() cancels. If that
+    # scope fires, the wait ends with nothing read and the connection's own
+    # scope is cancelled, so the whole handler unwinds and the runner says
+    # BYE. If data arrived first, it is returned and handled normally, even
+    # when the deadline or a shutdown came in the same instant: a request
+    # the server has read is always answered. Time spent working for the
+    # client is never counted as idle, because no deadline exists then.
 
-    def touch(self) -> None:
-        """Restart the idle clock (done on every input wait and every byte received).
-
-        Twisted calls this ``resetTimeout``. Call it yourself only when
-        reading the transport behind the connection's back (a fast path).
-        """
+    def _wait_scope(self) -> trio.CancelScope:
+        scope = trio.CancelScope()
         if self.idle_timeout is not None and not self._busy:
-            target = trio.current_time() + self.idle_timeout
-            if abs(target - self.cancel_scope.deadline) > self._slack:
-                self.cancel_scope.deadline = target
-
-    def _begin_wait(self) -> None:
+            scope.deadline = trio.current_time() + self.idle_timeout
         if self._shutdown_requested:
-            # Shutdown was requested while this connection was busy; now that
-            # its work is done and it would wait for the client, stop here.
-            self.cancel_scope.cancel()
-        self.touch()
-        self._waiting = True
+            scope.cancel()
+        self._wait = scope
+        return scope
+
+    async def _stop(self) -> NoReturn:
+        """End the connection after an input wait was cut (idle or shutdown)."""
+        self.cancel_scope.cancel()
+        await trio.lowlevel.checkpoint()  # raises Cancelled inside the server
+        # A connection used outside a server has no scope to unwind to.
+        raise trio.TooSlowError("idle timeout" if not self._shutdown_requested else "shutdown")
 
     def request_shutdown(self) -> None:
         """Ask the connection to end once it next waits for input.
@@ -241,18 +244,17 @@ class Connection:
         finishes its current piece of work first.
         """
         self._shutdown_requested = True
-        if self._waiting:
-            self.cancel_scope.cancel()
+        if self._wait is not None:
+            self._wait.cancel()
 
     @contextmanager
     def busy(self) -> Iterator[None]:
-        """Suspend the idle deadline for a long piece of work.
+        """Waits inside this block have no idle deadline.
 
-        Use around work that may outlast the idle timeout without reading
-        from the client, such as streaming a large file to a slow reader.
+        For long work that involves waiting on the client without its
+        sending anything, e.g. streaming a large file to a slow reader.
         """
         self._busy += 1
-        self.cancel_scope.deadline = math.inf
         try:
             yield
         finally:
@@ -265,11 +267,11 @@ class Connection:
         deadline and graceful shutdown apply exactly as in :meth:`receive_some`.
         """
         await self.flush()
-        self._begin_wait()
-        try:
+        with self._wait_scope() as scope:
             await trio.lowlevel.wait_readable(fd)
-        finally:
-            self._waiting = False
+        self._wait = None
+        if scope.cancelled_caught:
+            await self._stop()
 
     async def _receive(self, max_bytes: int) -> bytes | bytearray:
         if self._out:
@@ -277,19 +279,17 @@ class Connection:
             # before we wait for the client (no separate yield needed: the
             # wait below is one).
             await self._flush(checkpoint=False)
-        self._begin_wait()
-        try:
+        data: bytes | bytearray = b""
+        with self._wait_scope() as scope:
             if self._sock is not None:
-                data: bytes | bytearray = await self._receive_fd(self._sock, max_bytes)
+                data = await self._receive_fd(self._sock, max_bytes)
             else:
                 data = await self.stream.receive_some(max_bytes)
-        finally:
-            self._waiting = False
+        self._wait = None
+        if scope.cancelled_caught:
+            await self._stop()
         if data:
             self.bytes_in += len(data)
-            # The client just spoke: whatever the handler now does with it
-            # must not be cut short by a deadline set before it arrived.
-            self.touch()
         else:
             self.eof_received = True
         return data
@@ -342,26 +342,61 @@ class Connection:
         await trio.lowlevel.checkpoint_if_cancelled()
         yielded = False
         with memoryview(data) as view:
-            while view:
-                try:
-                    sent = os.write(_live_fd(sock), view)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(_live_fd(sock))
-                    yielded = True
-                    continue
-                except OSError as exc:
-                    raise translate_os_error(exc) from exc
-                view = view[sent:]
+            total = len(view)
+            try:
+                while view:
+                    try:
+                        sent = os.write(_live_fd(sock), view)
+                    except BlockingIOError:
+                        await self._wait_writable(sock)
+                        yielded = True
+                        continue
+                    except OSError as exc:
+                        raise translate_os_error(exc) from exc
+                    self.bytes_out += sent
+                    view = view[sent:]
+            except BaseException:
+                if len(view) < total:  # the peer holds part of it
+                    self._send_interrupted = True
+                raise
         if checkpoint and not yielded:
             await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _wait_writable(self, sock: trio.socket.SocketType) -> None:
+        # A client that stops reading stalls our sends. That is not work
+        # in progress but a client that does nothing, so the idle timeout
+        # bounds each stall (each bit of progress starts a new one).
+        if self.idle_timeout is None or self._busy:
+            await trio.lowlevel.wait_writable(_live_fd(sock))
+            return
+        with trio.move_on_after(self.idle_timeout) as stall:
+            await trio.lowlevel.wait_writable(_live_fd(sock))
+        if stall.cancelled_caught:
+            await self._stop()
+
+    async def _send_stream(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            if self.idle_timeout is None or self._busy:
+                await self.stream.send_all(data)
+            else:
+                with trio.move_on_after(self.idle_timeout) as stall:
+                    await self.stream.send_all(data)
+                if stall.cancelled_caught:
+                    self._send_interrupted = True
+                    await self._stop()
+        except BaseException:
+            # The stream cannot say how much it sent: assume part of it.
+            self._send_interrupted = True
+            raise
+        self.bytes_out += len(data)
 
     async def _send(self, data: bytes | bytearray | memoryview, checkpoint: bool = True) -> None:
         with self._send_guard():
             if self._sock is not None:
                 await self._send_fd(self._sock, data, checkpoint)
             else:
-                await self.stream.send_all(data)
-        self.bytes_out += len(data)
+                await self._send_stream(data)
 
     # -- lines ----------------------------------------------------------------
 
@@ -389,6 +424,9 @@ class Connection:
             event = lines.next_event()
             if event is None:
                 if lines.at_eof:
+                    # Replies to the last lines must not wait for a read
+                    # that will never come.
+                    await self._flush(checkpoint=True)
                     return None
                 data = await self._receive(RECEIVE_SIZE)
                 self._ran_since = time.perf_counter()
@@ -435,7 +473,14 @@ class Connection:
         if self._out:
             data = bytes(self._out)
             self._out.clear()
-            await self._send(data, checkpoint)
+            try:
+                await self._send(data, checkpoint)
+            except BaseException:
+                if not self._send_interrupted:
+                    # Nothing of it left: keep it queued, in order, so a
+                    # final flush (with the server's BYE) still delivers it.
+                    self._out[:0] = data
+                raise
 
     @contextmanager
     def _send_guard(self) -> Iterator[None]:
@@ -447,9 +492,6 @@ class Connection:
         self._send_busy = True
         try:
             yield
-        except BaseException:
-            self._send_interrupted = True
-            raise
         finally:
             self._send_busy = False
 
@@ -535,21 +577,18 @@ class Connection:
         await self.stream.aclose()
 
 
-_RESET_ERRNOS: Final = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT})
-
-
 def translate_os_error(exc: OSError) -> BaseException:
     """Map an error from a raw socket call to what Trio's streams raise.
 
-    Peer resets become :class:`trio.BrokenResourceError` (the runner logs
-    them as ``end=reset``, not as a crash); a closed descriptor becomes
-    :class:`trio.ClosedResourceError`; anything else stays as it is.
+    A closed descriptor becomes :class:`trio.ClosedResourceError`; every
+    other error (reset, broken pipe, host unreachable, ...) means the
+    connection is unusable and becomes :class:`trio.BrokenResourceError`,
+    as in Trio's ``SocketStream``. The runner logs those as ``end=reset``,
+    not as a crash, and one connection's failure never reaches the server.
     """
-    if exc.errno in _RESET_ERRNOS:
-        return trio.BrokenResourceError(f"peer reset the connection: {exc.strerror}")
     if exc.errno == errno.EBADF:
         return trio.ClosedResourceError("the connection was closed")
-    return exc
+    return trio.BrokenResourceError(f"socket connection broken: {exc.strerror or exc}")
 
 
 def _live_fd(sock: trio.socket.SocketType) -> int:

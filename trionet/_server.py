@@ -238,6 +238,7 @@ class Server:
                     end = "shutdown" if conn.shutting_down else "idle-timeout"
                 else:
                     end = conn.end_reason or ("eof" if conn.eof_received else "closed")
+                    await self._say_goodbye(conn, None)  # replies still queued
             # No goodbye after a send cut short: the client would read
             # "BYE" glued to half a line or into a file's bytes.
             if (
@@ -272,12 +273,15 @@ class Server:
         return "error"
 
     @staticmethod
-    async def _say_goodbye(conn: Connection, line: str) -> None:
+    async def _say_goodbye(conn: Connection, line: str | None) -> None:
+        """Send what is still queued, then ``line``; bounded, never raises."""
         quiet = contextlib.suppress(
-            trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError
+            trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError
         )
         with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT), quiet:
-            await conn.send_line(line)
+            if line is not None:
+                conn.write_line(line)
+            await conn.flush()
 
 
 async def serve(

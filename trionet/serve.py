@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(_run, server)
     except BaseException as exc:
         error = _first_os_error(exc)
-        if error is None:
+        if error is None or server.addresses:  # only failures to bind are "cannot start"
             raise
         log.error("cannot start: %s", error)
         return 1

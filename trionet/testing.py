@@ -78,7 +78,14 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
             raise trio.ClosedResourceError("listener closed") from None
 
     async def aclose(self) -> None:
+        """Stop accepting; connections not yet accepted are closed (refused)."""
         self.closed = True
+        while True:
+            try:
+                pending = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            await trio.aclose_forcefully(pending)
         await self._receive.aclose()
         await trio.lowlevel.checkpoint()
 

@@ -61,7 +61,7 @@ class EchoService(Service):
 
 async def _echo_stream(conn: Connection) -> None:
     """The generic path: any stream."""
-    while data := await conn.receive_some(CHUNK):
+    while not conn.shutting_down and (data := await conn.receive_some(CHUNK)):
         await conn.send_all(data)
 
 
@@ -81,6 +81,10 @@ async def _echo_fd(conn: Connection, fd: int) -> None:
     expect_data = False
     buf: bytearray | None = None
     while True:
+        if conn.shutting_down:
+            # A client that streams without pause never reaches the wait
+            # below, where shutdown is noticed: check once per chunk.
+            return
         yielded = False
         if not expect_data:
             await conn.wait_readable(fd)
@@ -102,7 +106,6 @@ async def _echo_fd(conn: Connection, fd: int) -> None:
             conn.eof_received = True
             return
         conn.bytes_in += n
-        conn.touch()
         expect_data = n == size
         view = memoryview(data)
         while view:

@@ -198,7 +198,6 @@ class GuessService(Service):
                 raise _broken(exc) from exc
             if data:
                 conn.bytes_in += len(data)
-                conn.touch()  # the client spoke: restart the idle clock
                 lines.feed(data)
             else:
                 conn.eof_received = True
