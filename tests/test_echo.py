@@ -259,9 +259,14 @@ async def test_shutdown_ends_a_client_that_streams_without_pause(fast_path: bool
                     await stream.send_all(chunk)
 
         async def drain() -> None:
-            while await stream.receive_some(1 << 20):
-                pass
-            closed.set()
+            # Closing on a client that is still sending may reset the
+            # connection: either way it ends.
+            try:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while await stream.receive_some(1 << 20):
+                        pass
+            finally:
+                closed.set()
 
         with trio.fail_after(10):  # far less than the 30 s grace
             async with trio.open_nursery() as clients:

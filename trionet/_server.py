@@ -85,6 +85,7 @@ class Server:
         self.addresses: dict[str, list[tuple[str, int]]] = {}
         self._given_listeners = dict(listeners or {})
         self._connections: set[Connection] = set()
+        self._by_service: dict[str, set[Connection]] = {s.name: set() for s in services}
         self._active: dict[str, int] = {s.name: 0 for s in services}
         self._shutdown = trio.Event()
         self._all_closed = trio.Event()
@@ -140,6 +141,10 @@ class Server:
             async with trio.open_nursery() as accepting:
                 for service, listener in opened:
                     accepting.start_soon(self._accept_loop, service, listener, connections)
+                for service in self.services:
+                    # Like the accept loops, reapers stop when shutdown begins:
+                    # from then on every waiting connection is ended anyway.
+                    accepting.start_soon(self._reap_idle, service)
                 task_status.started(self.addresses)
                 await self._shutdown.wait()
                 log.info(
@@ -147,6 +152,30 @@ class Server:
                 )
                 accepting.cancel_scope.cancel()
             await self._drain()
+
+    async def _reap_idle(self, service: Service) -> None:
+        """End ``service``'s connections that have waited on their client too long.
+
+        One task per service instead of a deadline per connection: waits
+        stay as cheap as a float store, and idle connections cost no timer
+        memory. It wakes at the next due expiry, but at most once per
+        1/1000 of the timeout, so a scan over many connections stays rare.
+        """
+        idle = service.effective_idle_timeout
+        if idle is None:
+            return
+        mine = self._by_service[service.name]
+        granularity = idle / 1000
+        while True:
+            now = trio.current_time()
+            next_due = now + idle
+            for conn in mine:
+                due = conn.wait_since + idle
+                if due <= now:
+                    conn.expire()
+                elif due < next_due:
+                    next_due = due
+            await trio.sleep_until(max(next_due, now + granularity))
 
     async def _drain(self) -> None:
         for conn in list(self._connections):
@@ -212,6 +241,7 @@ class Server:
         )
         conn.peer  # noqa: B018 - read the address now, while the socket is connected
         self._connections.add(conn)
+        self._by_service[service.name].add(conn)
         started = trio.current_time()
         end = "closed"
         try:
@@ -251,6 +281,7 @@ class Server:
             with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT):
                 await trio.aclose_forcefully(conn.stream)
             self._connections.discard(conn)
+            self._by_service[service.name].discard(conn)
             self._active[service.name] -= 1
             if not self._connections and self._shutdown.is_set():
                 self._all_closed.set()
