@@ -387,3 +387,37 @@ def test_sink_direct_writes_and_fallback(tmp_path: Path, monkeypatch: pytest.Mon
     assert Path(path).read_bytes() == data and sink.h.hexdigest() == sha(data)
     if has_direct:  # not on tmpfs
         assert direct_writes == 2 and sink.direct_fd is None
+
+
+async def test_receive_mark_that_is_never_reached_falls_back() -> None:
+    # SO_RCVLOWAT is only a wake-up hint: a reader waiting under a raised
+    # mark that the kernel never reports as reached must still get its bytes.
+    from trionet.services import files_client as fc
+
+    listener = trio.socket.socket()
+    with listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        sender = trio.socket.socket()
+        with sender:
+            await sender.connect(listener.getsockname())
+            receiver, _ = await listener.accept()
+            with receiver:
+                lowat = fc._Lowat(receiver, patience=0.01)
+                lowat.set(1 << 20)
+                assert lowat.current == min(1 << 20, fc.LOWAT)
+
+                async def send_later() -> None:
+                    # Far below the mark, and only after the reader gave up on it.
+                    await trio.sleep(0.2)
+                    await sender.send(b"0123456789")
+
+                buf = bytearray(64)
+                with trio.fail_after(10):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(send_later)
+                        n = await lowat.recv_into(receiver, memoryview(buf))
+                assert buf[:n] == b"0123456789"[:n] and n > 0
+                # The mark is back at 1 for the rest of this transfer.
+                assert lowat.current == 1 and lowat.sock is None
+                assert receiver.getsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVLOWAT) == 1

@@ -432,7 +432,7 @@ async def _receive_into_sink(
                     while filled < want:
                         if sock is not None:
                             lowat.set(want - filled)
-                            n = await sock.recv_into(view[filled:want])
+                            n = await lowat.recv_into(sock, view[filled:want])
                         else:
                             data = await stream.receive_some(want - filled)
                             n = len(data)
@@ -472,17 +472,24 @@ async def _receive_into_sink(
 
 @attrs.define(eq=False)
 class _Lowat:
-    """``SO_RCVLOWAT`` on the receiving socket: wake up for big batches only.
+    """Receives with ``SO_RCVLOWAT`` raised: wake up for big batches only.
 
     Without it the receiver wakes for every 64 KiB segment that loopback
     delivers (about 16,000 wake-ups and event-loop turns per GiB); with it
     the kernel reports the socket readable once ``LOWAT`` bytes are queued
-    (or the connection ends). Near the end it is lowered to what is still
-    due: the server does not close after a file, so a mark above the
-    remaining bytes would never be reached.
+    (or the connection ends). The mark is never above the bytes still due
+    in the current buffer: the server does not close after a file, so a
+    higher mark would never be reached.
+
+    The kernel's mark is a wake-up heuristic, and it was seen here to leave
+    a blocked reader asleep with its bytes queued (a plain blocking reader,
+    on loopback). So a wait with a raised mark is bounded by ``patience``:
+    if nothing woke it by then, the mark goes back to 1 for the rest of
+    the transfer, which costs speed, never correctness.
     """
 
     sock: trio.socket.SocketType | None
+    patience: float = 0.05
     current: int = 1
 
     def set(self, want: int) -> None:
@@ -495,6 +502,15 @@ class _Lowat:
                 self.sock = None  # not supported: every segment wakes us, still correct
                 return
             self.current = mark
+
+    async def recv_into(self, sock: trio.socket.SocketType, view: memoryview) -> int:
+        """``sock.recv_into(view)``, falling back to a mark of 1 if the mark stalls."""
+        if self.current > 1:
+            with trio.move_on_after(self.patience):
+                return await sock.recv_into(view)
+            self.reset()  # nothing consumed: a cancelled wait takes no bytes
+            self.sock = None
+        return await sock.recv_into(view)
 
     def reset(self) -> None:
         """Back to the default (1), for whatever the connection does next."""
