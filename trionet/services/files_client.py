@@ -10,8 +10,9 @@ hashing the kept part first.
 
 The receive path is built for speed: on a TCP socket the bytes land with
 ``recv_into`` in a small pool of reused 4 MiB buffers (no allocation per
-receive), and hashing plus writing run in a worker thread, so the network,
-the hash and the disk overlap.
+receive, ``SO_RCVLOWAT`` so that a wake-up brings a MiB, not a segment),
+and hashing and writing run in two threads of their own, so the network,
+the hash and the disk overlap. See docs/protocol/files.md for the figures.
 """
 
 from __future__ import annotations
@@ -269,9 +270,9 @@ class _Sink:
     Writes that are whole, aligned blocks go through a second descriptor
     opened with ``O_DIRECT``: they bypass the page cache, so a large
     download neither fills memory with dirty pages nor gets throttled by
-    the kernel's writeback (measured here: 1 GiB in 0.4 s every time with
-    O_DIRECT, 0.15 to 2.5 s through the page cache, and the slow cases are
-    the common ones on a busy machine). The receive loop makes every chunk
+    the kernel's writeback (measured here from the same state: 1 GiB in
+    0.46 s every time with O_DIRECT, 0.15 to 3.7 s through the page cache,
+    medians 0.8 to 1.9 s; see docs/protocol/files.md). The receive loop makes every chunk
     but the first and last one a whole aligned buffer (see
     :func:`_receive_into_sink`); the others, and every write on a file
     system without ``O_DIRECT`` (tmpfs), use the ordinary descriptor.
