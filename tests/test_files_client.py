@@ -421,3 +421,34 @@ async def test_receive_mark_that_is_never_reached_falls_back() -> None:
                 # The mark is back at 1 for the rest of this transfer.
                 assert lowat.current == 1 and lowat.sock is None
                 assert receiver.getsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVLOWAT) == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_write_error_mid_transfer_stops_the_download(
+    served: tuple[Path, bytes], transport: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer thread fails on its second buffer: the receiver stops, the
+    # threads end, and the error is reported as a disk error (no rename).
+    from trionet.services import files_client as fc
+
+    root, _ = served
+    real_write = fc._Sink.write
+    calls = 0
+
+    def write(self: fc._Sink, data: memoryview) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, data)
+
+    monkeypatch.setattr(fc._Sink, "write", write)
+    out = tmp_path / "big"
+    with trio.fail_after(20):
+        async with running(service(root), transport) as wire:
+            with pytest.raises(ClientError) as info:
+                await download(await wire.open_stream(), "big.bin", str(out))
+    assert info.value.status == EXIT_DISK
+    assert "No space left on device" in str(info.value)
+    assert not out.exists()
+    assert calls == 2  # nothing written after the failure
