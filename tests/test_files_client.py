@@ -84,8 +84,14 @@ class CutStream(trio.abc.Stream):
 
 
 @asynccontextmanager
-async def cutting_proxy(target: tuple[str, int], limit: int) -> AsyncIterator[tuple[str, int]]:
-    """A TCP proxy on 127.0.0.1 that closes each connection after ``limit`` bytes down."""
+async def cutting_proxy(
+    target: tuple[str, int], limit: int, stalled: trio.Event | None = None
+) -> AsyncIterator[tuple[str, int]]:
+    """A TCP proxy on 127.0.0.1 that closes each connection after ``limit`` bytes down.
+
+    With ``stalled`` it keeps the connection open instead, sends nothing
+    more, and sets the event.
+    """
 
     async def handle(client: trio.SocketStream) -> None:
         upstream = await trio.open_tcp_stream(*target)
@@ -100,6 +106,9 @@ async def cutting_proxy(target: tuple[str, int], limit: int) -> AsyncIterator[tu
             while left > 0 and (data := await upstream.receive_some(min(left, 65536))):
                 await client.send_all(data)
                 left -= len(data)
+            if stalled is not None:
+                stalled.set()
+                await trio.sleep_forever()
             nursery.cancel_scope.cancel()
 
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
@@ -452,3 +461,34 @@ async def test_write_error_mid_transfer_stops_the_download(
     assert "No space left on device" in str(info.value)
     assert not out.exists()
     assert calls == 2  # nothing written after the failure
+
+
+async def test_cancelled_download_keeps_a_consistent_part(
+    served: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    # Cancelled while waiting for bytes that do not come (over TCP, with the
+    # receive mark raised): download returns at once, the worker threads
+    # end, nothing is renamed, and the kept .part is a prefix a resume can
+    # continue into the verified file.
+    root, data = served
+    out = tmp_path / "big"
+    with trio.fail_after(20):
+        async with running(service(root), "tcp") as wire:
+            address = await tcp_address(wire)
+            stalled = trio.Event()
+            async with cutting_proxy(address, 9_000_000, stalled) as (phost, pport):
+                stream = await trio.open_tcp_stream(phost, pport)
+                async with stream, trio.open_nursery() as nursery:
+
+                    async def get() -> None:
+                        await download(stream, "big.bin", str(out))
+
+                    nursery.start_soon(get)
+                    await stalled.wait()
+                    await trio.sleep(0.1)
+                    nursery.cancel_scope.cancel()
+            assert not out.exists()
+            kept = await trio.to_thread.run_sync(Path(str(out) + ".part").read_bytes)
+            assert len(kept) <= 9_000_000 and kept == data[: len(kept)]
+            await download(await wire.open_stream(), "big.bin", str(out), resume=True)
+    assert await trio.to_thread.run_sync(out.read_bytes) == data
