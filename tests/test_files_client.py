@@ -492,3 +492,32 @@ async def test_cancelled_download_keeps_a_consistent_part(
             assert len(kept) <= 9_000_000 and kept == data[: len(kept)]
             await download(await wire.open_stream(), "big.bin", str(out), resume=True)
     assert await trio.to_thread.run_sync(out.read_bytes) == data
+
+
+async def test_a_crash_in_the_hash_thread_does_not_hang(
+    served: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trionet.services import files_client as fc
+
+    root, _ = served
+    calls = 0
+    real_hash = fc._Sink.hash
+
+    def hash_(self: fc._Sink, data: memoryview) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("hash crashed")
+        real_hash(self, data)
+
+    monkeypatch.setattr(fc._Sink, "hash", hash_)
+    out = tmp_path / "big"
+    caught: BaseException | None = None
+    with trio.fail_after(20):
+        async with running(service(root), "tcp") as wire:
+            try:
+                await download(await wire.open_stream(), "big.bin", str(out))
+            except Exception as exc:  # an exception group from the pipeline's nursery
+                caught = exc
+    assert caught is not None and "hash crashed" in repr(caught)
+    assert not out.exists()

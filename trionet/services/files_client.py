@@ -353,11 +353,13 @@ def _hash_worker(
     sink: _Sink, full: queue.SimpleQueue[_Item], hashed: queue.SimpleQueue[_Item]
 ) -> None:
     """Hash every buffer from ``full`` in order and pass it on (a worker thread)."""
-    while (item := full.get()) is not None:
-        buf, n = item
-        sink.hash(memoryview(buf)[:n])
-        hashed.put(item)
-    hashed.put(None)
+    try:
+        while (item := full.get()) is not None:
+            buf, n = item
+            sink.hash(memoryview(buf)[:n])
+            hashed.put(item)
+    finally:
+        hashed.put(None)  # even after a crash here, so the writer thread ends too
 
 
 def _write_worker(
