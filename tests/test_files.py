@@ -27,7 +27,7 @@ import trio.testing
 
 import trionet
 from trionet.services import files_digest
-from trionet.services.files import FilesService, Refused, list_files, open_served
+from trionet.services.files import FilesService, Refused, list_files, open_served, shown
 from trionet.testing import Client, open_memory_server
 
 TRANSPORTS = ["memory", "tcp", "tcp-copy"]
@@ -260,7 +260,7 @@ async def test_get_matrix_over_the_wire(tree: Path, transport: str) -> None:
                     assert (size, digest, body) == (len(want), sha(want), want)
                 else:
                     await c.send_line(f"GET {name}")
-                    await c.expect(f"ERR {code} {name}")
+                    await c.expect(f"ERR {code} {shown(name)}")
             # A failed GET also consumes a pending REST.
             await c.send_line("REST 3")
             await c.send_line("GET nope.txt")
@@ -554,3 +554,31 @@ def test_from_args_and_root_validation(tmp_path: Path) -> None:
     assert service.effective_port == 7004
     with pytest.raises(ValueError, match="not a directory"):
         FilesService(root=str(tmp_path / "missing"))
+
+
+def test_shown_escapes_control_characters() -> None:
+    assert shown("hello.txt") == "hello.txt"
+    assert shown("x\r") == "x\\x0d"
+    assert shown("a\x1b[2Jb") == "a\\x1b[2Jb"
+    assert shown("a\u202eb") == "a\\u202eb"
+    assert shown("é ü") == "é ü"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_echoed_names_keep_every_reply_on_one_lf_line(tmp_path: Path, transport: str) -> None:
+    """Found by an outside conformance probe: a name ending in CR was echoed raw,
+    so the reply ended in CRLF; a name over 255 bytes was 'forbidden'."""
+    (tmp_path / "hello.txt").write_bytes(b"hi\n")
+    async with running(make_service(tmp_path, transport), transport) as wire:
+        client = await wire.connect()
+        with trio.fail_after(10):
+            await client.send(b"GET x\r\r\nGET a\x1bb\nXY\x07Z\n")
+            await client.send(b"GET " + b"a" * 256 + b"\nQUIT\n")
+            raw = await client.receive_all()
+    assert raw == (
+        b"ERR forbidden x\\x0d\n"
+        b"ERR forbidden a\\x1bb\n"
+        b"ERR unknown-command XY\\x07Z\n"
+        b"ERR not-found " + b"a" * 256 + b"\n"
+        b"BYE\n"
+    )

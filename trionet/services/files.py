@@ -155,12 +155,34 @@ def open_served(root: str, name: str) -> OpenedFile:
     except (FileNotFoundError, NotADirectoryError):
         raise Refused("not-found", "no such file") from None
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            # A part longer than the file system allows cannot name a file:
+            # the name is not forbidden, there is just nothing by that name.
+            raise Refused("not-found", "name too long") from None
         # ELOOP: a symlink appeared on the resolved path since it was
         # resolved; EACCES/EPERM: not ours to read. Anything else (EIO...)
         # is refused too: the client cannot do better by retrying the name.
         raise Refused("forbidden", exc.strerror or "cannot open") from None
     finally:
         os.close(root_fd)
+
+
+def shown(text: str) -> str:
+    """``text`` as echoed in a reply: control characters as ``\\xNN`` escapes.
+
+    Error replies repeat the name the client sent, but a raw control
+    character could end the reply line early (a CR before the LF would
+    make it CRLF) or drive the client's terminal. Escaping cannot collide
+    with a servable name: names holding a backslash are always forbidden.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        ch
+        if ch.isprintable()
+        else (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        for ch in text
+    )
 
 
 def list_files(root: str) -> list[tuple[str, int]]:
@@ -275,7 +297,7 @@ class FilesService(Service):
             elif not word:
                 conn.write_line("ERR bad-request empty command")
             else:
-                conn.write_line(f"ERR unknown-command {word}")
+                conn.write_line(f"ERR unknown-command {shown(word)}")
 
     async def _list(self, conn: Connection) -> None:
         with conn.busy():
@@ -293,7 +315,7 @@ class FilesService(Service):
                 opened = await trio.to_thread.run_sync(open_served, self.root, name)
             except Refused as exc:
                 conn.log.info("GET %r refused: %s", name, exc)
-                conn.write_line(f"ERR {exc.code} {name}")
+                conn.write_line(f"ERR {exc.code} {shown(name)}")
                 return True
             try:
                 if offset > opened.size:
@@ -302,7 +324,7 @@ class FilesService(Service):
                 digest = await self.digests.digest(opened.fd, opened.key)
                 if digest is None:
                     conn.log.warning("GET %r: file got shorter while hashing", name)
-                    conn.write_line(f"ERR not-found {name}")
+                    conn.write_line(f"ERR not-found {shown(name)}")
                     return True
                 conn.write_line(f"OK {opened.size} {digest}")
                 return await self._send(conn, opened, offset)
