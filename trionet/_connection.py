@@ -97,8 +97,6 @@ class Connection:
     Args:
       stream: the transport.
       max_line: the longest line accepted, in bytes, terminator excluded.
-      idle_timeout: seconds of waiting for input after which the connection's
-        cancel scope fires (only inside a server; ``None`` or 0: never).
       on_line_error: awaited with each :class:`LineTooLong` /
         :class:`BadEncoding` event; ``None`` makes :meth:`receive_line`
         raise :class:`LineError` instead (what a client usually wants).
@@ -132,7 +130,6 @@ class Connection:
         "end_reason",
         "eof_received",
         "id",
-        "idle_timeout",
         "max_line",
         "service",
         "stream",
@@ -143,7 +140,6 @@ class Connection:
         stream: trio.abc.Stream,
         *,
         max_line: int = DEFAULT_MAX_LINE,
-        idle_timeout: float | None = None,
         on_line_error: LineErrorHook | None = None,
         service: str = "",
         logger: logging.Logger | None = None,
@@ -154,7 +150,6 @@ class Connection:
         self.id = next(_ids) if conn_id is None else conn_id
         self.service = service
         self.max_line = max_line
-        self.idle_timeout = idle_timeout if idle_timeout else None
         self.bytes_in = 0
         self.bytes_out = 0
         #: Why the connection ended, when the handler knows (e.g. ``"quit"``).
@@ -353,29 +348,47 @@ class Connection:
     ) -> None:
         if sock.did_shutdown_SHUT_WR:
             raise trio.ClosedResourceError("can't send data after sending EOF")
-        _live_fd(sock)  # even an empty send on a closed connection is an error
-        await trio.lowlevel.checkpoint_if_cancelled()
-        yielded = False
-        with memoryview(data) as view:
-            total = len(view)
+        fd = _live_fd(sock)  # even an empty send on a closed connection is an error
+        if checkpoint:
+            # (Without it, the caller is about to wait, which is a
+            # cancellation point of its own.)
+            await trio.lowlevel.checkpoint_if_cancelled()
+        # The common case, a reply the kernel takes whole, costs one call.
+        try:
+            sent = os.write(fd, data) if data else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise translate_os_error(exc) from exc
+        self.bytes_out += sent
+        if sent < len(data):
+            await self._send_rest(sock, data, sent)
+        elif checkpoint:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _send_rest(
+        self, sock: trio.socket.SocketType, data: bytes | bytearray | memoryview, sent: int
+    ) -> None:
+        """Send ``data[sent:]``, waiting for room whenever the kernel has none."""
+        with memoryview(data) as whole:
+            view = whole[sent:]
             try:
                 while view:
+                    await self._wait_writable(sock)
                     try:
                         sent = os.write(_live_fd(sock), view)
                     except BlockingIOError:
-                        await self._wait_writable(sock)
-                        yielded = True
                         continue
                     except OSError as exc:
                         raise translate_os_error(exc) from exc
                     self.bytes_out += sent
                     view = view[sent:]
             except BaseException:
-                if len(view) < total:  # the peer holds part of it
+                if len(view) < len(whole):  # the peer holds part of it
                     self._send_interrupted = True
                 raise
-        if checkpoint and not yielded:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            finally:
+                view.release()
 
     async def _wait_writable(self, sock: trio.socket.SocketType) -> None:
         # A client that stops reading stalls our sends: that is the client
@@ -402,11 +415,17 @@ class Connection:
         self.bytes_out += len(data)
 
     async def _send(self, data: bytes | bytearray | memoryview, checkpoint: bool = True) -> None:
-        with self._send_guard():
+        # The send guard, inlined: this runs once per reply.
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is already sending on this connection")
+        self._send_busy = True
+        try:
             if self._sock is not None:
                 await self._send_fd(self._sock, data, checkpoint)
             else:
                 await self._send_stream(data)
+        finally:
+            self._send_busy = False
 
     # -- lines ----------------------------------------------------------------
 
@@ -562,11 +581,20 @@ class Connection:
             got += len(chunk)
         return b"".join(parts)
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Send raw bytes (after anything queued by :meth:`write_line`)."""
+    async def send_all(
+        self, data: bytes | bytearray | memoryview, *, checkpoint: bool = True
+    ) -> None:
+        """Send raw bytes (after anything queued by :meth:`write_line`).
+
+        Like every Trio send, this yields to the scheduler even when the
+        kernel took all the data at once. A loop that yields on its own
+        between sends anyway (a writer task waiting on its queue) may pass
+        ``checkpoint=False`` to skip that extra round trip; cancellation is
+        still checked before anything is sent.
+        """
         if self._out:
             await self._flush(checkpoint=False)
-        await self._send(data)
+        await self._send(data, checkpoint)
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until sending might not block (see Trio's documentation)."""

@@ -235,7 +235,6 @@ class Server:
         conn = Connection(
             stream,
             max_line=service.max_line,
-            idle_timeout=service.effective_idle_timeout,
             on_line_error=service.on_line_error,
             service=service.name,
         )
