@@ -448,6 +448,8 @@ class Connection:
                 # here loses nothing). A budget in time rather than in lines
                 # keeps cheap bursts together (chat's writer then sends a
                 # whole burst in one write) and still bounds costly ones.
+                # Replies already computed leave first.
+                await self._flush(checkpoint=False)
                 await trio.lowlevel.checkpoint()
                 self._ran_since = time.perf_counter()
             event = lines.next_event()
