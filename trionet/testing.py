@@ -172,15 +172,13 @@ class MemoryServer:
 
     async def connect(self, name: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
         """Connect a :class:`Client` to service ``name`` (optional with one service)."""
-        if name is None:
-            if len(self.listeners) != 1:
-                raise ValueError("several services are running: name one")
-            (name,) = self.listeners
-        return Client(await self.listeners[name].connect(), timeout=timeout)
+        return Client(await self.open_stream(name), timeout=timeout)
 
     async def open_stream(self, name: str | None = None) -> trio.abc.Stream:
         """Connect and return the raw client stream."""
         if name is None:
+            if len(self.listeners) != 1:
+                raise ValueError("several services are running: name one")
             (name,) = self.listeners
         return await self.listeners[name].connect()
 
