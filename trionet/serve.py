@@ -20,9 +20,9 @@ from typing import Any
 import trio
 
 from ._framing import DEFAULT_MAX_LINE
+from ._plugins import builtin_names, load_service
 from ._server import Server, serve
 from ._service import DEFAULT_MAX_CONNECTIONS, Service
-from .services import service_classes
 
 __all__ = ["build_parser", "main", "services_from_args"]
 
@@ -216,7 +216,7 @@ def _raise_fd_limit(services: Sequence[Service]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m trionet.serve`` and ``trionet-serve``."""
-    classes = service_classes()
+    classes = {name: load_service(name) for name in builtin_names()}
     parser = build_parser(classes)
     args = parser.parse_args(argv)
     services = services_from_args(args, classes, parser)

@@ -1,0 +1,238 @@
+"""Benchmark the chat service against two baselines, interleaved.
+
+100 clients in a room; 10 of them each send 200 messages with at most 16 of
+their own in flight. Measured per round and server: deliveries per second
+(messages received by all clients, over the time from the start to the last
+delivery) and p50/p99 delivery latency (the send time travels in the text).
+
+Servers, each in its own process, all speaking the same protocol subset:
+
+* trionet — ``python -m trionet.serve chat`` (flood control raised for the run),
+* naive   — scripts/chat_naive.py: Trio, one ``send_all`` per message,
+* twisted — scripts/chat_twisted.py: ``LineReceiver.sendLine`` per recipient
+  (Twisted is installed on demand into this interpreter's environment).
+
+The load comes from ``--load-procs`` processes of scripts/chat_load.py
+(raw sockets and epoll). To show the generator is not the bottleneck, each
+row reports the server's CPU use during the run (from /proc) next to the
+generators': a server near 100% of one core while the generators have CPU
+to spare is server-bound.
+
+Usage: python scripts/bench/chat.py [--rounds 5] [--clients 100] [--senders 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import importlib.util
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def ensure_twisted() -> None:
+    if importlib.util.find_spec("twisted") is None:
+        print("note: installing Twisted for the baseline (benchmark only)", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "twisted"], check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server on port {port} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"server on port {port} did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def start_servers(names: list[str]) -> dict[str, tuple[subprocess.Popen[bytes], int]]:
+    servers = {}
+    commands = {
+        "trionet": [
+            sys.executable, "-m", "trionet.serve", "chat", "--log-level", "WARNING",
+            "--rate", "1000000", "--burst", "1000000", "--port",
+        ],
+        "naive": [sys.executable, str(HERE / "chat_naive.py")],
+        "twisted": [sys.executable, str(HERE / "chat_twisted.py")],
+        "twisted-nd": [sys.executable, str(HERE / "chat_twisted.py"), "--nodelay"],
+    }  # fmt: skip
+    for name in names:
+        cmd = commands[name]
+        port = free_port()
+        proc = subprocess.Popen([*cmd, str(port)], cwd=ROOT, stdout=subprocess.DEVNULL)
+        servers[name] = (proc, port)
+    for proc, port in servers.values():
+        wait_listening(port, proc)
+    return servers
+
+
+def run_round(pid: int, port: int, a: argparse.Namespace, tmp: str) -> dict[str, float]:
+    per = a.clients // a.load_procs
+    senders_per = a.senders // a.load_procs
+    procs = []
+    for k in range(a.load_procs):
+        first = k * per
+        count = per if k < a.load_procs - 1 else a.clients - first
+        senders = [first + j for j in range(senders_per)]
+        if k == a.load_procs - 1:
+            senders = [first + j for j in range(a.senders - senders_per * k)]
+        cmd = [
+            sys.executable, str(HERE / "chat_load.py"), "--port", str(port),
+            "--first", str(first), "--count", str(count), "--all-senders", str(a.senders),
+            "--messages", str(a.messages), "--window", str(a.window),
+            "--latencies", f"{tmp}/lat{k}", "--senders", *map(str, senders),
+        ]  # fmt: skip
+        procs.append(
+            subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        )
+    for p in procs:
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit("a load process failed to join")
+    time.sleep(0.5)  # let the JOIN announcements settle
+    cpu0 = cpu_seconds(pid)
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = []
+    for p in procs:
+        assert p.stdout is not None
+        results.append(json.loads(p.stdout.readline()))
+        p.wait()
+    cpu = cpu_seconds(pid) - cpu0
+    lat = array.array("q")
+    for k in range(a.load_procs):
+        with open(f"{tmp}/lat{k}", "rb") as f:
+            lat.frombytes(f.read())
+    received = sum(r["received"] for r in results)
+    expected = sum(r["expected"] for r in results)
+    duration = (max(r["last_ns"] for r in results) - min(r["start_ns"] for r in results)) / 1e9
+    q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [0.0] * 99
+    time.sleep(0.3)  # let the disconnects settle before the next run
+    return {
+        "received": received,
+        "expected": expected,
+        "duration": duration,
+        "rate": received / duration,
+        "p50_ms": q[49] / 1e6,
+        "p99_ms": q[98] / 1e6,
+        "server_cpu": cpu / duration,
+        "load_cpu": max(r["cpu_s"] for r in results) / duration,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--rounds", type=int, default=5, help="rounds, interleaved (default: %(default)s)"
+    )
+    p.add_argument(
+        "--clients", type=int, default=100, help="clients in the room (default: %(default)s)"
+    )
+    p.add_argument(
+        "--senders", type=int, default=10, help="clients that send (default: %(default)s)"
+    )
+    p.add_argument(
+        "--messages", type=int, default=200, help="messages per sender (default: %(default)s)"
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=16,
+        help="own messages in flight per sender (default: %(default)s)",
+    )
+    p.add_argument(
+        "--load-procs", type=int, default=2, help="load generator processes (default: %(default)s)"
+    )
+    p.add_argument(
+        "--servers",
+        nargs="+",
+        choices=["trionet", "naive", "twisted", "twisted-nd"],
+        default=["trionet", "naive", "twisted"],
+        help="servers to compare (default: all three)",
+    )
+    a = p.parse_args()
+    if any(n.startswith("twisted") for n in a.servers):
+        ensure_twisted()
+    servers = start_servers(a.servers)
+    names = list(servers)
+    rows: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    print(
+        f"{a.clients} clients, {a.senders} senders x {a.messages} messages, window {a.window}, "
+        f"{a.load_procs} load processes, {os.cpu_count()} CPUs"
+    )
+    print(f"{'round':>5} {'server':<10} {'deliv/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'srv CPU':>7} {'gen CPU':>7} {'delivered':>15}")  # fmt: skip
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(a.rounds):
+                order = names[r % len(names) :] + names[: r % len(names)]
+                for name in order:
+                    proc, port = servers[name]
+                    if proc.poll() is not None:
+                        raise SystemExit(f"the {name} server died (exit {proc.returncode})")
+                    res = run_round(proc.pid, port, a, tmp)
+                    rows[name].append(res)
+                    print(
+                        f"{r + 1:>5} {name:<10} {res['rate']:>9.0f} {res['p50_ms']:>7.1f} "
+                        f"{res['p99_ms']:>7.1f} {res['server_cpu']:>6.0%} {res['load_cpu']:>6.0%} "
+                        f"{int(res['received']):>7}/{int(res['expected'])}",
+                        flush=True,
+                    )
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+        for proc, _ in servers.values():
+            proc.wait(10)
+    print("\nmedian over rounds:")
+    med = {
+        n: {k: statistics.median(row[k] for row in rows[n]) for k in ("rate", "p50_ms", "p99_ms")}
+        for n in names
+    }
+    for n in names:
+        m = med[n]
+        print(
+            f"  {n:<10} {m['rate']:>9.0f} deliveries/s  "
+            f"p50 {m['p50_ms']:.1f} ms  p99 {m['p99_ms']:.1f} ms"
+        )
+    complete = all(row["received"] == row["expected"] for rs in rows.values() for row in rs)
+    if not {"trionet", "twisted", "naive"} <= set(names):
+        return 0 if complete else 1
+    t, tw, nv = med["trionet"], med["twisted"], med["naive"]
+    print(f"  trionet / twisted: {t['rate'] / tw['rate']:.2f}x deliveries/s; "
+          f"twisted / naive: {tw['rate'] / nv['rate']:.2f}x")  # fmt: skip
+    ok = t["rate"] >= tw["rate"] and t["p99_ms"] <= tw["p99_ms"] and complete
+    print(f"  trionet >= 1.0x twisted with p99 no worse, all delivered: {'yes' if ok else 'NO'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Benchmark trionet's echo against the plain Trio tutorial echo server.
+
+Both servers run in their own processes; one load generator process (lean
+epoll code, so it is not the bottleneck) drives whichever is measured.
+Rounds are interleaved (the order alternates each round) so machine noise
+hits both sides alike, and medians plus the trionet/baseline ratio are
+printed:
+
+  (a) ping-pong: 100 connections, one 64-byte message in flight each;
+      round trips per second.
+  (b) streaming: one connection sending continuously while reading the
+      echo back; MB/s echoed.
+  (c) idle: 5,000 connections, each after one round trip; the server's RSS
+      growth per connection, in KiB.
+
+Usage: scripts/bench/echo.py [--rounds 5] [--seconds 3] [--idle 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import select
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MESSAGE = b"m" * 64
+
+
+def raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# -- the baseline: Trio's tutorial echo server --------------------------------------------------
+
+
+def baseline_server() -> None:
+    import trio
+
+    async def echo(stream: trio.SocketStream) -> None:
+        try:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, echo, 0)
+            port = listeners[0].socket.getsockname()[1]
+            print(f"baseline listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+
+    trio.run(main)
+
+
+# -- load generators (run in their own process) -------------------------------------------------
+
+
+def gen_pingpong(port: int, seconds: float, conns: int = 100) -> dict[str, float]:
+    socks = []
+    for _ in range(conns):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setblocking(False)
+        socks.append(s)
+    by_fd = {s.fileno(): s for s in socks}
+    pending = dict.fromkeys(by_fd, 0)
+    ep = select.epoll()
+    for fd, s in by_fd.items():
+        ep.register(fd, select.EPOLLIN)
+        s.send(MESSAGE)
+        pending[fd] = len(MESSAGE)
+    count = 0
+    warm_until = time.monotonic() + 0.5
+    end = warm_until + seconds
+    counting = False
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        if not counting and now >= warm_until:
+            counting, count = True, 0
+        for fd, _ in ep.poll(0.2):
+            s = by_fd[fd]
+            data = s.recv(4096)
+            if not data:
+                raise SystemExit("server closed")
+            pending[fd] -= len(data)
+            if pending[fd] == 0:
+                count += 1
+                s.send(MESSAGE)
+                pending[fd] = len(MESSAGE)
+    for s in socks:
+        s.close()
+    return {"value": count / seconds}
+
+
+def gen_stream(port: int, seconds: float) -> dict[str, float]:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setblocking(False)
+    chunk = os.urandom(256 * 1024)
+    view = memoryview(chunk)
+    ep = select.epoll()
+    ep.register(s.fileno(), select.EPOLLIN | select.EPOLLOUT)
+    received = 0
+    offset = 0
+    warm_until = time.monotonic() + 0.5
+    end = warm_until + seconds
+    counting = False
+    while time.monotonic() < end:
+        if not counting and time.monotonic() >= warm_until:
+            counting, received = True, 0
+        for _, ev in ep.poll(0.2):
+            if ev & select.EPOLLIN:
+                received += len(s.recv(1 << 20))
+            if ev & select.EPOLLOUT:
+                with contextlib.suppress(BlockingIOError):
+                    offset = (offset + s.send(view[offset:])) % len(chunk)
+    s.close()
+    return {"value": received / seconds / 1e6}
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def gen_idle(port: int, pid: int, conns: int) -> dict[str, float]:
+    raise_fd_limit()
+    before = rss_kib(pid)
+    socks = []
+    for _ in range(conns):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"x")
+        socks.append(s)
+    # One round trip each: proves every connection was accepted and its
+    # handler ran, then everything is idle.
+    for s in socks:
+        s.settimeout(10)
+        if s.recv(1) != b"x":
+            raise SystemExit("bad echo")
+    time.sleep(0.5)
+    after = rss_kib(pid)
+    for s in socks:
+        s.close()
+    return {"value": (after - before) / conns}
+
+
+# -- orchestration ------------------------------------------------------------------------------
+
+
+class ServerProcess:
+    def __init__(self, kind: str) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{kind}-", suffix=".log")  # noqa: SIM115
+        if kind == "trionet":
+            args = [
+                "-m",
+                "trionet.serve",
+                "echo",
+                "--port",
+                "0",
+                "--max-connections",
+                "20000",
+            ]
+        else:
+            args = [__file__, "_baseline"]
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            stderr=self.log,
+            stdout=subprocess.DEVNULL,
+            preexec_fn=raise_fd_limit,
+        )
+        self.port = self._wait_port()
+
+    def _wait_port(self) -> int:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            text = Path(self.log.name).read_text()
+            for line in text.splitlines():
+                if "listening on" in line:
+                    return int(line.rsplit(":", 1)[1])
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not start: {Path(self.log.name).read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def measure(kind: str, test: str, seconds: float, idle: int) -> float:
+    server = ServerProcess(kind)
+    try:
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "_gen",
+                test,
+                str(server.port),
+                str(seconds),
+                str(server.proc.pid),
+                str(idle),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds * 4 + 120,
+            preexec_fn=raise_fd_limit,
+            check=True,
+        )
+        return float(json.loads(out.stdout)["value"])
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--idle", type=int, default=5000, help="connections for (c)")
+    args = parser.parse_args()
+
+    tests = {
+        "a": ("pingpong", "round trips/s", "higher"),
+        "b": ("stream", "MB/s", "higher"),
+        "c": ("idle", "KiB RSS per idle connection", "lower"),
+    }
+    results: dict[tuple[str, str], list[float]] = {}
+    for r in range(args.rounds):
+        order = ["trionet", "baseline"] if r % 2 == 0 else ["baseline", "trionet"]
+        for key, (test, unit, _) in tests.items():
+            for kind in order:
+                value = measure(kind, test, args.seconds, args.idle)
+                results.setdefault((key, kind), []).append(value)
+                print(f"round {r + 1} ({key}) {test:8} {kind:8} {value:12.1f} {unit}", flush=True)
+
+    print(
+        f"\nmedians over {args.rounds} interleaved rounds (python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} cores):"
+    )
+    for key, (test, unit, better) in tests.items():
+        t = statistics.median(results[key, "trionet"])
+        b = statistics.median(results[key, "baseline"])
+        print(
+            f"  ({key}) {test:8} trionet {t:10.1f}  baseline {b:10.1f}  {unit:28} "
+            f"ratio trionet/baseline {t / b:.2f} ({better} is better)"
+        )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_baseline":
+        baseline_server()
+    elif len(sys.argv) > 1 and sys.argv[1] == "_gen":
+        _, _, test, port, seconds, pid, idle = sys.argv
+        if test == "pingpong":
+            result = gen_pingpong(int(port), float(seconds))
+        elif test == "stream":
+            result = gen_stream(int(port), float(seconds))
+        else:
+            result = gen_idle(int(port), int(pid), int(idle))
+        print(json.dumps(result))
+    else:
+        main()

@@ -1,0 +1,191 @@
+"""chat: a line-based chat room (port 7003).
+
+The handler only maps lines to room operations (:mod:`.room`); the
+rules live in pure modules (:mod:`.text`, :mod:`.flood`).
+
+Each connection runs two tasks under one nursery:
+
+* the reader (the handler itself) parses lines and calls the room, which
+  queues lines for members with ``send_nowait`` and never waits;
+* the writer (:meth:`ChannelMember.pump`) is the only task that sends on
+  the socket. It drains everything queued and sends it in one write
+  (``send_all``; on plain TCP the connection writes to the descriptor itself).
+
+Because only the writer sends, replies to the client itself (``OK``,
+``WHO``, every ``ERR``, the framing errors of :meth:`ChatService.on_line_error`
+included) go through the member's queue too: a second task calling
+``send_all`` while the writer is sending would raise ``BusyResourceError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from typing import Any, ClassVar, Final, Self
+
+import attrs
+import trio
+
+from ..._connection import Connection
+from ..._framing import BadEncoding, LineTooLong
+from ..._service import Service
+from .flood import TokenBucket
+from .room import ChannelMember, ChatError, Room
+from .text import Me, Message, Nick, Private, Quit, Unknown, Who, parse_line, sanitize
+
+__all__ = ["WELCOME", "ChatService"]
+
+WELCOME: Final = "WELCOME trionet chat — send /nick <name> to join"
+DEFAULT_RATE: Final = 5.0
+DEFAULT_BURST: Final = 10.0
+DEFAULT_SENDQ: Final = 1 << 20
+#: After ``/quit`` or EOF, how long the writer may take to send what is queued
+#: (``BYE``, the last replies) before the connection is closed anyway.
+DRAIN_TIMEOUT: Final = 5.0
+#: What a transport raises when the peer is gone.
+_GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+
+
+@attrs.define(kw_only=True, eq=False)
+class ChatService(Service):
+    """One chat room with flood control and slow-consumer eviction."""
+
+    name: ClassVar[str] = "chat"
+    default_port: ClassVar[int] = 7003
+    line_based: ClassVar[bool] = True
+    default_idle_timeout: ClassVar[float] = 3600.0
+    summary: ClassVar[str] = "a chat room: /nick, messages, /me, /msg, /who, /quit"
+
+    #: Lines per second refilled into each client's bucket (0: no limit).
+    rate: float = attrs.field(default=DEFAULT_RATE, validator=attrs.validators.ge(0))
+    #: Lines a client may send at once.
+    burst: float = attrs.field(default=DEFAULT_BURST, validator=attrs.validators.ge(1))
+    #: Bytes of pending output per client before it is evicted.
+    sendq: int = attrs.field(default=DEFAULT_SENDQ, validator=attrs.validators.ge(1))
+    room: Room = attrs.field(factory=Room)
+    _members: dict[Connection, ChannelMember] = attrs.field(factory=dict, init=False)
+
+    async def handle(self, conn: Connection) -> None:
+        """Serve one client: a reader (this task) and a writer, under one nursery."""
+        member = ChannelMember(self.sendq)
+        self._members[conn] = member
+        try:
+            async with trio.open_nursery() as nursery:
+                member.on_evict = nursery.cancel_scope.cancel
+                nursery.start_soon(self._write, conn, member, nursery.cancel_scope)
+                self.room.reply(member, WELCOME)
+                try:
+                    await self._read(conn, member)
+                except _GONE:
+                    # A reset is a drop like EOF. Caught here, in the task
+                    # where it happens, so it cannot reach the runner mixed
+                    # with a Cancelled in one exception group; the writer has
+                    # nobody left to write to.
+                    conn.end_reason = "reset"
+                    nursery.cancel_scope.cancel()
+                    return
+                # /quit or EOF: leave now, then let the writer send what is
+                # queued (BYE, last replies), within a bound.
+                self.room.leave(member, "")
+                member.close()
+                nursery.cancel_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
+        finally:
+            # Runs under cancellation too (idle timeout, shutdown, reset):
+            # leave() is synchronous, so the others always get the LEAVE.
+            self.room.leave(member, "")
+            member.close()
+            del self._members[conn]
+            if member.evicted:
+                conn.end_reason = "slow-consumer"
+                conn.log.info("evicted: over %d bytes of pending output", self.sendq)
+
+    @staticmethod
+    async def _write(conn: Connection, member: ChannelMember, scope: trio.CancelScope) -> None:
+        """The writer task; a broken connection ends the whole session quietly."""
+        try:
+            # The writer yields each time it takes from its channel, so its
+            # sends skip Trio's extra yield after a send the kernel took at
+            # once: one scheduler round trip per burst instead of two.
+            await member.pump(functools.partial(conn.send_all, checkpoint=False))
+        except _GONE:
+            conn.end_reason = "reset"
+            scope.cancel()
+
+    async def _read(self, conn: Connection, member: ChannelMember) -> None:
+        """Map each line to a room operation until ``/quit`` or end of input."""
+        room = self.room
+        bucket = TokenBucket(self.rate, self.burst, trio.current_time())
+        while (line := await conn.receive_line()) is not None:
+            cmd = parse_line(line)
+            if cmd is None:
+                continue
+            if isinstance(cmd, Quit):
+                # /quit is never rate-limited: leaving must always work.
+                room.leave(member, cmd.reason)
+                room.reply(member, "BYE")
+                conn.end_reason = "quit"
+                return
+            if not bucket.take(trio.current_time()):
+                room.reply(member, "ERR rate-limited")
+                continue
+            joined = member in room
+            try:
+                match cmd:
+                    case Message(text):
+                        room.say(member, text)
+                    case Me(text):
+                        room.act(member, text)
+                    case Private(target, text):
+                        room.whisper(member, target, text)
+                    case Nick(name):
+                        room.set_nick(member, name)
+                        if not joined:
+                            # A fresh bucket on joining: lines spent getting a
+                            # nick do not eat into the burst for the room.
+                            bucket = TokenBucket(self.rate, self.burst, trio.current_time())
+                    case Who():
+                        room.who(member)
+                    case Unknown(word):
+                        word = sanitize(word)
+                        raise ChatError("unknown-command", word)
+            except ChatError as err:
+                room.reply(member, err.line)
+
+    async def on_line_error(self, conn: Connection, event: LineTooLong | BadEncoding) -> None:
+        """Queue the ``ERR`` line for the writer instead of sending it here."""
+        member = self._members.get(conn)
+        if member is not None:
+            self.room.reply(member, event.reply)
+        await trio.lowlevel.checkpoint()
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        """Add ``--rate``, ``--burst`` and ``--sendq``."""
+        group.add_argument(
+            "--rate",
+            type=float,
+            default=DEFAULT_RATE,
+            metavar="LINES",
+            help="flood control: lines per second refilled per client; a line over "
+            "the rate gets 'ERR rate-limited'; 0 turns it off (default: %(default)s)",
+        )
+        group.add_argument(
+            "--burst",
+            type=float,
+            default=DEFAULT_BURST,
+            metavar="LINES",
+            help="flood control: lines a client may send at once (default: %(default)s)",
+        )
+        group.add_argument(
+            "--sendq",
+            type=int,
+            default=DEFAULT_SENDQ,
+            metavar="BYTES",
+            help="output the server holds for one client before it is disconnected "
+            "as a slow consumer (default: %(default)s)",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **common: Any) -> Self:
+        """Build the service from ``trionet.serve``'s parsed options."""
+        return cls(rate=args.rate, burst=args.burst, sendq=args.sendq, **common)
