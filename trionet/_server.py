@@ -108,7 +108,16 @@ class Server:
         given = self._given_listeners.get(service.name)
         if given is not None:
             return list(given)
-        return list(await trio.open_tcp_listeners(service.effective_port, host=self.host))
+        listeners: list[trio.abc.Listener[Any]] = list(
+            await trio.open_tcp_listeners(service.effective_port, host=self.host)
+        )
+        try:
+            listeners += await service.open_extra_listeners(self.host)
+        except BaseException:
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        return listeners
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`shutdown` completes.
@@ -128,11 +137,13 @@ class Server:
             raise
         for service, listener in opened:
             sock = getattr(listener, "socket", None)
+            # An extra listener (chat's web page) names itself: "chat web".
+            label = " ".join(filter(None, [service.name, getattr(listener, "label", None)]))
             if sock is not None:
                 host, port = sock.getsockname()[:2]
-                self.addresses.setdefault(service.name, []).append((host, port))
+                self.addresses.setdefault(label, []).append((host, port))
                 shown = f"[{host}]" if ":" in host else host
-                log.info("%s listening on %s:%d", service.name, shown, port)
+                log.info("%s listening on %s:%d", label, shown, port)
             else:
                 self.addresses.setdefault(service.name, [])
                 log.info("%s listening on %r", service.name, listener)

@@ -20,6 +20,7 @@ import argparse
 from typing import Any, ClassVar, Self
 
 import attrs
+import trio
 
 from ._connection import Connection
 from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineTooLong
@@ -90,6 +91,16 @@ class Service:
     async def handle(self, conn: Connection) -> None:
         """Serve one connection; return (or raise) to end it."""
         raise NotImplementedError
+
+    async def open_extra_listeners(self, host: str) -> list[trio.abc.Listener[Any]]:
+        """Listeners this service needs besides its TCP port (default: none).
+
+        Their connections are served by :meth:`handle` exactly like TCP ones
+        (limits, timeouts, shutdown). A listener may carry a ``label``
+        attribute (e.g. ``"web"``): its address is then logged and reported
+        as ``"<name> <label>"``. Chat's browser page uses this.
+        """
+        return []
 
     async def on_line_error(self, conn: Connection, event: LineTooLong | BadEncoding) -> None:
         """Answer a framing error; the default sends PROTOCOL.md's ``ERR`` line.
