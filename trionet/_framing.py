@@ -98,6 +98,11 @@ class LineBuffer:
         return len(self._buf)
 
     @property
+    def partial(self) -> bool:
+        """True while a line has begun but not ended (its tail may be being discarded)."""
+        return bool(self._buf) or self._discarding
+
+    @property
     def at_eof(self) -> bool:
         """True once :meth:`feed_eof` was called and every event was taken."""
         return self._eof and not self._buf

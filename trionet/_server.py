@@ -3,18 +3,18 @@
 Structure (Hypercorn's trio worker uses the same shape)::
 
     connection nursery            <- every connection's task lives here
-        accept nursery            <- one accept loop per listener
+        accept nursery            <- one accept loop per listener, one reaper per service
             ... until shutdown() ...
         (accept nursery cancelled: listeners closed at once)
         idle connections cancelled, busy ones given `grace` seconds
         remaining connections cancelled; each says "BYE shutdown"
 
-Each connection runs inside its own cancel scope (``conn.cancel_scope``):
-the idle timeout is that scope's deadline, and shutdown cancels it. When
-the scope fires, the handler unwinds cleanly (nurseries inside it included)
-and the runner, not the handler, sends the ``BYE`` line and closes the
-stream. A handler that raises is logged with its traceback and only its own
-connection ends.
+Each connection runs inside its own cancel scope: the idle and line
+timeouts cancel it (one reaper task per service watches every connection's
+waits), and so does shutdown. When the scope fires, the handler unwinds
+cleanly (nurseries inside it included) and the runner, not the handler,
+sends the ``BYE`` line and closes the stream. A handler that raises is
+logged with its traceback and only its own connection ends.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,7 +31,7 @@ import trio
 from ._connection import Connection, format_peer
 from ._service import Service
 
-__all__ = ["Server", "serve"]
+__all__ = ["Server", "StartupError", "serve"]
 
 log = logging.getLogger("trionet")
 access_log = logging.getLogger("trionet.access")
@@ -43,6 +44,26 @@ _ACCEPT_RETRY_SLEEP = 0.1
 _GOODBYE_TIMEOUT = 1.0
 
 
+class StartupError(OSError):
+    """A service could not start: its message names the service and the address.
+
+    ``cannot start chat on 127.0.0.1:7003: address already in use``
+    """
+
+    def __init__(self, service: str, host: str, port: int, reason: str) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        super().__init__(f"cannot start {service} on {shown}:{port}: {reason}")
+        self.service = service
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _reason(exc: OSError) -> str:
+    text = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+    return text[:1].lower() + text[1:]
+
+
 def _is_disconnect(exc: BaseException) -> bool:
     """True if ``exc`` only says the peer went away (not a handler bug)."""
     if isinstance(exc, BaseExceptionGroup):
@@ -50,16 +71,59 @@ def _is_disconnect(exc: BaseException) -> bool:
     return isinstance(exc, trio.BrokenResourceError | ConnectionError)
 
 
+def _address_key(peer: str) -> str | None:
+    """The IP part of ``host:port`` (``None`` for memory and unix streams)."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else None
+
+
+class _AcceptErrors:
+    """Logs accept() running out of descriptors once per episode, with a count.
+
+    With the process at its open-file limit every accept fails at once; a
+    line per failure would flood the log ten times a second for as long as
+    the clients stay. The first failure is logged, the rest are counted,
+    and the first successful accept closes the episode with a summary.
+    """
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.failures = 0
+        self.started = 0.0
+
+    def failed(self, exc: OSError) -> None:
+        if not self.failures:
+            self.started = trio.current_time()
+            log.error(
+                "%s: accept failed (%s: %s); retrying every %.1fs until descriptors free up",
+                self.service,
+                errno.errorcode.get(exc.errno or 0, exc.errno),
+                _reason(exc),
+                _ACCEPT_RETRY_SLEEP,
+            )
+        self.failures += 1
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.warning(
+                "%s: accepting again after %d failed accept(s) over %.1fs",
+                self.service,
+                self.failures,
+                trio.current_time() - self.started,
+            )
+            self.failures = 0
+
+
 class Server:
     """Runs one or more services, each on its own listeners, under one nursery.
 
     Args:
       services: the services to run.
-      host: address to bind TCP listeners to.
+      host: address to bind TCP listeners to (a service's own ``host`` wins).
       grace: seconds busy connections may finish their work on shutdown.
       listeners: optional ready-made listeners per service name (for
         instance :class:`trionet.testing.MemoryListener`); services with
-        none get TCP listeners on ``host`` and their port.
+        none get TCP listeners on their host and port.
 
     Use :meth:`run` with ``nursery.start`` (it returns :attr:`addresses`)
     and :meth:`shutdown` to stop gracefully.
@@ -87,6 +151,7 @@ class Server:
         self._connections: set[Connection] = set()
         self._by_service: dict[str, set[Connection]] = {s.name: set() for s in services}
         self._active: dict[str, int] = {s.name: 0 for s in services}
+        self._per_address: dict[str, dict[str, int]] = {s.name: {} for s in services}
         self._shutdown = trio.Event()
         self._all_closed = trio.Event()
 
@@ -108,11 +173,15 @@ class Server:
         given = self._given_listeners.get(service.name)
         if given is not None:
             return list(given)
-        listeners: list[trio.abc.Listener[Any]] = list(
-            await trio.open_tcp_listeners(service.effective_port, host=self.host)
-        )
+        host = service.host or self.host
         try:
-            listeners += await service.open_extra_listeners(self.host)
+            listeners: list[trio.abc.Listener[Any]] = list(
+                await trio.open_tcp_listeners(service.effective_port, host=host)
+            )
+        except OSError as exc:
+            raise StartupError(service.name, host, service.effective_port, _reason(exc)) from exc
+        try:
+            listeners += await service.open_extra_listeners(host)
         except BaseException:
             for listener in listeners:
                 await listener.aclose()
@@ -124,7 +193,8 @@ class Server:
 
         With ``await nursery.start(server.run)`` the result is
         :attr:`addresses` (name → list of bound ``(host, port)``), so port 0
-        can be used and the real port read back.
+        can be used and the real port read back. A listener that cannot be
+        opened raises :exc:`StartupError` before anything is served.
         """
         opened: list[tuple[Service, trio.abc.Listener[Any]]] = []
         try:
@@ -145,8 +215,8 @@ class Server:
                 shown = f"[{host}]" if ":" in host else host
                 log.info("%s listening on %s:%d", label, shown, port)
             else:
-                self.addresses.setdefault(service.name, [])
-                log.info("%s listening on %r", service.name, listener)
+                self.addresses.setdefault(label, [])
+                log.info("%s listening on %r", label, listener)
 
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accepting:
@@ -155,7 +225,7 @@ class Server:
                 for service in self.services:
                     # Like the accept loops, reapers stop when shutdown begins:
                     # from then on every waiting connection is ended anyway.
-                    accepting.start_soon(self._reap_idle, service)
+                    accepting.start_soon(self._reap, service)
                 task_status.started(self.addresses)
                 await self._shutdown.wait()
                 log.info(
@@ -164,38 +234,47 @@ class Server:
                 accepting.cancel_scope.cancel()
             await self._drain()
 
-    async def _reap_idle(self, service: Service) -> None:
-        """End ``service``'s connections that have waited on their client too long.
+    async def _reap(self, service: Service) -> None:
+        """End ``service``'s connections whose wait or line has lasted too long.
 
         One task per service instead of a deadline per connection: waits
         stay as cheap as a float store, and idle connections cost no timer
         memory. It wakes at the next due expiry, but at most once per
-        1/1000 of the timeout, so a scan over many connections stays rare.
+        1/1000 of the shorter timeout, so a scan over many connections
+        stays rare.
         """
         idle = service.effective_idle_timeout
-        if idle is None:
+        line = service.effective_line_timeout
+        if idle is None and line is None:
             return
+        idle_after = idle if idle is not None else float("inf")
+        line_after = line if line is not None else float("inf")
         mine = self._by_service[service.name]
-        granularity = idle / 1000
+        granularity = min(idle_after, line_after) / 1000
         while True:
             now = trio.current_time()
-            next_due = now + idle
+            next_due = now + min(idle_after, line_after)
             for conn in mine:
-                due = conn.wait_since + idle
+                due = conn._idle_since() + idle_after
                 if due <= now:
-                    conn.expire()
-                elif due < next_due:
-                    next_due = due
+                    conn._expire("idle-timeout")
+                    continue
+                next_due = min(next_due, due)
+                due = conn._line_since + line_after
+                if due <= now:
+                    conn._expire("line-timeout")
+                else:
+                    next_due = min(next_due, due)
             await trio.sleep_until(max(next_due, now + granularity))
 
     async def _drain(self) -> None:
         for conn in list(self._connections):
-            conn.request_shutdown()
+            conn._request_shutdown()
         if self._connections:
             with trio.move_on_after(self.grace):
                 await self._all_closed.wait()
         for conn in list(self._connections):
-            conn.cancel_scope.cancel()
+            conn._scope.cancel()
 
     async def _accept_loop(
         self,
@@ -203,29 +282,38 @@ class Server:
         listener: trio.abc.Listener[Any],
         connections: trio.Nursery,
     ) -> None:
+        errors = _AcceptErrors(service.name)
+        per_address = self._per_address[service.name]
         async with listener:
             while True:
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
                     if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
-                        log.error(
-                            "%s: accept failed (%s); retrying in %.1fs",
-                            service.name,
-                            errno.errorcode.get(exc.errno or 0, exc.errno),
-                            _ACCEPT_RETRY_SLEEP,
-                        )
+                        errors.failed(exc)
                         await trio.sleep(_ACCEPT_RETRY_SLEEP)
                         continue
                     raise
+                errors.succeeded()
+                peer = format_peer(stream)
+                key = _address_key(peer)
                 if self._active[service.name] >= service.max_connections:
-                    connections.start_soon(self._turn_away, service, stream)
+                    connections.start_soon(self._turn_away, service, stream, peer, "server full")
+                elif key is not None and per_address.get(key, 0) >= (
+                    service.effective_max_per_address
+                ):
+                    connections.start_soon(
+                        self._turn_away, service, stream, peer, f"address limit for {key}"
+                    )
                 else:
                     self._active[service.name] += 1
-                    connections.start_soon(self._run_connection, service, stream)
+                    if key is not None:
+                        per_address[key] = per_address.get(key, 0) + 1
+                    connections.start_soon(self._run_connection, service, stream, peer, key)
 
-    async def _turn_away(self, service: Service, stream: trio.abc.Stream) -> None:
-        peer = format_peer(stream)
+    async def _turn_away(
+        self, service: Service, stream: trio.abc.Stream, peer: str, why: str
+    ) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT):
             try:
                 if service.line_based:
@@ -235,28 +323,33 @@ class Server:
             finally:
                 await trio.aclose_forcefully(stream)
         access_log.info(
-            "%s %s turned away: %d/%d connections in use",
+            "%s %s turned away (%s): %d/%d connections in use",
             service.name,
             peer,
+            why,
             self._active[service.name],
             service.max_connections,
         )
 
-    async def _run_connection(self, service: Service, stream: trio.abc.Stream) -> None:
+    async def _run_connection(
+        self, service: Service, stream: trio.abc.Stream, peer: str, key: str | None
+    ) -> None:
         conn = Connection(
             stream,
             max_line=service.max_line,
             on_line_error=service.on_line_error,
+            quit_command=service.quit_command if service.line_based else None,
+            on_quit=service.on_quit,
             service=service.name,
         )
-        conn.peer  # noqa: B018 - read the address now, while the socket is connected
+        conn._peer = peer
         self._connections.add(conn)
         self._by_service[service.name].add(conn)
         started = trio.current_time()
         end = "closed"
         try:
             try:
-                with conn.cancel_scope:
+                with conn._scope:
                     await service.handle(conn)
             except Exception as exc:
                 end = self._classify_failure(conn, exc)
@@ -274,17 +367,17 @@ class Server:
                 if cancelled is not None:
                     raise cancelled from None
             else:
-                if conn.cancel_scope.cancelled_caught:
-                    end = "shutdown" if conn.shutting_down else "idle-timeout"
+                if conn._scope.cancelled_caught:
+                    end = conn._expired or "shutdown"
                 else:
                     end = conn.end_reason or ("eof" if conn.eof_received else "closed")
                     await self._say_goodbye(conn, None)  # replies still queued
             # No goodbye after a send cut short: the client would read
             # "BYE" glued to half a line or into a file's bytes.
             if (
-                end in ("shutdown", "idle-timeout")
+                end in ("shutdown", "idle-timeout", "line-timeout")
                 and service.line_based
-                and not conn.send_interrupted
+                and not conn._send_interrupted
             ):
                 await self._say_goodbye(conn, f"BYE {end}")
         finally:
@@ -293,6 +386,11 @@ class Server:
             self._connections.discard(conn)
             self._by_service[service.name].discard(conn)
             self._active[service.name] -= 1
+            if key is not None:
+                per_address = self._per_address[service.name]
+                per_address[key] -= 1
+                if not per_address[key]:
+                    del per_address[key]
             if not self._connections and self._shutdown.is_set():
                 self._all_closed.set()
             access_log.info(
@@ -337,7 +435,8 @@ async def serve(
     ``await nursery.start(serve, [EchoService(port=0)])`` returns the bound
     addresses per service name. Cancelling the surrounding scope stops
     everything at once; for a graceful stop use :class:`Server` directly and
-    call its :meth:`~Server.shutdown`.
+    call its :meth:`~Server.shutdown`. To run services as a program (logging,
+    signals, command-line options) use :func:`trionet.run`.
     """
     server = Server(services, host=host, grace=grace)
     await server.run(task_status=task_status)

@@ -25,9 +25,13 @@ import trio
 from ._connection import Connection
 from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineTooLong
 
-__all__ = ["DEFAULT_MAX_CONNECTIONS", "Service"]
+__all__ = ["DEFAULT_LINE_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "Service"]
 
 DEFAULT_MAX_CONNECTIONS = 1000
+#: Seconds a line may take from its first byte to its end. Real clients send
+#: a line in one go (terminals and netcat send it on Enter); only a slowloris
+#: attacker, or a person typing in a raw character-mode telnet, comes near.
+DEFAULT_LINE_TIMEOUT = 60.0
 
 
 def _positive(inst: Any, attr: attrs.Attribute[int], value: int) -> None:
@@ -38,6 +42,16 @@ def _positive(inst: Any, attr: attrs.Attribute[int], value: int) -> None:
 def _port(inst: Any, attr: attrs.Attribute[int | None], value: int | None) -> None:
     if value is not None and not 0 <= value <= 65535:
         raise ValueError(f"port must be 0..65535, got {value}")
+
+
+def _optional_positive(inst: Any, attr: attrs.Attribute[int | None], value: int | None) -> None:
+    if value is not None:
+        _positive(inst, attr, value)  # type: ignore[arg-type]
+
+
+def _non_negative(inst: Any, attr: attrs.Attribute[float], value: float) -> None:
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{attr.name} must be >= 0 (0 turns it off), got {value}")
 
 
 def _timeout(inst: Any, attr: attrs.Attribute[float | None], value: float | None) -> None:
@@ -54,28 +68,43 @@ class Service:
       default_port: the port it listens on unless told otherwise.
       line_based: ``True`` for line protocols. The runner then says
         ``BYE busy`` / ``BYE idle-timeout`` / ``BYE shutdown`` before it
-        closes a connection; raw-byte services (echo) are closed silently.
+        closes a connection, and answers :attr:`quit_command`; raw-byte
+        services (echo) are closed silently.
+      quit_command: the line (first word, any case) that ends a session:
+        the connection answers it through :meth:`on_quit` (``BYE``) and
+        ends the input, so ``async for line in conn`` simply stops.
+        ``None`` turns it off.
       default_idle_timeout: seconds, used when ``idle_timeout`` is ``None``.
 
     Options common to all services (instance attributes):
+      host: address to listen on; ``None`` for the server's.
       port: ``None`` for ``default_port``; 0 picks a free port.
       max_line: the longest line accepted, in bytes.
       idle_timeout: seconds without input before the client is dropped;
         ``None`` for the service default, 0 to turn it off.
+      line_timeout: seconds a line may take from its first byte to its LF
+        (a client trickling bytes never goes idle); 0 turns it off.
       max_connections: clients served at once; more are turned away.
+      max_per_address: clients served at once from one IP address; ``None``
+        for half of ``max_connections`` (room for hundreds of clients
+        behind one NAT, while no single address can take every slot).
     """
 
     name: ClassVar[str] = "service"
     default_port: ClassVar[int] = 0
     line_based: ClassVar[bool] = True
+    quit_command: ClassVar[str | None] = "QUIT"
     default_idle_timeout: ClassVar[float] = 300.0
     #: One line for ``--help`` and the README's table.
     summary: ClassVar[str] = ""
 
+    host: str | None = None
     port: int | None = attrs.field(default=None, validator=_port)
     max_line: int = attrs.field(default=DEFAULT_MAX_LINE, validator=_positive)
     idle_timeout: float | None = attrs.field(default=None, validator=_timeout)
+    line_timeout: float = attrs.field(default=DEFAULT_LINE_TIMEOUT, validator=_non_negative)
     max_connections: int = attrs.field(default=DEFAULT_MAX_CONNECTIONS, validator=_positive)
+    max_per_address: int | None = attrs.field(default=None, validator=_optional_positive)
 
     @property
     def effective_port(self) -> int:
@@ -88,9 +117,29 @@ class Service:
         t = self.default_idle_timeout if self.idle_timeout is None else self.idle_timeout
         return t or None
 
+    @property
+    def effective_line_timeout(self) -> float | None:
+        """Line timeout in seconds, or ``None`` when switched off (or not a line service)."""
+        return (self.line_timeout or None) if self.line_based else None
+
+    @property
+    def effective_max_per_address(self) -> int:
+        """Clients allowed at once from one address."""
+        if self.max_per_address is not None:
+            return self.max_per_address
+        return max(1, self.max_connections // 2)
+
     async def handle(self, conn: Connection) -> None:
         """Serve one connection; return (or raise) to end it."""
         raise NotImplementedError
+
+    async def on_quit(self, conn: Connection, reason: str) -> None:
+        """Answer :attr:`quit_command` (``reason`` is the rest of its line).
+
+        The default sends ``BYE``. Override to do more (chat announces the
+        member's departure with the reason) or to answer differently.
+        """
+        await conn.send_line("BYE")
 
     async def open_extra_listeners(self, host: str) -> list[trio.abc.Listener[Any]]:
         """Listeners this service needs besides its TCP port (default: none).

@@ -7,9 +7,9 @@ the scripted client's timeout, so a regression fails instead of hanging.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import ClassVar
 
 import attrs
@@ -17,6 +17,7 @@ import pytest
 import trio
 import trio.testing
 
+import trionet
 from trionet import Connection, Server, Service
 from trionet.services.echo.server import EchoService
 from trionet.testing import MemoryListener, open_memory_server
@@ -221,10 +222,7 @@ async def test_trionet_serve_stays_callable_after_importing_the_cli_module() -> 
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("marked", [True, False])
-async def test_no_bye_after_a_payload_cut_short(
-    autojump_clock: trio.testing.MockClock, marked: bool
-) -> None:
+async def test_no_bye_after_a_payload_cut_short(autojump_clock: trio.testing.MockClock) -> None:
     """Past the grace, a half-sent payload ends in a silent close, not 'BYE' glued to it."""
 
     @attrs.define(kw_only=True, eq=False)
@@ -233,22 +231,70 @@ async def test_no_bye_after_a_payload_cut_short(
 
         async def handle(self, conn: Connection) -> None:
             async for _line in conn:
-                with conn.payload() if marked else contextlib.nullcontext():
-                    for _ in range(100):
-                        await conn.send_all(b"x" * 1000)
-                        await trio.sleep(0.7)  # not in step with the grace deadline
+                await conn.send_all(b"x" * (3 << 20))
 
-    async with open_memory_server(Blob(), grace=5.0) as server:
+    # Lockstep streams: a send waits until the client reads, and this client
+    # reads nothing until the grace period is over.
+    async with open_memory_server(Blob(), grace=5.0, lockstep=True) as server:
+        client = await server.connect(timeout=60)
+        await client.send_line("get")
+        await trio.sleep(2)
+        server.shutdown()
+        await trio.sleep(10)
+        received = await client.receive_all()
+    assert b"BYE" not in received
+
+
+async def test_no_bye_after_a_file_cut_short(tmp_path: Path) -> None:
+    """The same for send_file over TCP (os.sendfile): the client sees a short payload."""
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"x" * (64 << 20))
+
+    @attrs.define(kw_only=True, eq=False)
+    class Blob(Service):
+        name: ClassVar[str] = "blob"
+
+        async def handle(self, conn: Connection) -> None:
+            async for _line in conn:
+                async with await trio.open_file(blob, "rb") as f:
+                    await conn.send_file(f)
+
+    server = trionet.Server([Blob(port=0)], grace=0.3)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(server.run)
+            stream = await trio.open_tcp_stream(*addresses["blob"][0])
+            await stream.send_all(b"get\n")
+            first = await stream.receive_some(1000)  # the transfer has begun
+            server.shutdown()
+            await trio.sleep(0.6)  # past the grace, not reading
+            received = bytearray(first)
+            while chunk := await stream.receive_some(1 << 20):
+                received += chunk
+    assert 0 < len(received) < 64 << 20 and set(received) == {ord("x")}
+
+
+async def test_bye_after_whole_sends(autojump_clock: trio.testing.MockClock) -> None:
+    """Payload sent in whole pieces, then a shutdown: the BYE follows the last piece."""
+
+    @attrs.define(kw_only=True, eq=False)
+    class Pieces(Service):
+        name: ClassVar[str] = "pieces"
+
+        async def handle(self, conn: Connection) -> None:
+            async for _line in conn:
+                for _ in range(100):
+                    await conn.send_all(b"x" * 1000)
+                    await trio.sleep(0.7)  # not in step with the grace deadline
+
+    async with open_memory_server(Pieces(), grace=5.0) as server:
         client = await server.connect(timeout=60)
         await client.send_line("get")
         await trio.sleep(2)
         server.shutdown()
         received = await client.receive_all()
-    if marked:
-        assert set(received) == {ord("x")}
-        assert 5000 <= len(received) < 100_000
-    else:  # an unmarked payload cannot be told from a reply: the runner says goodbye
-        assert received.endswith(b"BYE shutdown\n")
+    assert received.endswith(b"BYE shutdown\n")
+    assert set(received[: -len(b"BYE shutdown\n")]) == {ord("x")}
 
 
 async def test_cancelling_the_server_while_a_handler_fails_is_clean() -> None:

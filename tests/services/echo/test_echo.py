@@ -65,11 +65,10 @@ async def roundtrip(host: str, port: int, data: bytes) -> bytes:
     return bytes(received)
 
 
-@pytest.mark.parametrize("fast_path", [True, False], ids=["fd-fast-path", "generic"])
-async def test_one_mib_of_random_bytes_over_tcp(fast_path: bool) -> None:
+async def test_one_mib_of_random_bytes_over_tcp() -> None:
     data = random_bytes(1 << 20, seed=1)
     async with trio.open_nursery() as nursery:
-        host, port = await start_echo(nursery, fast_path=fast_path)
+        host, port = await start_echo(nursery)
         with trio.fail_after(20):
             assert await roundtrip(host, port, data) == data
         nursery.cancel_scope.cancel()
@@ -243,9 +242,8 @@ def test_serve_cli_port_in_use_is_one_clear_error() -> None:
     assert b"cannot start" in result.stderr and b"Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("fast_path", [True, False], ids=["fd-fast-path", "generic"])
-async def test_shutdown_ends_a_client_that_streams_without_pause(fast_path: bool) -> None:
-    server = trionet.Server([EchoService(port=0, fast_path=fast_path)], grace=30)
+async def test_shutdown_ends_a_client_that_streams_without_pause() -> None:
+    server = trionet.Server([EchoService(port=0)], grace=30)
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(server.run)
         host, port = addresses["echo"][0]

@@ -1,7 +1,7 @@
 """files: the wire protocol, in memory and over real loopback sockets (both send paths).
 
-Most tests run three times: over memory streams (the generic chunked send
-path), over TCP with ``sendfile``, and over TCP with sendfile turned off.
+Most tests run twice: over memory streams (the connection's chunked file
+path) and over TCP (its ``sendfile`` path).
 Socket tests use 127.0.0.1 and port 0, and every wait is bounded (the
 scripted client's 10 s timeout, ``trio.fail_after``). Memory tests that
 need long waits run on the autojump clock.
@@ -30,7 +30,7 @@ from trionet.services.files import digest as files_digest
 from trionet.services.files.server import FilesService, Refused, list_files, open_served, shown
 from trionet.testing import Client, open_memory_server
 
-TRANSPORTS = ["memory", "tcp", "tcp-copy"]
+TRANSPORTS = ["memory", "tcp"]
 BIG = 20 << 20
 
 
@@ -76,7 +76,7 @@ async def running(
 
 
 def make_service(root: Path, transport: str, **options: object) -> FilesService:
-    return FilesService(root=str(root), port=0, sendfile=transport != "tcp-copy", **options)  # type: ignore[arg-type]
+    return FilesService(root=str(root), port=0, **options)  # type: ignore[arg-type]
 
 
 async def get(client: Client, name: str) -> tuple[int, str, bytes]:
@@ -543,14 +543,14 @@ def test_from_args_and_root_validation(tmp_path: Path) -> None:
 
     classes = {"files": FilesService}
     parser = build_parser(classes)
-    args = parser.parse_args(["files", "--root", str(tmp_path), "--no-sendfile"])
+    args = parser.parse_args(["files", "--root", str(tmp_path)])
     (service,) = services_from_args(args, classes, parser)
     assert isinstance(service, FilesService)
-    assert service.root == os.path.realpath(tmp_path) and service.sendfile is False
+    assert service.root == os.path.realpath(tmp_path)
     args = parser.parse_args(["files"])
     (service,) = services_from_args(args, classes, parser)
     assert isinstance(service, FilesService)
-    assert service.root == os.path.realpath(".") and service.sendfile is True
+    assert service.root == os.path.realpath(".")
     assert service.effective_port == 7004
     with pytest.raises(ValueError, match="not a directory"):
         FilesService(root=str(tmp_path / "missing"))

@@ -2,7 +2,8 @@
 
 Every line, blank included, gets exactly one reply, in order: ``OK <value>``
 or ``ERR <code> <text>``. ``ans`` is this connection's last ``OK`` value (0
-at first). ``QUIT`` (any case) gets ``BYE`` and the connection closes.
+at first). ``QUIT`` (any case) gets ``BYE`` and the connection closes (the
+connection answers it: a line service's built-in).
 
 All of the language lives in :mod:`trionet.services.calc.evaluator` (pure, no
 I/O, every operation bounded before it runs); this module maps lines to
@@ -67,10 +68,7 @@ class CalcService(Service):
         # to other connections after a few milliseconds of work on lines it
         # already holds, so a hostile client cannot hold the server.
         ans: Number = 0
+        # (QUIT never gets here: the connection answers it with BYE.)
         while (line := await conn.receive_line()) is not None:
-            if is_quit(line):
-                conn.end_reason = "quit"
-                await conn.send_line("BYE")
-                return
             reply, ans = answer_line(line, ans)
             conn.write_line(reply)

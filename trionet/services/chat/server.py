@@ -31,7 +31,7 @@ from ..._framing import BadEncoding, LineTooLong
 from ..._service import Service
 from .flood import TokenBucket
 from .room import ChannelMember, ChatError, Room
-from .text import Me, Message, Nick, Private, Quit, Unknown, Who, parse_line, sanitize
+from .text import Me, Message, Nick, Private, Unknown, Who, parse_line, sanitize
 
 __all__ = ["WELCOME", "ChatService"]
 
@@ -55,6 +55,8 @@ class ChatService(Service):
     line_based: ClassVar[bool] = True
     default_idle_timeout: ClassVar[float] = 3600.0
     summary: ClassVar[str] = "a chat room: /nick, messages, /me, /msg, /who, /quit"
+    #: ``/quit [reason]`` ends a session (the connection's built-in quit).
+    quit_command: ClassVar[str | None] = "/quit"
 
     #: Lines per second refilled into each client's bucket (0: no limit).
     rate: float = attrs.field(default=DEFAULT_RATE, validator=attrs.validators.ge(0))
@@ -119,12 +121,6 @@ class ChatService(Service):
             cmd = parse_line(line)
             if cmd is None:
                 continue
-            if isinstance(cmd, Quit):
-                # /quit is never rate-limited: leaving must always work.
-                room.leave(member, cmd.reason)
-                room.reply(member, "BYE")
-                conn.end_reason = "quit"
-                return
             if not bucket.take(trio.current_time()):
                 room.reply(member, "ERR rate-limited")
                 continue
@@ -151,12 +147,22 @@ class ChatService(Service):
             except ChatError as err:
                 room.reply(member, err.line)
 
+    async def on_quit(self, conn: Connection, reason: str) -> None:
+        """``/quit [reason]``: leave with the reason, then ``BYE`` through the writer.
+
+        The connection answers /quit before the rate limit applies: leaving
+        must always work.
+        """
+        member = self._members.get(conn)
+        if member is not None:
+            self.room.leave(member, reason)
+            self.room.reply(member, "BYE")
+
     async def on_line_error(self, conn: Connection, event: LineTooLong | BadEncoding) -> None:
         """Queue the ``ERR`` line for the writer instead of sending it here."""
         member = self._members.get(conn)
         if member is not None:
             self.room.reply(member, event.reply)
-        await trio.lowlevel.checkpoint()
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:

@@ -112,7 +112,6 @@ class DigestCache:
         while True:
             cached = self.get(key)
             if cached is not None:
-                await trio.lowlevel.checkpoint()
                 return cached
             pending = self._in_flight.get(key)
             if pending is None:
@@ -130,8 +129,6 @@ class DigestCache:
                 if got < want:
                     return None  # the file got shorter under us
                 pos += got
-            if pos == 0:
-                await trio.lowlevel.checkpoint()
             digest = h.hexdigest()
             self.computed += 1
             self.put(key, digest)

@@ -21,10 +21,11 @@ Safety, in the order a request meets it:
 Nothing is ever opened for writing. All file-system work runs in worker
 threads, so a slow disk or a huge directory never stalls other clients.
 
-Two send paths share the protocol code: on a plain TCP socket the bytes go
-with ``os.sendfile`` (zero copy, about 3x faster than a copy loop here); on
-any other stream (TLS, memory) they are read in 1 MiB chunks in a worker
-thread and sent with ``conn.send_all``.
+The bytes go out with ``conn.send_file``: the connection uses
+``os.sendfile`` on a plain TCP socket (zero copy, about 3x faster than a
+copy loop here) and reads 1 MiB chunks in worker threads on any other
+stream (TLS, memory). A client that stops reading mid-transfer is dropped
+by the idle timeout like any other stalled send.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import argparse
 import errno
 import os
 import stat
-from typing import Any, ClassVar, Final, Self
+from typing import Any, ClassVar, Self
 
 import attrs
 import trio
@@ -44,7 +45,6 @@ from .digest import DigestCache, DigestKey
 from .paths import is_hidden_part, listable, name_problem, relative_inside
 
 __all__ = [
-    "CHUNK",
     "FilesService",
     "OpenedFile",
     "Refused",
@@ -52,15 +52,6 @@ __all__ = [
     "open_served",
 ]
 
-#: Bytes read per chunk on the generic path (64 KiB measured 5x slower).
-CHUNK: Final = 1 << 20
-#: Most bytes asked of one ``sendfile`` call; the kernel sends what fits in
-#: the socket buffer and we wait for room before the next call.
-SENDFILE_MAX: Final = 16 << 20
-#: Read-ahead hint window for the sendfile path (see ``_prefetch``).
-PREFETCH: Final = 32 << 20
-
-_RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT}
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 # Offsets longer than this many digits are refused outright (no file is
@@ -75,14 +66,6 @@ class Refused(Exception):
         super().__init__(f"{code}: {why}")
         self.code = code
         self.why = why
-
-
-class _Truncated(Exception):
-    """The file got shorter while it was being sent: the promise cannot be kept."""
-
-
-class _Stalled(Exception):
-    """The client took no bytes for the stall timeout during a transfer."""
 
 
 @attrs.define(eq=False)
@@ -226,12 +209,6 @@ def list_files(root: str) -> list[tuple[str, int]]:
     return found
 
 
-def _broken(exc: OSError) -> BaseException:
-    if exc.errno in _RESET_ERRNOS:
-        return trio.BrokenResourceError(f"peer reset the connection: {exc.strerror}")
-    return exc
-
-
 def _parse_offset(text: str) -> int | None:
     """The offset in a ``REST`` argument (ASCII digits, spaces around allowed)."""
     digits = text.strip(" ")
@@ -250,8 +227,6 @@ class FilesService(Service):
 
     #: The directory served (default: the working directory at start).
     root: str = attrs.field(default=".", converter=os.path.realpath)
-    #: Take the zero-copy ``sendfile`` path on plain TCP sockets.
-    sendfile: bool = True
     #: Digests by (device, inode, size, mtime), shared by all connections.
     digests: DigestCache = attrs.field(factory=DigestCache)
 
@@ -259,20 +234,12 @@ class FilesService(Service):
         if not os.path.isdir(self.root):
             raise ValueError(f"root is not a directory: {self.root}")
 
-    @property
-    def stall_timeout(self) -> float:
-        """Seconds a transfer may make no progress before the client is dropped."""
-        return self.effective_idle_timeout or float("inf")
-
     async def handle(self, conn: Connection) -> None:
         offset = 0  # set by REST, used (and reset) by the next GET
         async for line in conn:
             word, space, arg = line.partition(" ")
             command = word.upper()
-            if command == "QUIT":
-                await conn.send_line("BYE")
-                conn.end_reason = "quit"
-                return
+            # (QUIT never gets here: the connection answers it with BYE.)
             if command == "GET":
                 start, offset = offset, 0
                 if not arg:
@@ -297,65 +264,45 @@ class FilesService(Service):
                 conn.write_line(f"ERR unknown-command {shown(word)}")
 
     async def _list(self, conn: Connection) -> None:
-        with conn.busy():
-            files = await trio.to_thread.run_sync(list_files, self.root)
+        files = await trio.to_thread.run_sync(list_files, self.root)
         for name, size in files:
             conn.write_line(f"FILE {size} {name}")
         conn.write_line(f"END {len(files)}")
 
     async def _get(self, conn: Connection, name: str, offset: int) -> bool:
         """Answer one ``GET``; ``False`` if the connection must end."""
-        # busy() from the start: opening, hashing and sending are all work
-        # done for the client, none of it may count as the client idling.
-        with conn.busy():
-            try:
-                opened = await trio.to_thread.run_sync(open_served, self.root, name)
-            except Refused as exc:
-                conn.log.info("GET %r refused: %s", name, exc)
-                conn.write_line(f"ERR {exc.code} {shown(name)}")
+        # Opening and hashing run in worker threads: work, not waiting on the
+        # client, so they never count as idle. The send counts only if it
+        # stalls (the client stopped reading) for the whole idle timeout.
+        try:
+            opened = await trio.to_thread.run_sync(open_served, self.root, name)
+        except Refused as exc:
+            conn.log.info("GET %r refused: %s", name, exc)
+            conn.write_line(f"ERR {exc.code} {shown(name)}")
+            return True
+        try:
+            if offset > opened.size:
+                conn.write_line(f"ERR bad-offset {opened.size}")
                 return True
-            try:
-                if offset > opened.size:
-                    conn.write_line(f"ERR bad-offset {opened.size}")
-                    return True
-                digest = await self.digests.digest(opened.fd, opened.key)
-                if digest is None:
-                    conn.log.warning("GET %r: file got shorter while hashing", name)
-                    conn.write_line(f"ERR not-found {shown(name)}")
-                    return True
-                conn.write_line(f"OK {opened.size} {digest}")
-                return await self._send(conn, opened, offset)
-            finally:
-                opened.close()
+            digest = await self.digests.digest(opened.fd, opened.key)
+            if digest is None:
+                conn.log.warning("GET %r: file got shorter while hashing", name)
+                conn.write_line(f"ERR not-found {shown(name)}")
+                return True
+            conn.write_line(f"OK {opened.size} {digest}")
+            return await self._send(conn, opened, offset)
+        finally:
+            opened.close()
 
     async def _send(self, conn: Connection, opened: OpenedFile, offset: int) -> bool:
-        stream = conn.stream
         try:
-            if self.sendfile and type(stream) is trio.SocketStream:
-                await conn.flush()
-                await _send_sendfile(
-                    conn, stream.socket.fileno(), opened, offset, self.stall_timeout
-                )
-            else:
-                await _send_chunks(conn, opened, offset, self.stall_timeout)
-        except _Truncated:
+            await conn.send_file(opened.fd, offset, opened.size - offset)
+        except EOFError:
             # The byte count was promised in OK; the only honest way out is
             # to close, and the client keeps its .part for a resume.
             conn.log.warning("file got shorter during the transfer: closing")
             conn.end_reason = "truncated"
             return False
-        except _Stalled:
-            conn.log.info("client took no data for %.0fs: closing", self.stall_timeout)
-            conn.end_reason = "stalled"
-            return False
-        except BaseException:
-            # Cancelled mid-transfer (shutdown after the grace period): the
-            # runner would now send "BYE shutdown", which the client would
-            # take for file bytes. Close first; its BYE then goes nowhere and
-            # the client sees a plain drop (and keeps its .part for resume).
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
-            raise
         return True
 
     # -- command line -----------------------------------------------------------
@@ -369,78 +316,7 @@ class FilesService(Service):
             help="directory to serve, read-only; hidden files are left out "
             "(default: the working directory)",
         )
-        group.add_argument(
-            "--no-sendfile",
-            dest="sendfile",
-            action="store_false",
-            help="always copy file data through Python instead of the zero-copy "
-            "sendfile path on TCP (default: sendfile on)",
-        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **common: Any) -> Self:
-        return cls(root=args.root, sendfile=args.sendfile, **common)
-
-
-async def _send_sendfile(
-    conn: Connection, sock_fd: int, opened: OpenedFile, offset: int, stall: float
-) -> None:
-    """Send bytes ``offset:size`` of the file with ``os.sendfile`` (zero copy)."""
-    pos, end = offset, opened.size
-    prefetched = pos
-    while pos < end:
-        if pos >= prefetched:
-            prefetched = await _prefetch(opened.fd, pos)
-        want = min(SENDFILE_MAX, end - pos, prefetched - pos)
-        try:
-            sent = os.sendfile(sock_fd, opened.fd, pos, want)
-        except BlockingIOError:
-            await _wait_writable(sock_fd, stall)
-            continue
-        except OSError as exc:
-            raise _broken(exc) from exc
-        if sent == 0:
-            raise _Truncated
-        pos += sent
-        conn.bytes_out += sent
-        # A short send means the socket buffer is full: wait for room (a
-        # yield). After a full send, still yield once so other clients and
-        # cancellation get their turn.
-        if sent < want:
-            await _wait_writable(sock_fd, stall)
-        else:
-            await trio.lowlevel.checkpoint()
-
-
-async def _wait_writable(sock_fd: int, stall: float) -> None:
-    with trio.move_on_after(stall) as scope:
-        await trio.lowlevel.wait_writable(sock_fd)
-    if scope.cancelled_caught:
-        raise _Stalled
-
-
-async def _prefetch(fd: int, pos: int) -> int:
-    """Ask the kernel to read ahead ``PREFETCH`` bytes from ``pos``; return the window end.
-
-    ``sendfile`` reads the file inside the system call, on the event loop's
-    thread: on a cold page cache it would block there on the disk. The
-    read-ahead hint, issued from a worker thread, starts that disk I/O
-    early so ``sendfile`` mostly finds the pages in memory.
-    """
-    await trio.to_thread.run_sync(os.posix_fadvise, fd, pos, PREFETCH, os.POSIX_FADV_WILLNEED)
-    return pos + PREFETCH
-
-
-async def _send_chunks(conn: Connection, opened: OpenedFile, offset: int, stall: float) -> None:
-    """Send bytes ``offset:size`` of the file through ``conn.send_all`` (any stream)."""
-    pos, end = offset, opened.size
-    while pos < end:
-        data = await trio.to_thread.run_sync(os.pread, opened.fd, min(CHUNK, end - pos), pos)
-        if not data:
-            raise _Truncated
-        with trio.move_on_after(stall) as scope:
-            await conn.send_all(data)
-        if scope.cancelled_caught:
-            raise _Stalled
-        pos += len(data)
-    await conn.flush()  # the OK line, for an empty transfer
+        return cls(root=args.root, **common)
