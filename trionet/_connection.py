@@ -337,15 +337,26 @@ class Connection:
     # -- receiving ----------------------------------------------------------------
 
     async def _receive(self, max_bytes: int) -> bytes | bytearray:
+        sock = self._sock
         if self._out:
             # Replies queued with write_line leave now, in one write, just
             # before we wait for the client (no yield of their own: the wait
-            # below is one).
-            await self._flush(checkpoint=False)
+            # below is one). On a socket the queue goes straight to the
+            # kernel, without a copy, in the common case that it fits.
+            partial = False
+            if sock is not None and not self._send_busy and not sock.did_shutdown_SHUT_WR:
+                partial = self._write_queued(sock)
+            if self._out:
+                # The peer may hold half a line until the rest is sent: if
+                # that is cut short, no BYE may follow.
+                self._send_interrupted |= partial
+                await self._flush(checkpoint=False)
+                if partial:
+                    self._send_interrupted = False
         self._begin_wait()
         try:
-            if self._sock is not None:
-                data: bytes | bytearray = await self._receive_fd(self._sock, max_bytes)
+            if sock is not None:
+                data: bytes | bytearray = await self._receive_fd(sock, max_bytes)
             else:
                 data = await self.stream.receive_some(max_bytes)
         finally:
@@ -447,10 +458,11 @@ class Connection:
         if max_bytes is not None and max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
         self._line_since = math.inf  # raw bytes are not a line
-        if len(self._lines):
+        lines = self._lines
+        if lines:  # bytes read past the last line
             await trio.lowlevel.checkpoint()
-            return self._lines.take_bytes(max_bytes)
-        if self._lines.at_eof or self._input_closed:
+            return lines.take_bytes(max_bytes)
+        if lines.at_eof or self._input_closed:
             await trio.lowlevel.checkpoint()
             return b""
         return await self._receive(max_bytes or RECEIVE_SIZE)
@@ -669,6 +681,22 @@ class Connection:
                 raise translate_os_error(exc) from exc
             self._expect_data = len(data) == max_bytes
             return data
+
+    def _write_queued(self, sock: trio.socket.SocketType) -> bool:
+        """Write what write_line queued, as far as the kernel takes it now.
+
+        Returns True if only part of it left.
+        """
+        out = self._out
+        try:
+            sent = os.write(_live_fd(sock), out)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise translate_os_error(exc) from exc
+        self.bytes_out += sent
+        del out[:sent]
+        return bool(sent and out)
 
     async def _send_fd(
         self, sock: trio.socket.SocketType, data: bytes | bytearray | memoryview, checkpoint: bool

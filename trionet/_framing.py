@@ -97,6 +97,10 @@ class LineBuffer:
         """Number of bytes currently buffered (never much above the limit)."""
         return len(self._buf)
 
+    def __bool__(self) -> bool:
+        """True if any bytes are buffered."""
+        return bool(self._buf)
+
     @property
     def partial(self) -> bool:
         """True while a line has begun but not ended (its tail may be being discarded)."""

@@ -21,8 +21,8 @@ import trio
 
 from ._framing import DEFAULT_MAX_LINE
 from ._plugins import builtin_names, load_service
-from ._server import Server, serve
-from ._service import DEFAULT_MAX_CONNECTIONS, Service
+from ._server import Server, StartupError, serve
+from ._service import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Service
 
 __all__ = ["build_parser", "main", "services_from_args"]
 
@@ -101,6 +101,23 @@ def build_parser(classes: dict[str, type[Service]]) -> argparse.ArgumentParser:
         "(echo: silently); 0 turns it off (default: 300, chat 3600)",
     )
     common.add_argument(
+        "--line-timeout",
+        type=_non_negative,
+        default=DEFAULT_LINE_TIMEOUT,
+        metavar="SECONDS",
+        help="a line must arrive whole within this long of its first byte, or the client "
+        "is sent 'BYE line-timeout' and closed (stops clients that trickle bytes to hold "
+        "a slot); 0 turns it off (default: %(default)s)",
+    )
+    common.add_argument(
+        "--max-per-address",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="clients served at once from one IP address; more are sent 'BYE busy' "
+        "(default: half of --max-connections)",
+    )
+    common.add_argument(
         "--max-line",
         type=_positive_int,
         default=DEFAULT_MAX_LINE,
@@ -146,6 +163,8 @@ def services_from_args(
         "max_connections": args.max_connections,
         "idle_timeout": args.idle_timeout,
         "max_line": args.max_line,
+        "line_timeout": args.line_timeout,
+        "max_per_address": args.max_per_address,
     }
     services = []
     for name in names:
@@ -231,9 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(_run, server)
     except BaseException as exc:
         error = _first_os_error(exc)
-        if error is None or server.addresses:  # only failures to bind are "cannot start"
+        if not isinstance(error, StartupError):
             raise
-        log.error("cannot start: %s", error)
+        log.error("%s", error)
         return 1
     log.info("stopped")
     return 0

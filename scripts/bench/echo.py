@@ -174,6 +174,8 @@ class ServerProcess:
                 "0",
                 "--max-connections",
                 "20000",
+                "--max-per-address",
+                "20000",
             ]
         else:
             args = [__file__, "_baseline"]
