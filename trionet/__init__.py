@@ -12,7 +12,7 @@ The public API, re-exported from small private modules:
 
 from ._connection import RECEIVE_SIZE, Connection, LineError, format_peer
 from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineBuffer, LineEvent, LineTooLong
-from ._server import Server, serve
+from ._server import Server, StartupError, serve
 from ._service import DEFAULT_MAX_CONNECTIONS, Service
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "LineTooLong",
     "Server",
     "Service",
+    "StartupError",
     "format_peer",
     "serve",
 ]

@@ -60,14 +60,21 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[trio.abc.Stream](math.inf)
 
-    async def connect(self) -> trio.abc.Stream:
-        """Open a connection; returns the client's end."""
+    async def connect(self, peer: str | None = None) -> trio.abc.Stream:
+        """Open a connection; returns the client's end.
+
+        ``peer`` (``"10.0.0.7:5000"``) is the address the server sees, for
+        tests of per-address limits; by default the server sees ``memory``,
+        which no per-address limit counts.
+        """
         if self.closed:
             raise trio.BrokenResourceError("listener is closed (connection refused)")
         pair = (
             trio.testing.lockstep_stream_pair if self.lockstep else trio.testing.memory_stream_pair
         )
         client, server = pair()
+        if peer is not None:
+            server.trionet_peer = peer  # type: ignore[attr-defined]
         await self._send.send(server)
         return client
 
@@ -170,17 +177,24 @@ class MemoryServer:
     server: Server
     listeners: dict[str, MemoryListener]
 
-    async def connect(self, name: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
-        """Connect a :class:`Client` to service ``name`` (optional with one service)."""
-        return Client(await self.open_stream(name), timeout=timeout)
+    async def connect(
+        self, name: str | None = None, *, timeout: float = DEFAULT_TIMEOUT, peer: str | None = None
+    ) -> Client:
+        """Connect a :class:`Client` to service ``name`` (optional with one service).
 
-    async def open_stream(self, name: str | None = None) -> trio.abc.Stream:
+        ``peer`` is the address the server sees (see :meth:`MemoryListener.connect`).
+        """
+        return Client(await self.open_stream(name, peer=peer), timeout=timeout)
+
+    async def open_stream(
+        self, name: str | None = None, *, peer: str | None = None
+    ) -> trio.abc.Stream:
         """Connect and return the raw client stream."""
         if name is None:
             if len(self.listeners) != 1:
                 raise ValueError("several services are running: name one")
             (name,) = self.listeners
-        return await self.listeners[name].connect()
+        return await self.listeners[name].connect(peer)
 
     def shutdown(self) -> None:
         """Begin the graceful shutdown (as SIGTERM does)."""
