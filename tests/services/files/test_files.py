@@ -52,7 +52,7 @@ class Wire:
 
 @asynccontextmanager
 async def running(
-    service: FilesService, transport: str, *, lockstep: bool = False
+    service: FilesService, transport: str, *, lockstep: bool = False, grace: float = 5
 ) -> AsyncIterator[Wire]:
     """Run ``service`` in memory or on 127.0.0.1 (``transport`` from TRANSPORTS).
 
@@ -60,10 +60,10 @@ async def running(
     client's reads, as a socket with full buffers does.
     """
     if transport == "memory":
-        async with open_memory_server(service, lockstep=lockstep) as srv:
+        async with open_memory_server(service, lockstep=lockstep, grace=grace) as srv:
             yield Wire(service, srv.open_stream, srv.shutdown)
         return
-    server = trionet.Server([service], grace=5)
+    server = trionet.Server([service], grace=grace)
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(server.run)
         host, port = addresses["files"][0]
@@ -482,6 +482,39 @@ async def test_shutdown_past_the_grace_period_closes_without_bye(
         assert got.startswith(head)
         body = bytes(got[len(head) :])
         assert len(body) < len(data) and data.startswith(body)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tcp-copy"])
+async def test_shutdown_past_the_grace_period_over_tcp_closes_without_bye(
+    big: tuple[Path, bytes], transport: str
+) -> None:
+    # The same over a socket, on both send paths: the client stops reading,
+    # the grace period ends, and the connection closes after a prefix of
+    # the file, with no "BYE shutdown" after it.
+    root, data = big
+    with trio.fail_after(15):
+        async with running(make_service(root, transport), transport, grace=0.5) as wire:
+            probe = await wire.open_stream()
+            assert isinstance(probe, trio.SocketStream)
+            address = probe.socket.getpeername()
+            await probe.aclose()
+            sock = trio.socket.socket()
+            # A small fixed receive buffer: the 20 MiB cannot all be queued.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            await sock.connect(address)
+            async with trio.SocketStream(sock) as stream:
+                await stream.send_all(b"GET big.bin\n")
+                head = f"OK {BIG} {sha(data)}\n".encode()
+                got = bytearray()
+                while len(got) < len(head) + 1000:
+                    got += await stream.receive_some(1000)
+                wire.shutdown()
+                await trio.sleep(1.5)  # not reading, well past the grace period
+                while chunk := await stream.receive_some(1 << 20):
+                    got += chunk
+            assert got.startswith(head)
+            body = bytes(got[len(head) :])
+            assert len(body) < BIG and data.startswith(body)
 
 
 async def test_shutdown_during_a_transfer_over_tcp(big: tuple[Path, bytes]) -> None:

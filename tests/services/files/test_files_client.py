@@ -14,22 +14,27 @@ import logging
 import mmap
 import os
 import random
+import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 from test_files import Wire, running
 
-from trionet._client import EXIT_DROPPED, EXIT_REFUSED, ClientError
+from trionet._client import EXIT_DROPPED, EXIT_INTERRUPTED, EXIT_REFUSED, ClientError
 from trionet.services.files.client import (
     EXIT_DISK,
+    EXIT_EXISTS,
     EXIT_FORBIDDEN,
     EXIT_MISMATCH,
     EXIT_NOT_FOUND,
+    Progress,
     client_main,
     download,
     list_remote,
@@ -39,6 +44,7 @@ from trionet.testing import open_memory_server
 
 TRANSPORTS = ["memory", "tcp"]
 BIG = 20 << 20
+SMALL_SHA = "sha256 " + hashlib.sha256(b"small file\n").hexdigest()
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -59,14 +65,22 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
 
 
 class CutStream(trio.abc.Stream):
-    """Passes ``limit`` received bytes through, then reports end of file."""
+    """Passes ``limit`` received bytes through, then reports end of file.
 
-    def __init__(self, inner: trio.abc.Stream, limit: int) -> None:
+    With ``stalled`` it blocks instead (the bytes stop coming) and sets the event.
+    """
+
+    def __init__(self, inner: trio.abc.Stream, limit: int, stalled: trio.Event | None = None):
         self.inner = inner
         self.left = limit
+        self.stalled = stalled
+        self.sent = bytearray()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self.left <= 0:
+            if self.stalled is not None:
+                self.stalled.set()
+                await trio.sleep_forever()
             await trio.lowlevel.checkpoint()
             return b""
         data = await self.inner.receive_some(min(max_bytes or 65536, self.left))
@@ -74,6 +88,7 @@ class CutStream(trio.abc.Stream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += data
         await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -127,12 +142,15 @@ async def tcp_address(wire: Wire) -> tuple[str, int]:
 
 
 @asynccontextmanager
-async def cut_connection(wire: Wire, transport: str, limit: int) -> AsyncIterator[trio.abc.Stream]:
-    """A client connection to ``wire`` that dies after ``limit`` received bytes."""
+async def cut_connection(
+    wire: Wire, transport: str, limit: int, stalled: trio.Event | None = None
+) -> AsyncIterator[trio.abc.Stream]:
+    """A client connection to ``wire`` that dies (or with ``stalled``, stalls) after ``limit``
+    received bytes."""
     if transport == "memory":
-        yield CutStream(await wire.open_stream(), limit)
+        yield CutStream(await wire.open_stream(), limit, stalled)
         return
-    async with cutting_proxy(await tcp_address(wire), limit) as (host, port):
+    async with cutting_proxy(await tcp_address(wire), limit, stalled) as (host, port):
         yield await trio.open_tcp_stream(host, port)
 
 
@@ -285,6 +303,87 @@ async def test_refusals_and_disk_errors(
             assert not (tmp_path / "x").exists() and not (tmp_path / "x.part").exists()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+async def test_a_download_gets_the_usual_mode_for_new_files(
+    served: tuple[Path, bytes], transport: str, umask: int, mode: int, tmp_path: Path
+) -> None:
+    # 0o666 minus the umask, like any file a program saves: never executable.
+    root, _ = served
+    out = tmp_path / "small.txt"
+    old = os.umask(umask)
+    try:
+        with trio.fail_after(20):
+            async with running(service(root), transport) as wire:
+                await download(await wire.open_stream(), "sub/small.txt", str(out))
+    finally:
+        os.umask(old)
+    assert out.read_bytes() == b"small file\n"
+    assert out.stat().st_mode & 0o7777 == mode
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_existing_file_is_only_overwritten_with_force(
+    served: tuple[Path, bytes], transport: str, tmp_path: Path
+) -> None:
+    root, data = served
+    out = tmp_path / "big"
+    part = tmp_path / "big.part"
+    out.write_bytes(b"precious")
+    with trio.fail_after(20):
+        async with running(service(root), transport) as wire:
+            # Refused before anything is sent or created, with --resume too.
+            for resume in (False, True):
+                stream = CutStream(await wire.open_stream(), 1 << 30)  # records what is sent
+                with pytest.raises(ClientError) as info:
+                    await download(stream, "big.bin", str(out), resume=resume)
+                assert stream.sent == b""
+                assert info.value.status == EXIT_EXISTS
+                assert str(info.value) == f"files: {out} exists; use --force to overwrite it"
+                assert out.read_bytes() == b"precious" and not part.exists()
+            # A kept part is left as it was, then continued with --resume --force.
+            part.write_bytes(data[:1000])
+            with pytest.raises(ClientError) as info:
+                await download(await wire.open_stream(), "big.bin", str(out), resume=True)
+            assert info.value.status == EXIT_EXISTS and part.read_bytes() == data[:1000]
+            await download(await wire.open_stream(), "big.bin", str(out), resume=True, force=True)
+            assert out.read_bytes() == data and not part.exists()
+            # --force alone starts over and replaces the file.
+            out.write_bytes(b"precious")
+            await download(await wire.open_stream(), "sub/small.txt", str(out), force=True)
+            assert out.read_bytes() == b"small file\n"
+            # A directory is never replaced, --force or not.
+            a_dir = tmp_path / "small.txt"
+            a_dir.mkdir()
+            with pytest.raises(ClientError) as info:
+                await download(await wire.open_stream(), "sub/small.txt", str(a_dir), force=True)
+            assert info.value.status == EXIT_DISK and "is a directory" in str(info.value)
+            assert not (tmp_path / "small.txt.part").exists()
+
+
+async def test_a_file_that_appears_during_the_download_is_not_overwritten(
+    served: tuple[Path, bytes], tmp_path: Path
+) -> None:
+    root, data = served
+    out = tmp_path / "big"
+
+    def progress(total: int, start: int) -> Progress:
+        out.write_bytes(b"written meanwhile")  # after OK, before the bytes
+        return Progress(total)
+
+    with trio.fail_after(20):
+        async with running(service(root), "memory") as wire:
+            with pytest.raises(ClientError) as info:
+                await download(await wire.open_stream(), "big.bin", str(out), progress=progress)
+            assert info.value.status == EXIT_EXISTS
+            assert out.read_bytes() == b"written meanwhile"
+            # The verified part is kept: --resume --force only renames it.
+            part = tmp_path / "big.part"
+            assert await trio.to_thread.run_sync(part.read_bytes) == data
+            await download(await wire.open_stream(), "big.bin", str(out), resume=True, force=True)
+    assert await trio.to_thread.run_sync(out.read_bytes) == data
+
+
 # -- the command line -----------------------------------------------------------------
 
 
@@ -309,7 +408,18 @@ async def test_cli_get_list_and_exit_statuses(
             ]
             # -o DIR keeps the remote base name.
             assert await run_cli(["get", "sub/small.txt", "-o", str(tmp_path), *addr]) == 0
-            assert (tmp_path / "small.txt").read_bytes() == b"small file\n"
+            small = tmp_path / "small.txt"
+            assert small.read_bytes() == b"small file\n"
+            assert capsys.readouterr().out == f"saved {small} (11 bytes, {SMALL_SHA})\n"
+            # Not again without --force: one line, and not even a connection.
+            get_small = ["get", "sub/small.txt", "-o", str(small)]
+            assert await run_cli([*get_small, "--port", "1"]) == EXIT_EXISTS
+            refusal = f"files: {small} exists; use --force to overwrite it\n"
+            assert capsys.readouterr().err == refusal
+            small.write_bytes(b"old")
+            assert await run_cli([*get_small, "--force", *addr]) == 0
+            assert small.read_bytes() == b"small file\n"
+            assert capsys.readouterr().out == f"saved {small} (11 bytes, {SMALL_SHA})\n"
             assert await run_cli(["get", "nope", *addr]) == EXIT_NOT_FOUND
             assert await run_cli(["get", ".hidden", *addr]) == EXIT_FORBIDDEN
             err = capsys.readouterr().err.splitlines()
@@ -337,12 +447,15 @@ def test_cli_help_and_usage_in_a_process() -> None:
     assert top.returncode == 0
     for text in ("list", "get", "exit status", "digest", "local disk error"):
         assert text in top.stdout.replace("sha256", "digest")
+    for text in (f"  {EXIT_EXISTS} PATH exists (use --force", f"  {EXIT_INTERRUPTED} interrupted"):
+        assert text in top.stdout
     get = subprocess.run(
         [*cmd, "get", "--help"], capture_output=True, text=True, env=env, timeout=20
     )
     assert get.returncode == 0
-    for text in ("--resume", "--output", "--host", "--port", "default: 7004", "default: off"):
+    for text in ("--resume", "--force", "--output", "--host", "--port", "default: 7004"):
         assert text in get.stdout
+    assert "default: off" in get.stdout and f"  {EXIT_INTERRUPTED} interrupted" in get.stdout
     bad = subprocess.run([*cmd, "get"], capture_output=True, text=True, env=env, timeout=20)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
@@ -463,33 +576,42 @@ async def test_write_error_mid_transfer_stops_the_download(
     assert calls == 2  # nothing written after the failure
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_cancelled_download_keeps_a_consistent_part(
-    served: tuple[Path, bytes], tmp_path: Path
+    served: tuple[Path, bytes], transport: str, tmp_path: Path
 ) -> None:
-    # Cancelled while waiting for bytes that do not come (over TCP, with the
+    # Cancelled while waiting for bytes that do not come (over TCP with the
     # receive mark raised): download returns at once, the worker threads
     # end, nothing is renamed, and the kept .part is a prefix a resume can
     # continue into the verified file.
     root, data = served
     out = tmp_path / "big"
+    head = len(f"OK {BIG} {sha(data)}\n")
     with trio.fail_after(20):
-        async with running(service(root), "tcp") as wire:
-            address = await tcp_address(wire)
+        async with running(service(root), transport) as wire:
             stalled = trio.Event()
-            async with cutting_proxy(address, 9_000_000, stalled) as (phost, pport):
-                stream = await trio.open_tcp_stream(phost, pport)
-                async with stream, trio.open_nursery() as nursery:
+            async with (
+                cut_connection(wire, transport, 9_000_000, stalled) as stream,
+                stream,
+                trio.open_nursery() as nursery,
+            ):
 
-                    async def get() -> None:
-                        await download(stream, "big.bin", str(out))
+                async def get() -> None:
+                    await download(stream, "big.bin", str(out))
 
-                    nursery.start_soon(get)
-                    await stalled.wait()
-                    await trio.sleep(0.1)
-                    nursery.cancel_scope.cancel()
+                nursery.start_soon(get)
+                await stalled.wait()
+                if transport == "tcp":
+                    await trio.sleep(0.1)  # the last bytes are still on their way
+                nursery.cancel_scope.cancel()
             assert not out.exists()
             kept = await trio.to_thread.run_sync(Path(str(out) + ".part").read_bytes)
-            assert len(kept) <= 9_000_000 and kept == data[: len(kept)]
+            assert kept == data[: len(kept)]
+            if transport == "memory":
+                # Every byte received is kept, also those of a buffer not yet full.
+                assert len(kept) == 9_000_000 - head
+            else:
+                assert len(kept) <= 9_000_000 - head
             await download(await wire.open_stream(), "big.bin", str(out), resume=True)
     assert await trio.to_thread.run_sync(out.read_bytes) == data
 
@@ -521,3 +643,118 @@ async def test_a_crash_in_the_hash_thread_does_not_hang(
                 caught = exc
     assert caught is not None and "hash crashed" in repr(caught)
     assert not out.exists()
+
+
+async def test_ctrl_c_keeps_the_part_and_prints_the_resume_command(tmp_path: Path) -> None:
+    # A real client process gets SIGINT while the server (a plain trio server
+    # here) has sent part of a big file and stalls. The client exits 130,
+    # says what it kept, and the command it prints finishes the file.
+    size, cut = 32 << 20, 9_000_123  # the cut falls inside a receive buffer
+    data = random.Random(11).randbytes(size)
+    sent_part = trio.Event()
+    requests: list[bytes] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        first = not requests
+        offset, buffer = 0, bytearray()
+        async with stream:
+            while True:
+                while b"\n" not in buffer:
+                    if not (chunk := await stream.receive_some()):
+                        return
+                    buffer += chunk
+                line, _, rest = bytes(buffer).partition(b"\n")
+                buffer = bytearray(rest)
+                requests.append(line)
+                if line.startswith(b"REST "):
+                    offset = int(line[5:])
+                    await stream.send_all(b"OK rest %d\n" % offset)
+                elif line == b"GET big.bin":
+                    await stream.send_all(f"OK {size} {sha(data)}\n".encode())
+                    await stream.send_all(data[offset : cut if first else size])
+                    if first:
+                        sent_part.set()
+                        await trio.sleep_forever()
+                    offset = 0
+
+    out = tmp_path / "big"
+    part = tmp_path / "big.part"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            (listener,) = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+            port = listener.socket.getsockname()[1]
+            argv = [sys.executable, "-m", "trionet.client", "files", "get", "big.bin"]
+            # run_process kills the client if the test fails or times out.
+            proc: trio.Process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    [*argv, "-o", str(out), "--port", str(port)],
+                    check=False,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                )
+            )
+            await sent_part.wait()
+            # Two whole buffers are on disk: the transfer is well under way.
+            while not part.exists() or part.stat().st_size < 8 << 20:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+            assert proc.stdout is not None and proc.stderr is not None
+            err = bytearray()
+            while chunk := await proc.stderr.receive_some():
+                err += chunk
+            stdout = await proc.stdout.receive_some()
+            await proc.wait()
+            assert proc.returncode == EXIT_INTERRUPTED
+            assert stdout == b""
+            kept = await trio.to_thread.run_sync(part.read_bytes)
+            assert 8 << 20 <= len(kept) <= cut and kept == data[: len(kept)]
+            assert not out.exists()
+            command = f"python -m trionet.client files get big.bin -o {shlex.quote(str(out))}"
+            assert err.decode().splitlines() == [
+                f"files: interrupted; kept {part} ({len(kept)} bytes)",
+                f"files: to continue: {command} --resume --port {port}",
+            ]
+            # Run the command as printed (with this interpreter for "python").
+            words = shlex.split(err.decode().splitlines()[1].removeprefix("files: to continue: "))
+            assert words[0] == "python"
+            done = await trio.run_process(
+                [sys.executable, *words[1:]], capture_stdout=True, capture_stderr=True, env=env
+            )
+            nursery.cancel_scope.cancel()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == f"saved {out} ({size} bytes, sha256 {sha(data)})\n"
+    assert requests[-2:] == [b"REST %d" % len(kept), b"GET big.bin"]
+    assert sha(await trio.to_thread.run_sync(out.read_bytes)) == sha(data)
+    assert not part.exists()
+
+
+def test_the_resume_command_is_exact_for_a_shell() -> None:
+    from trionet.services.files import client as fc
+
+    def command(argv: list[str], path: str) -> str:
+        args = fc._build_parser().parse_args(argv)
+        line = fc._resume_command(args, path)
+        # Read back as the shell and the parser would: the same download, resumed.
+        again = fc._build_parser().parse_args(shlex.split(line)[4:])
+        assert (again.name, again.host, again.port, again.force) == (
+            args.name,
+            args.host,
+            args.port,
+            args.force,
+        )
+        assert again.resume and os.path.normpath(again.output) == os.path.normpath(path)
+        return line
+
+    prog = "python -m trionet.client files get"
+    assert command(["get", "a b.txt"], "a b.txt") == f"{prog} 'a b.txt' -o 'a b.txt' --resume"
+    # Only the options that differ from the defaults; --force when it was given.
+    assert command(["get", "x", "--host", "::1", "--port", "7004", "--force"], "d/x") == (
+        f"{prog} x -o d/x --resume --force --host ::1"
+    )
+    # A name or PATH starting with "-" must not be read as an option.
+    assert command(["get", "--output=-y", "--port", "1", "--", "-x"], "-y") == (
+        f"{prog} -o ./-y --resume --port 1 -- -x"
+    )

@@ -6,7 +6,10 @@ place (atomically, with :func:`os.replace`): ``PATH`` either does not
 change or holds a verified copy. A digest mismatch keeps nothing. A dropped
 connection keeps ``PATH.part``; ``--resume`` asks the server to continue
 from its length (``REST``) and still verifies the digest of the whole file,
-hashing the kept part first.
+hashing the kept part first. An existing ``PATH`` is only replaced with
+``force`` (the command line's ``--force``). Ctrl-C stops the transfer
+cleanly: the ``.part`` keeps every byte received, and the command to
+resume is printed.
 
 The receive path is built for speed: on a TCP socket the bytes land with
 ``recv_into`` in a small pool of reused 4 MiB buffers (no allocation per
@@ -25,10 +28,14 @@ import mmap
 import os
 import queue
 import re
+import shlex
+import signal
 import socket
+import stat
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache, partial
 from typing import Final, TextIO
 
@@ -37,6 +44,7 @@ import trio
 
 from ..._client import (
     EXIT_DROPPED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PROTOCOL,
     ClientError,
@@ -49,6 +57,7 @@ from .paths import NameProblem, name_problem
 
 __all__ = [
     "EXIT_DISK",
+    "EXIT_EXISTS",
     "EXIT_FORBIDDEN",
     "EXIT_MISMATCH",
     "EXIT_NOT_FOUND",
@@ -66,6 +75,8 @@ EXIT_NOT_FOUND: Final = 6
 EXIT_FORBIDDEN: Final = 7
 EXIT_MISMATCH: Final = 8
 EXIT_DISK: Final = 9
+EXIT_EXISTS: Final = 10
+_PROG: Final = "python -m trionet.client files"
 
 #: Size of each receive buffer; a few of them are reused for the whole file.
 BUFFER: Final = 4 << 20
@@ -293,7 +304,10 @@ class _Sink:
         Blocking. Disk space for the rest is reserved up front (see :func:`_reserve`).
         """
         h = hashlib.sha256()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if keep else os.O_TRUNC))
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if keep else os.O_TRUNC)
+        # 0o666 minus the umask, as for any file a program saves (os.open's
+        # default, 0o777, would make every download executable).
+        fd = os.open(path, flags, 0o666)
         try:
             if hash_range(fd, 0, keep, h) != keep:
                 raise OSError(errno.EIO, "the partial file got shorter while being read")
@@ -446,11 +460,14 @@ async def _receive_into_sink(
                 except (trio.BrokenResourceError, ConnectionError, OSError):
                     # A drop: keep what came (the caller sees the short count).
                     dropped = True
-                del view
-                remaining -= filled
-                pos += filled
-                if filled:
-                    full.put((buf, filled))
+                finally:
+                    # Cancelled too (Ctrl-C): the bytes already received go to
+                    # the .part, which a resume then need not fetch again.
+                    del view
+                    remaining -= filled
+                    pos += filled
+                    if filled:
+                        full.put((buf, filled))
                 if dropped or filled < want:
                     return
         finally:
@@ -535,12 +552,16 @@ async def download(
     path: str,
     *,
     resume: bool = False,
+    force: bool = False,
     progress: Callable[[int, int], Progress] | None = None,
 ) -> Announce:
     """Download ``name`` to ``path`` via ``path + ".part"``, verified; raise :exc:`ClientError`.
 
-    With ``resume`` an existing ``.part`` is continued (``REST``). Returns
-    what the server announced once ``path`` holds the verified file.
+    With ``resume`` an existing ``.part`` is continued (``REST``). An
+    existing ``path`` is refused (:data:`EXIT_EXISTS`) before anything is
+    sent, unless ``force``. Returns what the server announced once ``path``
+    holds the verified file. Cancelled, it returns only once every byte
+    received so far is written to the ``.part``.
     """
     problem = name_problem(name)
     if problem in (NameProblem.EMPTY, NameProblem.CONTROL, NameProblem.ENCODING):
@@ -548,6 +569,7 @@ async def download(
         # be sent as a second command); the server would refuse them anyway.
         assert problem is not None
         raise ClientError(f"files: {name!r}: invalid name ({problem.value})", EXIT_FORBIDDEN)
+    await trio.to_thread.run_sync(_check_destination, path, force)
     part = path + ".part"
     # The .part file is only created (or touched) once the server has said
     # OK: a refused name leaves the disk exactly as it was.
@@ -574,22 +596,20 @@ async def download(
         sink = await trio.to_thread.run_sync(_Sink.open, part, keep, announce.size)
     except OSError as exc:
         raise _disk_error(exc, part) from None
+    bar = (progress or Progress.for_stderr)(announce.size, keep)
     try:
-        bar = (progress or Progress.for_stderr)(announce.size, keep)
         await _receive_into_sink(stream, lines, sink, announce, bar)
     finally:
         sink.close()
+        bar.update(sink.written, final=True)  # ends the bar's line before any message
     if sink.error is not None:
-        bar.update(sink.written, final=True)
         raise _disk_error(sink.error, part)
     if sink.written < announce.size:
-        bar.update(sink.written, final=True)  # end the bar's line before the message
         raise ClientError(
             f"files: connection lost after {sink.written} of {announce.size} bytes; "
             f"kept {part} (rerun with --resume to continue)",
             EXIT_DROPPED,
         )
-    bar.update(sink.written, final=True)
     if sink.h.hexdigest() != announce.sha256:
         await trio.to_thread.run_sync(_remove_quietly, part)
         raise ClientError(
@@ -598,10 +618,35 @@ async def download(
             EXIT_MISMATCH,
         )
     try:
-        await trio.to_thread.run_sync(os.replace, part, path)
+        await trio.to_thread.run_sync(_move_into_place, part, path, force)
     except OSError as exc:
         raise _disk_error(exc, path) from None
     return announce
+
+
+def _check_destination(path: str, force: bool) -> None:
+    """Refuse a ``path`` that exists unless ``force``, and a directory always (blocking)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _disk_error(exc, path) from None
+    if stat.S_ISDIR(mode):
+        # Checked now: os.replace would only fail after the whole download.
+        raise ClientError(f"files: {path} is a directory", EXIT_DISK)
+    if not force:
+        raise ClientError(f"files: {path} exists; use --force to overwrite it", EXIT_EXISTS)
+
+
+def _move_into_place(part: str, path: str, force: bool) -> None:
+    """Rename the verified ``part`` to ``path`` (blocking).
+
+    ``path`` is checked again: it may have appeared during the download. The
+    complete ``.part`` is then kept (``--resume --force`` finishes at once).
+    """
+    _check_destination(path, force)
+    os.replace(part, path)
 
 
 def _part_size(path: str) -> int:
@@ -629,13 +674,16 @@ _EXIT_HELP = (
     f"  {EXIT_FORBIDDEN} the server refuses that name (outside the root, hidden, "
     "not a regular file)\n"
     f"  {EXIT_MISMATCH} size or sha256 mismatch: nothing was kept\n"
-    f"  {EXIT_DISK} local disk error (cannot write PATH.part or rename it)"
+    f"  {EXIT_DISK} local disk error (cannot write PATH.part or rename it)\n"
+    f"  {EXIT_EXISTS} PATH exists (use --force to overwrite it)\n"
+    f"  {EXIT_INTERRUPTED} interrupted (Ctrl-C): PATH.part is kept and the --resume "
+    "command printed"
 )
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m trionet.client files",
+        prog=_PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="List and download the files a trionet files server offers.",
         epilog=_EXIT_HELP,
@@ -649,8 +697,11 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog=_EXIT_HELP,
         help="download one file, verified by size and sha256",
         description=(
-            "Download NAME to PATH.part, verify its size and sha256, then rename it to "
-            "PATH. A progress bar is shown on stderr when it is a terminal."
+            # Raw text (for the exit status list): the lines are broken here.
+            "Download NAME to PATH.part, verify its size and sha256, then rename it to\n"
+            "PATH and print 'saved PATH (SIZE bytes, sha256 HEX)'. An existing PATH is\n"
+            "only overwritten with --force. A progress bar is shown on stderr when it\n"
+            "is a terminal. Ctrl-C keeps PATH.part and prints the command that resumes it."
         ),
     )
     getter.add_argument("name", metavar="NAME", help="the file's name as LIST shows it")
@@ -668,6 +719,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted download from PATH.part instead of starting "
         "over; the whole file is still verified (default: off)",
     )
+    getter.add_argument(
+        "--force",
+        action="store_true",
+        help=f"overwrite PATH if it exists (default: off; refused with exit status {EXIT_EXISTS})",
+    )
     add_address_arguments(getter, DEFAULT_PORT)
     return parser
 
@@ -677,14 +733,79 @@ def client_main(argv: list[str]) -> int:
     args = _build_parser().parse_args(argv)
 
     async def main() -> int:
+        if args.command == "get":
+            return await _get(args)
         stream = await connect(args.host, args.port, "files")
         async with stream:
-            if args.command == "list":
-                for size, name in await list_remote(stream):
-                    print(f"{size:>14}  {name}")
-                return EXIT_OK
-            path = _output_path(args.name, args.output)
-            await download(stream, args.name, path, resume=args.resume)
-            return EXIT_OK
+            for size, name in await list_remote(stream):
+                print(f"{size:>14}  {name}")
+        return EXIT_OK
 
     return run_client(main, "files")
+
+
+async def _get(args: argparse.Namespace) -> int:
+    """``get``: download, then report what was saved, or what Ctrl-C left behind."""
+    path = _output_path(args.name, args.output)
+    # A local refusal needs no server: checked before connecting too.
+    await trio.to_thread.run_sync(_check_destination, path, args.force)
+    announce: Announce | None = None
+    with trio.CancelScope() as scope, _sigint_cancels(scope):
+        stream = await connect(args.host, args.port, "files")
+        async with stream:
+            announce = await download(stream, args.name, path, resume=args.resume, force=args.force)
+    if announce is None:  # cancelled by Ctrl-C
+        part = path + ".part"
+        # download() has returned, so its writer thread is done: the size on
+        # disk is every byte kept, all of them a prefix of the file.
+        if kept := await trio.to_thread.run_sync(_part_size, part):
+            print(f"files: interrupted; kept {part} ({kept} bytes)", file=sys.stderr)
+            print(f"files: to continue: {_resume_command(args, path)}", file=sys.stderr)
+        else:
+            print("files: interrupted before any byte was received", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"saved {path} ({announce.size} bytes, sha256 {announce.sha256})")
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _sigint_cancels(scope: trio.CancelScope) -> Iterator[None]:
+    """Make the first Ctrl-C (SIGINT) cancel ``scope`` instead of raising KeyboardInterrupt.
+
+    A KeyboardInterrupt can strike between any two bytecodes of the receive
+    loop, even in the ``finally`` that tells the worker threads to stop
+    (they would then wait forever); a cancellation arrives only at an
+    ``await``, and the pipeline ends cleanly from there. A second Ctrl-C
+    gets the previous handler back: it interrupts at once. Signals reach
+    only the main thread, so elsewhere (a test running the client in a
+    worker thread) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    token = trio.lowlevel.current_trio_token()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, previous)
+        token.run_sync_soon(scope.cancel)  # safe from a signal handler
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _resume_command(args: argparse.Namespace, path: str) -> str:
+    """The shell command that continues this download with ``--resume``."""
+    defaults = _build_parser().parse_args(["get", "NAME"])  # the parser knows the defaults
+    # "./" keeps a PATH starting with "-" from looking like an option.
+    options = ["-o", os.path.join(".", path) if path.startswith("-") else path, "--resume"]
+    if args.force:
+        options.append("--force")
+    if args.host != defaults.host:
+        options += ["--host", args.host]
+    if args.port != defaults.port:
+        options += ["--port", str(args.port)]
+    words = [*options, "--", args.name] if args.name.startswith("-") else [args.name, *options]
+    return f"{_PROG} get {shlex.join(words)}"
