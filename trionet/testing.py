@@ -74,7 +74,8 @@ class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
         )
         client, server = pair()
         if peer is not None:
-            setattr(server, "trionet_peer", peer)  # read by trionet.format_peer
+            named: Any = server
+            named.trionet_peer = peer  # read by trionet.format_peer
         await self._send.send(server)
         return client
 
