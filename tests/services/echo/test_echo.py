@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -272,3 +273,35 @@ async def test_shutdown_ends_a_client_that_streams_without_pause() -> None:
                 await trio.sleep(0.2)
                 server.shutdown()
         await stream.aclose()
+
+
+async def test_idle_timeout_drops_a_client_that_sends_and_never_reads_in_memory(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The probe's finding: a client that streams and never reads stalls the echo's
+    sends, and a stalled send is the client doing nothing: dropped at the timeout."""
+    async with open_memory_server(EchoService(idle_timeout=5), lockstep=True) as server:
+        stream = await server.open_stream()
+        start = trio.current_time()
+        with pytest.raises(trio.BrokenResourceError):
+            with trio.fail_after(60):
+                while True:
+                    await stream.send_all(b"z" * 65536)
+        assert trio.current_time() - start == pytest.approx(5, abs=0.1)
+
+
+async def test_idle_timeout_drops_a_client_that_sends_and_never_reads_over_tcp() -> None:
+    server = trionet.Server([EchoService(port=0, idle_timeout=1)])
+    async with trio.open_nursery() as nursery:
+        host, port = (await nursery.start(server.run))["echo"][0]
+        stream = await trio.open_tcp_stream(host, port)
+        sent = 0
+        started = trio.current_time()
+        with trio.fail_after(15), pytest.raises(trio.BrokenResourceError):
+            while True:  # never reads: both socket buffers fill, then the server's send stalls
+                await stream.send_all(b"z" * 65536)
+                sent += 65536
+        # Dropped about a second after the stall began, not tens of seconds later.
+        assert trio.current_time() - started < 10
+        assert sent > 65536
+        nursery.cancel_scope.cancel()
