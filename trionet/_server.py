@@ -124,6 +124,8 @@ class Server:
       listeners: optional ready-made listeners per service name (for
         instance :class:`trionet.testing.MemoryListener`); services with
         none get TCP listeners on their host and port.
+      announce: log each ``listening on`` line at INFO (a worker process,
+        whose parent announced the sockets, logs them at DEBUG).
 
     Use :meth:`run` with ``nursery.start`` (it returns :attr:`addresses`)
     and :meth:`shutdown` to stop gracefully.
@@ -136,6 +138,7 @@ class Server:
         host: str = "127.0.0.1",
         grace: float = 5.0,
         listeners: Mapping[str, Sequence[trio.abc.Listener[Any]]] | None = None,
+        announce: bool = True,
     ) -> None:
         names = [s.name for s in services]
         if len(set(names)) != len(names):
@@ -148,6 +151,7 @@ class Server:
         #: Bound ``(host, port)`` addresses per service name, once started.
         self.addresses: dict[str, list[tuple[str, int]]] = {}
         self._given_listeners = dict(listeners or {})
+        self._announce = announce
         self._connections: set[Connection] = set()
         self._by_service: dict[str, set[Connection]] = {s.name: set() for s in services}
         self._active: dict[str, int] = {s.name: 0 for s in services}
@@ -213,7 +217,13 @@ class Server:
                 host, port = sock.getsockname()[:2]
                 self.addresses.setdefault(label, []).append((host, port))
                 shown = f"[{host}]" if ":" in host else host
-                log.info("%s listening on %s:%d", label, shown, port)
+                log.log(
+                    logging.INFO if self._announce else logging.DEBUG,
+                    "%s listening on %s:%d",
+                    label,
+                    shown,
+                    port,
+                )
             else:
                 self.addresses.setdefault(label, [])
                 log.info("%s listening on %r", label, listener)

@@ -88,6 +88,7 @@ class Service:
       max_per_address: clients served at once from one IP address; ``None``
         for half of ``max_connections`` (room for hundreds of clients
         behind one NAT, while no single address can take every slot).
+      tls_cert, tls_key: PEM files; with both, the service speaks TLS.
     """
 
     name: ClassVar[str] = "service"
@@ -105,6 +106,8 @@ class Service:
     line_timeout: float = attrs.field(default=DEFAULT_LINE_TIMEOUT, validator=_non_negative)
     max_connections: int = attrs.field(default=DEFAULT_MAX_CONNECTIONS, validator=_positive)
     max_per_address: int | None = attrs.field(default=None, validator=_optional_positive)
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     @property
     def effective_port(self) -> int:
@@ -140,6 +143,15 @@ class Service:
         member's departure with the reason) or to answer differently.
         """
         await conn.send_line("BYE")
+
+    def workers_problem(self, workers: int) -> str | None:
+        """Why this service cannot run in ``workers`` processes (``None``: it can).
+
+        Each worker process has its own copy of the service's state. A
+        service whose connections share state that must stay one (a chat
+        room, statistics) returns the reason when ``workers`` is above 1.
+        """
+        return None
 
     async def open_extra_listeners(self, host: str) -> list[trio.abc.Listener[Any]]:
         """Listeners this service needs besides its TCP port (default: none).

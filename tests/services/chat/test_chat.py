@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 import trionet
-from trionet.serve import build_parser, services_from_args
+from trionet._runner import build_parser
 from trionet.services.chat.server import WELCOME, ChatService
 from trionet.testing import Client, open_memory_server
 
@@ -426,14 +426,12 @@ async def test_join_leave_invariant_random_clients(transport: str, seed: int) ->
 
 
 def test_command_line_options() -> None:
-    parser = build_parser({"chat": ChatService})
-    args = parser.parse_args(["chat", "--rate", "2.5", "--burst", "3", "--sendq", "2048"])
-    (svc,) = services_from_args(args, {"chat": ChatService}, parser)
+    (svc,) = trionet.build_services(["chat", "--rate", "2.5", "--burst", "3", "--sendq", "2048"])
     assert isinstance(svc, ChatService)
     assert (svc.rate, svc.burst, svc.sendq) == (2.5, 3, 2048)
     assert svc.effective_idle_timeout == 3600
     assert svc.effective_port == 7003
-    help_text = parser.format_help()
+    help_text = build_parser({"chat": ChatService})[0].format_help()
     for option in ("--rate", "--burst", "--sendq"):
         assert option in help_text
     with pytest.raises(ValueError):

@@ -572,21 +572,17 @@ async def test_a_stalled_transfer_is_dropped(
 
 
 def test_from_args_and_root_validation(tmp_path: Path) -> None:
-    from trionet.serve import build_parser, services_from_args
-
-    classes = {"files": FilesService}
-    parser = build_parser(classes)
-    args = parser.parse_args(["files", "--root", str(tmp_path)])
-    (service,) = services_from_args(args, classes, parser)
+    (service,) = trionet.build_services(["files", "--root", str(tmp_path)])
     assert isinstance(service, FilesService)
     assert service.root == os.path.realpath(tmp_path)
-    args = parser.parse_args(["files"])
-    (service,) = services_from_args(args, classes, parser)
+    (service,) = trionet.build_services(["files"])
     assert isinstance(service, FilesService)
     assert service.root == os.path.realpath(".")
     assert service.effective_port == 7004
     with pytest.raises(ValueError, match="not a directory"):
         FilesService(root=str(tmp_path / "missing"))
+    with pytest.raises(trionet.StartupError, match=r"cannot start files on \S+:7004: root"):
+        trionet.build_services(["files", "--root", str(tmp_path / "missing")])
 
 
 def test_shown_escapes_control_characters() -> None:

@@ -1,0 +1,686 @@
+"""The one entry point: run services as a program, with or without a command line.
+
+:func:`run` is what ``python -m trionet.serve`` is built on, and what a
+user's own script calls::
+
+    sys.exit(trionet.run([ShoutService], argv=sys.argv[1:]))
+
+It sets up logging (unless the program already did), runs the services
+under one :class:`~trionet.Server`, turns SIGINT/SIGTERM into a graceful
+shutdown (a second signal stops at once), reports a service that cannot
+start in one line (exit status 1), and returns 0 after a clean stop, with
+no traceback on Ctrl-C.
+
+With ``argv`` it also reads the command line and, with ``--config FILE``,
+a TOML file. Options are layered, each layer overriding the one before:
+built-in defaults, the file's ``[common]`` table, the file's table for the
+service, then the flags actually given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import re
+import signal
+import sys
+import tomllib
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import attrs
+import trio
+
+from ._framing import DEFAULT_MAX_LINE
+from ._plugins import PluginError, builtin_names, load_service, service_names
+from ._server import Server, StartupError
+from ._service import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Service
+from ._workers import inherited_listeners, run_workers, watch_parent
+
+__all__ = ["ConfigError", "build_parser", "build_services", "run", "serve_forever"]
+
+log = logging.getLogger("trionet")
+
+#: Options of the server as a whole (one value for the process).
+_SERVER_DESTS: Final = ("grace", "log_level", "workers")
+#: Options every service has (``Service`` fields), by argparse dest.
+_SERVICE_DESTS: Final = (
+    "host",
+    "max_connections",
+    "max_per_address",
+    "idle_timeout",
+    "line_timeout",
+    "max_line",
+    "tls_cert",
+    "tls_key",
+)
+_CONFIG_EXAMPLE: Final = """\
+config file (--config FILE, TOML; command-line flags override it):
+  [common]                      # options for every service (and the server)
+  services = ["chat", "calc"]   # what to run when no SERVICE is named
+  host = "0.0.0.0"
+  idle-timeout = 600
+  grace = 10
+
+  [chat]                        # one table per service: host, port, its options
+  port = 7003
+  rate = 5
+
+  [calc]
+  port = 0                      # any free port; the log says which
+Keys are the long option names without the dashes; an unknown table or key
+is an error that names it."""
+
+_SPEC: Final = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+class ConfigError(ValueError):
+    """A bad ``--config`` file or a bad ``--port`` mapping: the message says what."""
+
+
+# -- option types --------------------------------------------------------------------
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0..65535, got {text}")
+    return value
+
+
+def _port_spec(text: str) -> tuple[str | None, int]:
+    name, eq, number = text.rpartition("=")
+    try:
+        return (name if eq else None), _port_number(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PORT or NAME=PORT, got {text!r}") from None
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    return _positive_int(text)
+
+
+# -- the parser ----------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    # A service that cannot start stops the process with status 1 (see
+    # PROTOCOL.md): a bad option is one way of not starting.
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+class _SharedGroup:
+    """An argument group that lets two services declare the same option.
+
+    Chat and guess both take ``--redis``: the first declaration wins and the
+    second is skipped when it names the same destination (a real conflict,
+    the same flag for two different things, still raises).
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser, title: str) -> None:
+        self._parser = parser
+        self._group = parser.add_argument_group(title)
+        self.dests: set[str] = set()
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> Any:
+        known = {s: a for a in self._parser._actions for s in a.option_strings}
+        clash = [known[f] for f in flags if f in known]
+        if clash:
+            dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+            if all(a.dest == dest for a in clash):
+                self.dests.add(dest)
+                return clash[0]
+        action = self._group.add_argument(*flags, **kwargs)
+        self.dests.add(action.dest)
+        return action
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._group, name)
+
+
+def build_parser(
+    classes: dict[str, type[Service]], *, prog: str = "python -m trionet.serve"
+) -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
+    """The command-line parser for ``classes``, and each service's own option dests."""
+    table = "\n".join(
+        f"  {c.name:<6} port {c.default_port:<5} {c.summary}" for c in classes.values()
+    )
+    parser = _Parser(
+        prog=prog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Run trionet services. With no SERVICE, every built-in runs, each on its\n"
+            "default port. SERVICE is a name below, an installed plugin's name, or\n"
+            "package.module:ClassName. SIGINT/SIGTERM shut down gracefully (exit 0;\n"
+            "a second signal stops at once); a service that cannot start exits 1.\n\n"
+            f"services:\n{table}"
+        ),
+        epilog=(
+            "Each service logs 'NAME listening on HOST:PORT' at start (with port 0 that\n"
+            "is how to learn the port) and one access-log line per connection. Logs go\n"
+            f"to stderr.\n\n{_CONFIG_EXAMPLE}"
+        ),
+    )
+    parser.add_argument(
+        "services",
+        nargs="*",
+        metavar="SERVICE",
+        help=f"services to run (default: {', '.join(classes) or 'every built-in'})",
+    )
+    server = parser.add_argument_group("the server")
+    server.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read options from a TOML file (see below); flags given here override it",
+    )
+    server.add_argument(
+        "--grace",
+        type=_non_negative,
+        default=5.0,
+        metavar="SECONDS",
+        help="on shutdown, time given to work in flight before clients are sent "
+        "'BYE shutdown' (default: %(default)s)",
+    )
+    server.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the listening sockets; 'auto' is one per core "
+        "(default: %(default)s)",
+    )
+    server.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity on stderr (default: %(default)s)",
+    )
+    common = parser.add_argument_group("options for every service")
+    common.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    common.add_argument(
+        "--port",
+        type=_port_spec,
+        action="append",
+        default=[],
+        metavar="[NAME=]PORT",
+        help="PORT alone with a single SERVICE; NAME=PORT (repeatable) with several, e.g. "
+        "--port chat=17003 --port calc=0; 0 picks a free port (default: each "
+        "service's own)",
+    )
+    common.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="clients served at once per service; the next one is sent 'BYE busy' "
+        "and closed (echo: closed) (default: %(default)s)",
+    )
+    common.add_argument(
+        "--max-per-address",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="clients served at once from one IP address; more are sent 'BYE busy' "
+        "(default: half of --max-connections)",
+    )
+    common.add_argument(
+        "--idle-timeout",
+        type=_non_negative,
+        default=None,
+        metavar="SECONDS",
+        help="drop a client that sends nothing for this long, with 'BYE idle-timeout' "
+        "(echo: silently); 0 turns it off (default: 300, chat 3600)",
+    )
+    common.add_argument(
+        "--line-timeout",
+        type=_non_negative,
+        default=DEFAULT_LINE_TIMEOUT,
+        metavar="SECONDS",
+        help="a line must arrive whole within this long of its first byte, or the client "
+        "is sent 'BYE line-timeout' and closed (stops clients that trickle bytes to hold "
+        "a slot); 0 turns it off (default: %(default)s)",
+    )
+    common.add_argument(
+        "--max-line",
+        type=_positive_int,
+        default=DEFAULT_MAX_LINE,
+        metavar="BYTES",
+        help="longest line accepted, terminator excluded; longer lines get "
+        "'ERR line-too-long' and are skipped (default: %(default)s)",
+    )
+    common.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=None,
+        help="PEM certificate (chain): the services speak TLS instead of plain TCP "
+        "(with --tls-key; default: plain TCP)",
+    )
+    common.add_argument(
+        "--tls-key", metavar="FILE", default=None, help="PEM private key for --tls-cert"
+    )
+    own: dict[str, set[str]] = {}
+    for cls in classes.values():
+        group = _SharedGroup(parser, f"{cls.name} options")
+        cls.add_arguments(group)  # type: ignore[arg-type]
+        if not group._group._group_actions:
+            parser._action_groups.remove(group._group)
+        own[cls.name] = group.dests
+    return parser, own
+
+
+def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+    """The options actually given in ``argv`` (not their defaults), by dest."""
+    saved = [(a, a.default) for a in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        return vars(parser.parse_args(argv))
+    finally:
+        for action, default in saved:
+            action.default = default
+
+
+# -- the config file ---------------------------------------------------------------------
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def _config_value(path: str, where: str, key: str, action: argparse.Action, value: Any) -> Any:
+    """``value`` from the file, checked and converted as the flag's own text would be."""
+    what = f"config file {path}: [{where}] {key}"
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what}: expected true or false, got {value!r}")
+        return value if isinstance(action, argparse._StoreTrueAction) else not value
+    if isinstance(value, dict):
+        raise ConfigError(f"{what}: expected a value, got a table")
+
+    def one(item: Any) -> Any:
+        text = str(item).lower() if isinstance(item, bool) else str(item)
+        try:
+            converted = action.type(text) if callable(action.type) else text
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise ConfigError(f"{what}: {exc or 'invalid value'} ({item!r})") from None
+        if action.choices is not None and converted not in action.choices:
+            raise ConfigError(f"{what}: {item!r} is not one of {list(action.choices)}")
+        return converted
+
+    n = action.nargs
+    if (isinstance(n, int) and n > 1) or n in ("+", "*"):
+        if not isinstance(value, list) or (isinstance(n, int) and len(value) != n):
+            raise ConfigError(f"{what}: expected a list of {n} values, got {value!r}")
+        return [one(v) for v in value]
+    return one(value)
+
+
+@attrs.define
+class _Plan:
+    """What to run: the classes, and each one's options after every layer."""
+
+    classes: dict[str, type[Service]]
+    options: dict[str, argparse.Namespace]
+    server: argparse.Namespace
+
+
+def _by_flag(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {
+        s[2:]: a
+        for a in parser._actions
+        for s in a.option_strings
+        if s.startswith("--") and a.dest not in ("help", "config", "port")
+    }
+
+
+def _plan(
+    given: Sequence[Service | type[Service]] | None, argv: Sequence[str]
+) -> tuple[_Plan, dict[str, Service]]:
+    """Parse ``argv`` (and the config file it names) into what to run."""
+    instances = {s.name: s for s in given or [] if isinstance(s, Service)}
+    available: dict[str, type[Service]] = {
+        s.name: (type(s) if isinstance(s, Service) else s) for s in given or []
+    }
+    if given is None:
+        for name in service_names():
+            available[name] = load_service(name)
+    # module:Class services named on the command line or in the config file
+    # must be known before the parser is built (their options join it).
+    config_path = _config_path(argv)
+    config = _read_config(config_path) if config_path else {}
+    common_table = config.get("common", {})
+    if not isinstance(common_table, dict):
+        raise ConfigError(f"config file {config_path}: 'common' must be a table")
+    listed = common_table.get("services", [])
+    if not isinstance(listed, list) or not all(isinstance(s, str) for s in listed):
+        raise ConfigError(f"config file {config_path}: [common] services must be a list of names")
+    for token in [*argv, *listed]:
+        if _SPEC.fullmatch(token):
+            cls = load_service(token)
+            available.setdefault(cls.name, cls)
+    prog = "python -m trionet.serve" if given is None else os.path.basename(sys.argv[0])
+    parser, own = build_parser(available, prog=prog)
+    args = parser.parse_args(argv)
+    explicit = _explicit(parser, argv)
+
+    names = [_name_of(s, available) for s in dict.fromkeys(args.services or listed)]
+    if not names:
+        names = builtin_names() if given is None else list(available)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise PluginError(f"unknown service {unknown[0]!r} (available: {', '.join(available)})")
+
+    flags = _by_flag(parser)
+    shared = {*_SERVER_DESTS, *_SERVICE_DESTS}
+    for table, values in config.items():
+        if table == "common":
+            continue
+        if table not in available:
+            raise ConfigError(f"config file {config_path}: unknown service table [{table}]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {config_path}: {table} must be a table")
+
+    def layer(
+        ns: argparse.Namespace, where: str, values: dict[str, Any], allowed: set[str]
+    ) -> None:
+        given = vars(ns).setdefault("given", set())
+        for key, value in values.items():
+            if where == "common" and key == "services":
+                continue
+            if key == "port" and where != "common":
+                ns.port_number = _config_value(config_path or "", where, key, _PORT_ACTION, value)
+                continue
+            action = flags.get(key)
+            if action is None or action.dest not in allowed:
+                raise ConfigError(f"config file {config_path}: [{where}] unknown key {key!r}")
+            setattr(ns, action.dest, _config_value(config_path or "", where, key, action, value))
+            given.add(action.dest)
+
+    server_ns = copy.copy(args)
+    layer(server_ns, "common", common_table, shared)
+    for dest in _SERVER_DESTS:
+        if dest in explicit:
+            setattr(server_ns, dest, explicit[dest])
+
+    ports = _ports(args.port, names)
+    options: dict[str, argparse.Namespace] = {}
+    for name in names:
+        ns = copy.copy(args)
+        ns.port_number = None
+        layer(ns, "common", common_table, shared)
+        table = config.get(name, {})
+        layer(ns, name, table, shared - set(_SERVER_DESTS) | own.get(name, set()))
+        for dest, value in explicit.items():
+            if dest not in ("services", "port", "config"):
+                setattr(ns, dest, value)
+                ns.given.add(dest)
+        if name in ports:
+            ns.port_number = ports[name]
+        options[name] = ns
+    return _Plan({n: available[n] for n in names}, options, server_ns), instances
+
+
+_PORT_ACTION = argparse.Action(["--port"], "port", type=_port_number)
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    for i, token in enumerate(argv):
+        if token == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith("--config="):
+            return token.partition("=")[2]
+    return None
+
+
+def _name_of(token: str, available: dict[str, type[Service]]) -> str:
+    if _SPEC.fullmatch(token):
+        return load_service(token).name
+    return token
+
+
+def _ports(specs: Iterable[tuple[str | None, int]], names: list[str]) -> dict[str, int]:
+    ports: dict[str, int] = {}
+    for name, port in specs:
+        if name is None:
+            if len(names) != 1:
+                raise ConfigError(
+                    "--port PORT needs exactly one SERVICE; with several use "
+                    "--port NAME=PORT for each (e.g. --port chat=17003)"
+                )
+            name = names[0]
+        elif name not in names:
+            raise ConfigError(f"--port {name}={port}: {name} is not one of the services run")
+        ports[name] = port
+    return ports
+
+
+def _build(plan: _Plan, instances: dict[str, Service]) -> list[Service]:
+    services = []
+    for name, cls in plan.classes.items():
+        ns = plan.options[name]
+        common: dict[str, Any] = {dest: getattr(ns, dest) for dest in _SERVICE_DESTS}
+        common["port"] = ns.port_number
+        try:
+            if name in instances:
+                # A ready instance keeps its settings but for the common
+                # options the file or the command line gave.
+                changes = {d: common[d] for d in _SERVICE_DESTS if d in ns.given}
+                if ns.port_number is not None:
+                    changes["port"] = ns.port_number
+                service = attrs.evolve(instances[name], **changes)
+            else:
+                service = cls.from_args(ns, **common)
+        except (ValueError, TypeError) as exc:
+            port = cls.default_port if ns.port_number is None else ns.port_number
+            raise StartupError(name, ns.host or "127.0.0.1", port, str(exc)) from exc
+        services.append(service)
+    return services
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+async def _watch_signals(
+    server: Server, cancel: trio.CancelScope, *, task_status: trio.TaskStatus[None]
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            if not server.shutting_down:
+                log.info("%s received: shutting down gracefully", signal.Signals(signum).name)
+                server.shutdown()
+            else:
+                log.warning("%s received again: stopping now", signal.Signals(signum).name)
+                cancel.cancel()
+
+
+async def _serve_until_signalled(server: Server, parent_fd: int | None) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_watch_signals, server, nursery.cancel_scope)
+        if parent_fd is not None:
+            nursery.start_soon(watch_parent, parent_fd, server)
+        await server.run()
+        nursery.cancel_scope.cancel()
+
+
+def _startup_error(exc: BaseException) -> StartupError | None:
+    if isinstance(exc, StartupError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _startup_error(inner)) is not None:
+                return found
+    return None
+
+
+def _setup_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not root.handlers:  # the program has not set up logging itself
+        logging.basicConfig(
+            level=level,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+    elif level != "INFO":
+        logging.getLogger("trionet").setLevel(level)
+
+
+def _raise_fd_limit(services: Sequence[Service]) -> None:
+    """Let the process hold every connection it is configured to accept.
+
+    The usual soft limit of 1024 descriptors is below the default
+    ``--max-connections`` of 1000 per service times five services; raise it
+    towards the hard limit (which needs no privilege) and warn if that is
+    still short.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Unix
+        return
+    needed = sum(s.max_connections for s in services) + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        log.warning(
+            "open-file limit %d is below the %d descriptors --max-connections may need",
+            target,
+            needed,
+        )
+
+
+def build_services(
+    argv: Sequence[str], services: Sequence[Service | type[Service]] | None = None
+) -> list[Service]:
+    """The services ``run(services, argv=argv)`` would run, built but not started.
+
+    For tests and tools: every layer applies (defaults, ``--config``, flags).
+    Raises :exc:`ConfigError`, :exc:`~trionet.PluginError` or
+    :exc:`~trionet.StartupError`; a bad flag exits like argparse does.
+    """
+    plan, instances = _plan(services, list(argv))
+    return _build(plan, instances)
+
+
+def run(
+    services: Sequence[Service | type[Service]] | None = None,
+    *,
+    argv: Sequence[str] | None = None,
+    host: str = "127.0.0.1",
+    grace: float = 5.0,
+    log_level: str = "INFO",
+) -> int:
+    """Run ``services`` as a program; return the exit status (0 after a clean stop).
+
+    Args:
+      services: service instances or classes (classes are built with their
+        defaults, or from the command line). ``None`` means the installed
+        services: the ones named on the command line, or every built-in.
+      argv: command-line arguments (e.g. ``sys.argv[1:]``); ``None`` reads
+        none. With it, every option of ``python -m trionet.serve`` works:
+        ports (``--port NAME=PORT``), timeouts, limits, TLS, ``--config``,
+        and each service's own options. For a ready instance only the
+        common options given there replace its settings.
+      host, grace, log_level: used when ``argv`` is ``None``.
+
+    Logging is set up on stderr unless the program configured it already.
+    SIGINT or SIGTERM starts a graceful shutdown (listeners close, work in
+    flight gets ``grace`` seconds, clients get ``BYE shutdown``); a second
+    signal stops at once. A service that cannot start (address in use, a
+    bad option) is reported in one line and the status is 1.
+    """
+    try:
+        if argv is None:
+            items = list(services or [])
+            built = [s if isinstance(s, Service) else s() for s in items]
+            level, workers = log_level, 1
+        else:
+            plan, instances = _plan(services, list(argv))
+            host = plan.server.host
+            grace = plan.server.grace
+            level, workers = plan.server.log_level, plan.server.workers
+            _setup_logging(level)
+            built = _build(plan, instances)
+    except (ConfigError, PluginError) as exc:
+        print(f"trionet: {exc}", file=sys.stderr)
+        return 1
+    except StartupError as exc:
+        _setup_logging(log_level)
+        log.error("%s", exc)
+        return 1
+    _setup_logging(level)
+    worker = inherited_listeners()
+    if worker is not None:  # started by a parent with --workers: serve its sockets
+        listeners, parent_fd = worker
+        return serve_forever(
+            built, host=host, grace=grace, listeners=listeners, parent_fd=parent_fd
+        )
+    if workers > 1:
+        return run_workers(built, host=host, grace=grace, workers=workers)
+    return serve_forever(built, host=host, grace=grace)
+
+
+def serve_forever(
+    services: Sequence[Service],
+    *,
+    host: str = "127.0.0.1",
+    grace: float = 5.0,
+    listeners: dict[str, list[trio.SocketListener]] | None = None,
+    parent_fd: int | None = None,
+) -> int:
+    """Run ready ``services`` in this process until a signal; return the exit status.
+
+    ``listeners`` and ``parent_fd`` are a worker's: the parent's sockets, and
+    the pipe that reports the parent's death (see :mod:`trionet._workers`).
+    """
+    _raise_fd_limit(services)
+    server = Server(
+        services, host=host, grace=grace, listeners=listeners, announce=listeners is None
+    )
+    try:
+        trio.run(_serve_until_signalled, server, parent_fd)
+    except KeyboardInterrupt:
+        # Ctrl-C before the signal handler was installed, or after it was
+        # removed: nothing was serving, so there is nothing to report.
+        log.info("interrupted")
+        return 0
+    except BaseException as exc:
+        error = _startup_error(exc)
+        if error is None:
+            raise
+        log.error("%s", error)
+        return 1
+    log.info("stopped")
+    return 0

@@ -1,0 +1,237 @@
+"""Worker processes: one set of listening sockets, served by N processes.
+
+The parent opens every listening socket once and starts N workers that
+serve those very sockets (inherited descriptors, not ``SO_REUSEPORT``: with
+a socket per worker, connections queued on a dying worker's socket are
+reset; with one shared socket any live worker accepts them). A worker is
+the same program started again (``sys.orig_argv``) with the descriptors
+named in the environment, so it builds exactly the services the parent
+did and serves them with the ordinary runner.
+
+The parent:
+
+* restarts a worker that dies (logged; a worker that keeps dying right
+  after it starts is restarted with a growing back-off),
+* forwards SIGINT/SIGTERM once to every worker, which then shuts down
+  gracefully (``BYE shutdown`` within ``--grace``), and exits 0 when all
+  have; a second signal kills them at once,
+* holds the write end of a pipe whose read end every worker watches: if
+  the parent dies, even by ``kill -9``, the pipe reports end-of-file and
+  each worker shuts down by itself. No worker outlives its parent.
+
+Workers run in their own process group, so a Ctrl-C on the terminal
+reaches only the parent, which forwards it once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+import trio
+
+from ._server import Server, StartupError, _reason
+from ._service import Service
+
+__all__ = ["WORKER_ENV", "inherited_listeners", "run_workers", "watch_parent"]
+
+log = logging.getLogger("trionet")
+
+#: The environment variable that makes a process a worker: JSON
+#: ``{"fds": {service: [fd, ...]}, "parent": fd, "index": i}``.
+WORKER_ENV: Final = "TRIONET_WORKER"
+
+#: A worker that dies sooner than this after starting is restarted after a
+#: back-off that doubles each time, up to _BACKOFF_MAX seconds.
+_HEALTHY_AFTER: Final = 2.0
+_BACKOFF_FIRST: Final = 0.1
+_BACKOFF_MAX: Final = 10.0
+
+
+def _open_sockets(service: Service, host: str) -> list[socket.socket]:
+    """Bind and listen on every address ``host`` resolves to, as Trio would."""
+    host = service.host or host
+    port = service.effective_port
+    socks: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
+        )
+        for family, type_, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(socket.SOMAXCONN)
+            if port == 0:  # every later address of this service gets the same port
+                port = sock.getsockname()[1]
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        raise StartupError(service.name, host, port, _reason(exc)) from exc
+    return socks
+
+
+def inherited_listeners() -> tuple[dict[str, list[trio.SocketListener]], int] | None:
+    """In a worker: the listeners the parent opened, and the parent-watch descriptor."""
+    spec = os.environ.get(WORKER_ENV)
+    if not spec:
+        return None
+    info = json.loads(spec)
+    listeners = {
+        name: [trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))]
+        for name, fds in info["fds"].items()
+        for fd in fds[:1]
+    }
+    for name, fds in info["fds"].items():
+        for fd in fds[1:]:
+            sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+            listeners[name].append(trio.SocketListener(sock))
+    return listeners, int(info["parent"])
+
+
+async def watch_parent(fd: int, server: Server) -> None:
+    """Shut ``server`` down gracefully once the parent is gone (its pipe says EOF)."""
+    os.set_blocking(fd, False)
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            if not os.read(fd, 64):
+                break
+        except BlockingIOError:
+            continue
+    if not server.shutting_down:
+        log.warning("the parent process is gone: shutting down")
+        server.shutdown()
+
+
+def run_workers(services: Sequence[Service], *, host: str, grace: float, workers: int) -> int:
+    """Open the listeners, run ``workers`` processes on them, supervise; the exit status."""
+    for service in services:
+        problem = service.workers_problem(workers)
+        if problem is not None:
+            log.error(
+                "%s",
+                StartupError(service.name, service.host or host, service.effective_port, problem),
+            )
+            return 1
+    sockets: dict[str, list[socket.socket]] = {}
+    try:
+        for service in services:
+            sockets[service.name] = _open_sockets(service, host)
+    except StartupError as exc:
+        log.error("%s", exc)
+        for socks in sockets.values():
+            for sock in socks:
+                sock.close()
+        return 1
+    for name, socks in sockets.items():
+        for sock in socks:
+            bound_host, port = sock.getsockname()[:2]
+            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+            log.info("%s listening on %s:%d", name, shown, port)
+    try:
+        return trio.run(_supervise, sockets, workers, grace)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for socks in sockets.values():
+            for sock in socks:
+                sock.close()
+
+
+class _Supervisor:
+    def __init__(self, sockets: dict[str, list[socket.socket]], count: int, grace: float) -> None:
+        self.sockets = sockets
+        self.count = count
+        self.grace = grace
+        self.stopping = False
+        self.procs: dict[int, trio.Process] = {}
+        # The pipe every worker watches: the parent keeps the write end
+        # open for its whole life and never writes.
+        self.watch_r, self.watch_w = os.pipe()
+
+    def _env(self, index: int) -> dict[str, str]:
+        spec = {
+            "fds": {name: [s.fileno() for s in socks] for name, socks in self.sockets.items()},
+            "parent": self.watch_r,
+            "index": index,
+        }
+        return {**os.environ, WORKER_ENV: json.dumps(spec)}
+
+    async def keep_running(self, index: int) -> None:
+        """Run worker ``index``; restart it whenever it dies, until we stop."""
+        backoff = _BACKOFF_FIRST
+        fds = [s.fileno() for socks in self.sockets.values() for s in socks]
+        while not self.stopping:
+            started = trio.current_time()
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, *sys.orig_argv[1:]],
+                env=self._env(index),
+                pass_fds=[*fds, self.watch_r],
+                process_group=0,  # Ctrl-C on the terminal reaches the parent only
+            )
+            self.procs[index] = proc
+            log.info("worker %d started (pid %d)", index, proc.pid)
+            code = await proc.wait()
+            del self.procs[index]
+            if self.stopping:
+                log.info("worker %d (pid %d) stopped", index, proc.pid)
+                return
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+            if trio.current_time() - started >= _HEALTHY_AFTER:
+                backoff = _BACKOFF_FIRST
+            log.error(
+                "worker %d (pid %d) died (%s); restarting in %.1fs", index, proc.pid, how, backoff
+            )
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    def signal_all(self, signum: int) -> None:
+        for proc in list(self.procs.values()):
+            if proc.returncode is None:
+                proc.send_signal(signum)
+
+
+async def _supervise(sockets: dict[str, list[socket.socket]], count: int, grace: float) -> int:
+    sup = _Supervisor(sockets, count, grace)
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as outer:
+
+                async def forward() -> None:
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        if not sup.stopping:
+                            sup.stopping = True
+                            log.info("%s received: stopping %d worker(s) gracefully", name, count)
+                            # Nothing will accept from here on: close our copies
+                            # so new clients are refused, not queued.
+                            for socks in sup.sockets.values():
+                                for sock in socks:
+                                    sock.close()
+                            sup.signal_all(signal.SIGTERM)
+                        else:
+                            log.warning("%s received again: killing the workers", name)
+                            sup.signal_all(signal.SIGKILL)
+
+                outer.start_soon(forward)
+                # Each slot's task returns once we stop and its worker has exited.
+                async with trio.open_nursery() as slots:
+                    for index in range(count):
+                        slots.start_soon(sup.keep_running, index)
+                outer.cancel_scope.cancel()
+    finally:
+        sup.signal_all(signal.SIGKILL)
+        os.close(sup.watch_w)
+        os.close(sup.watch_r)
+    log.info("stopped")
+    return 0
