@@ -304,6 +304,21 @@ async def test_memory_line_rules_apply_to_a_web_member(autojump_clock: object) -
         await alice.expect("WHO alice")
 
 
+async def test_memory_message_over_the_size_bound_closes_the_websocket(
+    autojump_clock: object,
+) -> None:
+    async with memory_web(ChatService()) as chat:
+        alice = await (await chat.connect_ws()).join("alice")
+        bob = await join_tcp(await chat.connect_tcp(), "bob")
+        await alice.expect("JOIN bob")
+        await alice.send_line("x" * (chat.web.max_message_size + 1))
+        with pytest.raises(ConnectionClosed) as info:
+            await alice.ws.get_message()
+        assert info.value.reason.code == 1009  # Message Too Big
+        await bob.expect("LEAVE alice")
+    # memory_web ended: the TCP stream under the WebSocket was closed too.
+
+
 async def test_memory_idle_timeout_applies_to_a_web_member(autojump_clock: object) -> None:
     async with memory_web(ChatService(idle_timeout=60)) as chat:
         alice = await (await chat.connect_ws()).join("alice")

@@ -416,7 +416,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         peer = format_peer(stream)
         try:
             # trio-websocket's reader task lives in this nursery for as long
-            # as the WebSocket does; it ends when the stream is closed.
+            # as the WebSocket does.
             async with trio.open_nursery() as nursery:
                 handed_over = False
                 try:
@@ -425,7 +425,12 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                 finally:
                     self._handshakes.discard(scope)
                     if not handed_over:
+                        # Ends the reader task of a handshake cut short too.
                         await trio.aclose_forcefully(stream)
+            # The reader task has ended, so the WebSocket is over. Close the
+            # TCP stream in case nobody did: trio-websocket leaves it open
+            # after refusing a message over the size limit (code 1009).
+            await trio.aclose_forcefully(stream)
         except* _GONE:
             pass  # the client went away mid-request: nothing to tell anyone
         except* Exception as group:
