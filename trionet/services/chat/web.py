@@ -358,7 +358,6 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         self._ready_send, self._ready = trio.open_memory_channel[WebSocketStream](0)
         self._accepting = trio.CancelScope()
         self._handshakes: set[trio.CancelScope] = set()
-        self._closed = False
 
     @property
     def socket(self) -> trio.socket.SocketType | None:
@@ -380,7 +379,6 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         this works under cancellation too (the server closes its listeners
         that way).
         """
-        self._closed = True
         self._ready.close()
         self._accepting.cancel()
         for scope in self._handshakes:
