@@ -32,6 +32,7 @@ from ..._service import Service
 from .flood import TokenBucket
 from .room import ChannelMember, ChatError, Room
 from .text import Me, Message, Nick, Private, Unknown, Who, parse_line, sanitize
+from .web import message_limit, open_web_listeners
 
 __all__ = ["WELCOME", "ChatService"]
 
@@ -65,6 +66,11 @@ class ChatService(Service):
     #: Bytes of pending output per client before it is evicted.
     sendq: int = attrs.field(default=DEFAULT_SENDQ, validator=attrs.validators.ge(1))
     room: Room = attrs.field(factory=Room)
+    #: HTTP port of the browser page and its WebSocket (``None``: off; 0: any free port).
+    web_port: int | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional([attrs.validators.ge(0), attrs.validators.le(65535)]),
+    )
     _members: dict[Connection, ChannelMember] = attrs.field(factory=dict, init=False)
 
     async def handle(self, conn: Connection) -> None:
@@ -158,6 +164,13 @@ class ChatService(Service):
             self.room.leave(member, reason)
             self.room.reply(member, "BYE")
 
+    async def open_extra_listeners(self, host: str) -> list[trio.abc.Listener[Any]]:
+        """With ``web_port``: the page and WebSocket listener(s) of :mod:`.web`."""
+        if self.web_port is None:
+            return []
+        limit = message_limit(self.max_line)
+        return list(await open_web_listeners(host, self.web_port, max_message_size=limit))
+
     async def on_line_error(self, conn: Connection, event: LineTooLong | BadEncoding) -> None:
         """Queue the ``ERR`` line for the writer instead of sending it here."""
         member = self._members.get(conn)
@@ -166,7 +179,7 @@ class ChatService(Service):
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        """Add ``--rate``, ``--burst`` and ``--sendq``."""
+        """Add ``--rate``, ``--burst``, ``--sendq`` and ``--web-port``."""
         group.add_argument(
             "--rate",
             type=float,
@@ -190,8 +203,18 @@ class ChatService(Service):
             help="output the server holds for one client before it is disconnected "
             "as a slow consumer (default: %(default)s)",
         )
+        group.add_argument(
+            "--web-port",
+            type=int,
+            default=None,
+            metavar="PORT",
+            help="also serve the chat in a browser: the page on http://HOST:PORT/ and "
+            "the line protocol over a WebSocket at /ws; 0 picks a free port (default: off)",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **common: Any) -> Self:
         """Build the service from ``trionet.serve``'s parsed options."""
-        return cls(rate=args.rate, burst=args.burst, sendq=args.sendq, **common)
+        return cls(
+            rate=args.rate, burst=args.burst, sendq=args.sendq, web_port=args.web_port, **common
+        )

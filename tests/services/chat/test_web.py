@@ -1,0 +1,535 @@
+"""Chat in a browser without a browser: the WebSocket stream adapter, the HTTP
+side of the web listener, and WebSocket and TCP members in one room, in
+memory (autojump clock) and over real sockets.
+
+The browser itself is driven in test_web_browser.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    open_websocket_url,
+    wrap_client_stream,
+    wrap_server_stream,
+)
+
+import trionet
+from trionet.services.chat.server import WELCOME, ChatService
+from trionet.services.chat.web import (
+    HANDSHAKE_TIMEOUT,
+    MAX_HEAD,
+    WebListener,
+    WebSocketStream,
+    load_page,
+)
+from trionet.testing import Client, MemoryListener
+
+# -- a scripted WebSocket client --------------------------------------------------
+
+
+class WsClient:
+    """Like trionet.testing.Client, one line per WebSocket message."""
+
+    def __init__(self, ws: WebSocketConnection, timeout: float = 5) -> None:
+        self.ws = ws
+        self.timeout = timeout
+
+    async def send_line(self, line: str) -> None:
+        await self.ws.send_message(line)
+
+    async def receive_line(self) -> str | None:
+        with trio.fail_after(self.timeout):
+            try:
+                message = await self.ws.get_message()
+            except ConnectionClosed:
+                return None
+        assert isinstance(message, str), f"expected a text message, got {message!r}"
+        assert "\n" not in message, f"a message holds an LF: {message!r}"
+        return message
+
+    async def expect(self, *lines: str) -> None:
+        for want in lines:
+            got = await self.receive_line()
+            assert got == want, f"expected {want!r}, got {got!r}"
+
+    async def expect_closed(self) -> None:
+        got = await self.receive_line()
+        assert got is None, f"expected the WebSocket to close, got {got!r}"
+
+    async def join(self, nick: str) -> WsClient:
+        await self.expect(WELCOME)
+        await self.send_line(f"/nick {nick}")
+        await self.expect(f"OK nick {nick}")
+        return self
+
+
+async def join_tcp(client: Client, nick: str) -> Client:
+    await client.expect(WELCOME)
+    await client.send_line(f"/nick {nick}")
+    await client.expect(f"OK nick {nick}")
+    return client
+
+
+# -- the stream adapter, in memory: messages <-> lines ----------------------------
+
+
+@asynccontextmanager
+async def adapter_pair() -> AsyncIterator[tuple[WebSocketStream, WebSocketConnection]]:
+    """A WebSocketStream (server side) and a plain trio-websocket client,
+    talking over a memory stream: a real WebSocket without sockets."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    accepted: list[WebSocketConnection] = []
+    async with trio.open_nursery() as nursery:
+
+        async def server_side() -> None:
+            request = await wrap_server_stream(nursery, server_stream)
+            accepted.append(await request.accept())
+
+        nursery.start_soon(server_side)
+        client = await wrap_client_stream(nursery, client_stream, "localhost", "/ws")
+        await trio.testing.wait_all_tasks_blocked()
+        stream = WebSocketStream(accepted[0])
+        with trio.fail_after(5):
+            yield stream, client
+        await trio.aclose_forcefully(stream)
+        await trio.aclose_forcefully(client)
+
+
+async def test_each_message_becomes_a_line() -> None:
+    async with adapter_pair() as (stream, client):
+        for message in ["hello", "", "two\nlines", "é ✓"]:
+            await client.send_message(message)
+        await client.send_message(b"\xff\xfe")  # binary: bytes of a line, as sent
+        got = [await stream.receive_some() for _ in range(5)]
+        assert got == [b"hello\n", b"\n", b"two\nlines\n", "é ✓\n".encode(), b"\xff\xfe\n"]
+
+
+async def test_receive_some_honours_max_bytes() -> None:
+    async with adapter_pair() as (stream, client):
+        await client.send_message("abcdef")
+        assert await stream.receive_some(4) == b"abcd"
+        assert await stream.receive_some(4) == b"ef\n"
+        with pytest.raises(ValueError):
+            await stream.receive_some(0)
+
+
+async def test_each_line_becomes_a_message() -> None:
+    async with adapter_pair() as (stream, client):
+        await stream.send_all(b"one\ntw")
+        await stream.send_all(b"o\nthree\n")
+        e = "é".encode()
+        await stream.send_all(e[:1])  # a character cut between two writes
+        await stream.send_all(e[1:] + b"\n")
+        got = [await client.get_message() for _ in range(4)]
+        assert got == ["one", "two", "three", "é"]
+        with trio.move_on_after(1):
+            extra = await client.get_message()
+            raise AssertionError(f"a partial line was sent: {extra!r}")
+
+
+async def test_peer_close_is_end_of_input_and_sending_breaks() -> None:
+    async with adapter_pair() as (stream, client):
+        await client.send_message("last words")
+        await client.aclose()
+        assert await stream.receive_some() == b"last words\n"
+        assert await stream.receive_some() == b""
+        assert await stream.receive_some() == b""
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.send_all(b"anyone there?\n")
+
+
+async def test_aclose_closes_the_websocket() -> None:
+    async with adapter_pair() as (stream, client):
+        await stream.send_all(b"bye\n")
+        await stream.aclose()
+        assert await client.get_message() == "bye"
+        with pytest.raises(ConnectionClosed) as info:
+            await client.get_message()
+        assert info.value.reason.code == 1000  # a clean close handshake
+        for op in (stream.receive_some(), stream.send_all(b"x\n")):
+            with pytest.raises(trio.ClosedResourceError):
+                await op
+        await stream.aclose()  # twice is fine
+
+
+@attrs.define
+class FakeSocket:
+    """Records sent messages; just enough of a WebSocket for send_all."""
+
+    sent: list[str | bytes] = attrs.field(factory=list)
+
+    async def get_message(self) -> str | bytes:
+        raise ConnectionClosed(None)
+
+    async def send_message(self, message: str | bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self.sent.append(message)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+lines = st.lists(st.text(st.characters(blacklist_characters="\n"), max_size=20), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=lines, cuts=st.lists(st.integers(0, 400), max_size=10))
+def test_any_chunking_gives_the_same_messages(lines: list[str], cuts: list[int]) -> None:
+    data = "".join(line + "\n" for line in lines).encode("utf-8", "surrogatepass")
+    points = sorted({c for c in cuts if c <= len(data)} | {0, len(data)})
+    chunks = [data[a:b] for a, b in itertools.pairwise(points)]
+
+    async def main() -> list[str | bytes]:
+        fake = FakeSocket()
+        stream = WebSocketStream(fake)
+        for chunk in chunks:
+            await stream.send_all(chunk)
+        return fake.sent
+
+    want = [line.encode("utf-8", "surrogatepass").decode("utf-8", "replace") for line in lines]
+    assert trio.run(main) == want
+
+
+# -- the whole server in memory: web listener over a memory listener ---------------
+
+
+@attrs.define
+class MemoryWeb:
+    """A chat server whose TCP and web listeners are both in memory."""
+
+    server: trionet.Server
+    tcp: MemoryListener
+    web: WebListener
+    nursery: trio.Nursery
+
+    async def connect_tcp(self) -> Client:
+        return Client(await self.tcp.connect(), timeout=10)
+
+    async def connect_ws(self) -> WsClient:
+        stream = await self.transport().connect()
+        ws = await wrap_client_stream(self.nursery, stream, "localhost", "/ws")
+        return WsClient(ws, timeout=100)  # virtual seconds: the autojump clock
+
+    def transport(self) -> MemoryListener:
+        assert isinstance(self.web.transport, MemoryListener)
+        return self.web.transport
+
+    async def http(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        stream = await self.transport().connect()
+        await stream.send_all(request)
+        return await read_response(stream)
+
+
+async def read_response(stream: trio.abc.Stream) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and body of a Connection: close response."""
+    data = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some():
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.lower()] = value.strip()
+    if "content-length" in headers:
+        assert int(headers["content-length"]) == len(body)
+    return int(status_line.split()[1]), headers, body
+
+
+@asynccontextmanager
+async def memory_web(service: ChatService, grace: float = 5.0) -> AsyncIterator[MemoryWeb]:
+    tcp = MemoryListener()
+    web = WebListener(MemoryListener())
+    server = trionet.Server([service], grace=grace, listeners={"chat": [tcp, web]})
+    with trio.fail_after((service.effective_idle_timeout or 0) + 60):
+        async with trio.open_nursery() as nursery:
+            # The listener's background work in the test's nursery: this block
+            # ends only if it ends once the server has closed everything.
+            await nursery.start(web.run)
+            await nursery.start(server.run)
+            try:
+                yield MemoryWeb(server, tcp, web, nursery)
+            finally:
+                server.shutdown()
+
+
+async def test_memory_web_and_tcp_members_share_the_room(autojump_clock: object) -> None:
+    async with memory_web(ChatService()) as chat:
+        alice = await (await chat.connect_ws()).join("alice")
+        bob = await join_tcp(await chat.connect_tcp(), "bob")
+        await alice.expect("JOIN bob")
+        await alice.send_line("hello bob")
+        await bob.expect("MSG alice hello bob")
+        await bob.send_line("/me waves")
+        await bob.send_line("/msg alice psst")
+        await alice.expect("ACTION bob waves", "PRIV bob psst")
+        await alice.send_line("/who")
+        await alice.expect("WHO alice bob")
+        await alice.send_line("/quit bye now")
+        await alice.expect("BYE")
+        await alice.expect_closed()
+        await bob.expect("LEAVE alice bye now")
+
+
+async def test_memory_line_rules_apply_to_a_web_member(autojump_clock: object) -> None:
+    async with memory_web(ChatService(max_line=100)) as chat:
+        alice = await (await chat.connect_ws()).join("alice")
+        await alice.send_line("x" * 101)
+        await alice.expect("ERR line-too-long 100")
+        await alice.send_line("/nick")
+        await alice.expect("ERR bad-nick")
+        await alice.ws.send_message(b"\xff")  # binary: bad UTF-8 in a line
+        await alice.expect("ERR bad-encoding")
+        await alice.send_line("/who")  # the connection carried on
+        await alice.expect("WHO alice")
+
+
+async def test_memory_message_over_the_size_bound_closes_the_websocket(
+    autojump_clock: object,
+) -> None:
+    async with memory_web(ChatService()) as chat:
+        alice = await (await chat.connect_ws()).join("alice")
+        bob = await join_tcp(await chat.connect_tcp(), "bob")
+        await alice.expect("JOIN bob")
+        await alice.send_line("x" * (chat.web.max_message_size + 1))
+        with pytest.raises(ConnectionClosed) as info:
+            await alice.ws.get_message()
+        assert info.value.reason.code == 1009  # Message Too Big
+        await bob.expect("LEAVE alice")
+    # memory_web ended: the TCP stream under the WebSocket was closed too.
+
+
+async def test_memory_idle_timeout_applies_to_a_web_member(autojump_clock: object) -> None:
+    async with memory_web(ChatService(idle_timeout=60)) as chat:
+        alice = await (await chat.connect_ws()).join("alice")
+        bob = await join_tcp(await chat.connect_tcp(), "bob")
+        await alice.expect("JOIN bob")
+        await bob.expect_nothing(for_seconds=30)
+        await bob.send_line("still here")
+        await alice.expect("MSG bob still here", "BYE idle-timeout")
+        await alice.expect_closed()
+        await bob.expect("LEAVE alice")
+
+
+async def test_memory_shutdown_says_bye_and_ends_the_listener(autojump_clock: object) -> None:
+    async with memory_web(ChatService()) as chat:
+        alice = await (await chat.connect_ws()).join("alice")
+        bob = await join_tcp(await chat.connect_tcp(), "bob")
+        await alice.expect("JOIN bob")
+        half_open = await chat.transport().connect()  # never sends its request
+        chat.server.shutdown()
+        await alice.expect("BYE shutdown")
+        await alice.expect_closed()
+        await bob.expect("BYE shutdown")
+        with trio.fail_after(1):
+            assert await half_open.receive_some() == b""  # dropped at once
+    # memory_web's nursery, holding web.run, has ended: nothing was left behind.
+
+
+async def test_memory_max_connections_apply_to_web_members(autojump_clock: object) -> None:
+    async with memory_web(ChatService(max_connections=1)) as chat:
+        alice = await (await chat.connect_ws()).join("alice")
+        turned_away = await chat.connect_ws()
+        await turned_away.expect("BYE busy")
+        await turned_away.expect_closed()
+        await alice.send_line("/who")
+        await alice.expect("WHO alice")
+
+
+async def test_memory_http_routes(autojump_clock: object) -> None:
+    async with memory_web(ChatService()) as chat:
+        status, headers, body = await chat.http(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert status == 200
+        assert headers["content-type"] == "text/html; charset=utf-8"
+        assert "default-src 'none'" in headers["content-security-policy"]
+        assert body.startswith(b"<!doctype html>")
+        assert (await chat.http(b"GET /?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"))[0] == 200
+        assert (await chat.http(b"GET /nope HTTP/1.1\r\nHost: h\r\n\r\n"))[0] == 404
+        status, headers, _ = await chat.http(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        assert (status, headers["allow"]) == (405, "GET")
+        assert (await chat.http(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n"))[0] == 405
+        status, headers, _ = await chat.http(b"GET /ws HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert (status, headers["upgrade"]) == (426, "websocket")
+        assert (await chat.http(b"nonsense\r\n\r\n"))[0] == 400
+        assert (await chat.http(b"GET / HTTP/1.1\r\nno colon\r\n\r\n"))[0] == 400
+        huge = b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HEAD + b"\r\n\r\n"
+        assert (await chat.http(huge))[0] == 431
+        # The server carries on serving WebSockets after all that.
+        await (await chat.connect_ws()).join("alice")
+
+
+async def test_memory_slow_request_is_dropped(autojump_clock: object) -> None:
+    async with memory_web(ChatService()) as chat:
+        stream = await chat.transport().connect()
+        await stream.send_all(b"GET / HTTP/1.1\r\n")  # ...and nothing more
+        start = trio.current_time()
+        with trio.fail_after(HANDSHAKE_TIMEOUT + 1):
+            assert await stream.receive_some() == b""
+        assert trio.current_time() - start >= HANDSHAKE_TIMEOUT - 0.01
+
+
+async def test_memory_websocket_from_another_site_is_refused(autojump_clock: object) -> None:
+    upgrade = (
+        b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    )
+    async with memory_web(ChatService()) as chat:
+        status, _, body = await chat.http(upgrade + b"Origin: http://evil.example\r\n\r\n")
+        assert (status, body) == (403, b"403 WebSocket from another origin\n")
+        # The page's own origin (scheme and Host) is let in, as are clients
+        # that send no Origin (connect_ws).
+        stream = await chat.transport().connect()
+        await stream.send_all(upgrade + b"Origin: http://localhost\r\n\r\n")
+        with trio.fail_after(5):
+            assert (await stream.receive_some()).startswith(b"HTTP/1.1 101 ")
+
+
+def test_page_is_self_contained() -> None:
+    page = load_page().decode()
+    body = page.partition("\r\n\r\n")[2]
+    assert not re.search(r"https?://", body), "the page must load nothing from elsewhere"
+    assert not re.search(r"<script[^>]*\bsrc=|<link[^>]*stylesheet|@import|url\(", body)
+    assert "innerHTML" not in body and "outerHTML" not in body
+    assert "insertAdjacentHTML" not in body and "document.write" not in body
+
+
+# -- over real sockets ----------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running(service: ChatService) -> AsyncIterator[tuple[trionet.Server, int, int]]:
+    server = trionet.Server([service])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(server.run)
+            yield server, addresses["chat"][0][1], addresses["chat web"][0][1]
+            server.shutdown()
+
+
+async def tcp_client(port: int) -> Client:
+    return Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=5)
+
+
+async def test_web_and_tcp_members_talk_over_sockets(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="trionet")
+    async with (
+        running(ChatService(port=0, web_port=0)) as (_, port, web_port),
+        open_websocket_url(f"ws://127.0.0.1:{web_port}/ws") as ws,
+    ):
+        assert f"chat web listening on 127.0.0.1:{web_port}" in caplog.messages
+        alice = await WsClient(ws).join("alice")
+        bob = await join_tcp(
+            Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=5), "bob"
+        )
+        await alice.expect("JOIN bob")
+        await alice.send_line("hi from a browser <b>")
+        await bob.expect("MSG alice hi from a browser <b>")
+        await bob.send(b"hi from nc\r\n/me waves\n")
+        await alice.expect("MSG bob hi from nc", "ACTION bob waves")
+        await bob.send_line("/quit")
+        await bob.expect("BYE")
+        await alice.expect("LEAVE bob")
+
+
+async def test_page_404_and_405_over_sockets() -> None:
+    async def get(web_port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        stream = await trio.open_tcp_stream("127.0.0.1", web_port)
+        await stream.send_all(request)
+        return await read_response(stream)
+
+    async with running(ChatService(port=0, web_port=0)) as (_, _, web_port):
+        status, headers, body = await get(web_port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200
+        assert headers["content-type"].startswith("text/html")
+        assert b"<title>trionet chat</title>" in body
+        assert not re.search(rb"https?://", body)
+        assert (await get(web_port, b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 404
+        assert (await get(web_port, b"PUT / HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 405
+
+
+async def test_flood_control_applies_to_a_web_member_over_sockets() -> None:
+    async with (
+        running(ChatService(port=0, web_port=0, rate=0.01, burst=3)) as (_, port, web_port),
+        open_websocket_url(f"ws://127.0.0.1:{web_port}/ws") as ws,
+    ):
+        bob = await join_tcp(
+            Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=5), "bob"
+        )
+        alice = await WsClient(ws).join("alice")
+        await bob.expect("JOIN alice")
+        for i in range(4):
+            await alice.send_line(f"flood {i}")
+        await alice.expect("ERR rate-limited")
+        await bob.expect("MSG alice flood 0", "MSG alice flood 1", "MSG alice flood 2")
+        await bob.expect_nothing(for_seconds=0.2)
+
+
+async def test_shutdown_says_bye_to_a_web_member_over_sockets() -> None:
+    async with (
+        running(ChatService(port=0, web_port=0)) as (server, _, web_port),
+        open_websocket_url(f"ws://127.0.0.1:{web_port}/ws") as ws,
+    ):
+        alice = await WsClient(ws).join("alice")
+        server.shutdown()
+        await alice.expect("BYE shutdown")
+        await alice.expect_closed()
+    # running() returned: the server, its web listener and its tasks are done.
+
+
+def test_web_port_option() -> None:
+
+    (chat,) = trionet.build_services(["chat", "--web-port", "0"])
+    assert isinstance(chat, ChatService) and chat.web_port == 0
+    (chat,) = trionet.build_services(["chat"])
+    assert isinstance(chat, ChatService) and chat.web_port is None
+    with pytest.raises(trionet.StartupError, match="web_port"):
+        trionet.build_services(["chat", "--web-port", "70000"])
+
+
+def test_command_line_serves_the_page_and_stops_cleanly() -> None:
+    """``python -m trionet.serve chat --port 0 --web-port 0``, as a person runs it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trionet.serve", "chat", "--port", "0", "--web-port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        web_port = None
+        for _ in range(20):
+            line = proc.stderr.readline()
+            if m := re.search(r"chat web listening on 127\.0\.0\.1:(\d+)", line):
+                web_port = int(m[1])
+                break
+        assert web_port is not None, "no 'chat web listening on' line"
+        with socket.create_connection(("127.0.0.1", web_port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,532 @@
+"""Chat in a browser: the page on ``GET /`` and the line protocol over a WebSocket at ``/ws``.
+
+Nothing here knows the chat's rules. A :class:`WebListener` is an ordinary
+:class:`trio.abc.Listener` whose :meth:`~WebListener.accept` returns a
+:class:`trio.abc.Stream` per upgraded WebSocket (:class:`WebSocketStream`),
+one text message per line each way. The trionet :class:`~trionet.Server`
+serves those streams with the chat's normal handler, so every rule a TCP
+member lives by (nicks, flood control, slow consumers, idle timeout,
+``BYE shutdown``, the connection limit) holds for a browser member with no
+code of its own.
+
+The HTTP side (reading a request, serving the page, 404/405, the WebSocket
+handshake) runs in the listener's own background tasks, so ``accept`` only
+ever hands out finished WebSockets and a slow or hostile HTTP client never
+holds up the server's accept loop::
+
+    WebListener.run                       (the listener's nursery)
+        accept loop on the TCP listener
+        one task per TCP connection:
+            read the request head           <- cancelled when the listener closes
+            GET /   -> the page, close
+            GET /ws -> WebSocket handshake, hand the stream to accept()
+            ... then only trio-websocket's reader task, until the WebSocket closes
+
+The service hook (:meth:`trionet.Service.open_extra_listeners`) has no
+nursery to offer, so :func:`open_web_listeners` starts ``run`` as a Trio
+*system task* unless it is given a nursery. Closing the listener ends the
+HTTP work at once; WebSockets already handed out live on until the server
+closes them (they still have to say ``BYE shutdown``), and ``run`` returns
+when the last one is gone.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.resources
+import logging
+import re
+from typing import Any, Final, Protocol
+
+import trio
+from trio_websocket import ConnectionClosed, wrap_server_stream
+
+from ..._connection import format_peer
+
+__all__ = [
+    "MessageSocket",
+    "WebListener",
+    "WebSocketStream",
+    "load_page",
+    "message_limit",
+    "open_web_listeners",
+]
+
+log = logging.getLogger("trionet.web")
+access_log = logging.getLogger("trionet.access")
+
+#: Seconds a client has to send its request head (and read the page, or
+#: finish the WebSocket handshake): slow-loris clients are dropped after it.
+HANDSHAKE_TIMEOUT: Final = 10.0
+#: Longest request head accepted (request line and headers).
+MAX_HEAD: Final = 8192
+#: HTTP connections being read or answered at once; more are closed at once.
+MAX_PENDING: Final = 256
+#: Seconds a graceful WebSocket close may wait for the peer's reply.
+CLOSE_TIMEOUT: Final = 2.0
+
+_GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+
+
+def message_limit(max_line: int) -> int:
+    """The largest WebSocket message accepted, for a service's line limit.
+
+    A message longer than the line limit still arrives whole and gets
+    ``ERR line-too-long`` from the line framer, like a long TCP line; only
+    a message past this (much larger) bound closes the WebSocket (code 1009),
+    since a WebSocket message, unlike a TCP line, must be held whole to be
+    decoded.
+    """
+    return max(4 * max_line, 64 * 1024)
+
+
+class MessageSocket(Protocol):
+    """What :class:`WebSocketStream` needs of a WebSocket (trio-websocket's
+    ``WebSocketConnection`` has it; tests may pass a fake)."""
+
+    async def get_message(self) -> str | bytes:
+        """The next message; raises ``ConnectionClosed`` once closed."""
+        ...
+
+    async def send_message(self, message: str | bytes) -> None:
+        """Send one message; raises ``ConnectionClosed`` once closed."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close (gracefully when not cancelled)."""
+        ...
+
+
+class WebSocketStream(trio.abc.Stream):
+    """A byte stream of lines over a WebSocket of text messages.
+
+    Incoming: each message becomes its bytes plus ``b"\\n"`` (a message
+    holding an LF therefore counts as several lines, exactly as those bytes
+    would over TCP; a binary message is taken as the bytes of a line, so
+    invalid UTF-8 gets ``ERR bad-encoding``). Outgoing: bytes are split on
+    LF and each complete line goes out as one text message without its LF;
+    a partial line waits for the rest. The close of the WebSocket is end of
+    input; sending after it raises :class:`trio.BrokenResourceError`.
+    """
+
+    def __init__(self, ws: MessageSocket, transport_stream: trio.abc.Stream | None = None) -> None:
+        self.ws = ws
+        #: The TCP stream underneath, for the access log's peer address
+        #: (:func:`trionet.format_peer` follows ``transport_stream``).
+        self.transport_stream = transport_stream
+        self._incoming = b""  # the rest of a message larger than max_bytes
+        self._outgoing = bytearray()  # a line still waiting for its LF
+        self._eof = False
+        self._closed = False
+        self._receiving = False
+        self._sending = False
+
+    def _check(self, busy: bool, what: str) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream is closed")
+        if busy:
+            raise trio.BusyResourceError(f"another task is already {what} on this stream")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """The next bytes: a whole message and its LF, or ``max_bytes`` of it."""
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        self._check(self._receiving, "receiving")
+        self._receiving = True
+        try:
+            if self._incoming or self._eof:
+                await trio.lowlevel.checkpoint()
+            else:
+                try:
+                    message = await self.ws.get_message()
+                except ConnectionClosed:
+                    self._eof = True
+                else:
+                    data = message.encode() if isinstance(message, str) else message
+                    self._incoming = data + b"\n"
+            n = len(self._incoming) if max_bytes is None else max_bytes
+            chunk, self._incoming = self._incoming[:n], self._incoming[n:]
+            return chunk
+        finally:
+            self._receiving = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send every complete line in ``data`` as one text message each."""
+        self._check(self._sending, "sending")
+        self._sending = True
+        try:
+            self._outgoing += data
+            *lines, rest = self._outgoing.split(b"\n")
+            self._outgoing = rest
+            if not lines:
+                await trio.lowlevel.checkpoint()
+            for line in lines:
+                try:
+                    await self.ws.send_message(line.decode("utf-8", "replace"))
+                except ConnectionClosed as exc:
+                    raise trio.BrokenResourceError("the WebSocket is closed") from exc
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Return at once: the WebSocket's own lock orders its writers."""
+        self._check(self._sending, "sending")
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        """Close the WebSocket gracefully: it has no half-close."""
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the WebSocket: a close handshake within :data:`CLOSE_TIMEOUT`
+        seconds, or at once (TCP close) when cancelled, as under
+        :func:`trio.aclose_forcefully`."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        # trio-websocket waits for the peer's close reply with no bound; when
+        # the wait ends early it still closes the TCP stream.
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await self.ws.aclose()
+
+
+class _Replay(trio.abc.Stream):
+    """A stream that first gives back bytes already read from ``stream``.
+
+    The listener reads the request head itself to route it; trio-websocket
+    then parses the same bytes again for the handshake.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, head: bytes) -> None:
+        self.stream = stream
+        self._head = head
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._head:
+            n = len(self._head) if max_bytes is None else max_bytes
+            chunk, self._head = self._head[:n], self._head[n:]
+            await trio.lowlevel.checkpoint()
+            return chunk
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def _csp_hash(source: str) -> str:
+    digest = hashlib.sha256(source.encode()).digest()
+    return "'sha256-" + base64.b64encode(digest).decode() + "'"
+
+
+def load_page() -> bytes:
+    """The whole HTTP response for ``GET /``: headers and the page.
+
+    The page's one inline ``<script>`` and ``<style>`` are allowed by their
+    hashes in a Content-Security-Policy that allows nothing else: no other
+    script, no inline event handler, no connection but to this server. The
+    page already shows every received text as text; the policy is a second
+    wall should a future edit get that wrong.
+    """
+    html = importlib.resources.files(__package__).joinpath("static/chat.html").read_text("utf-8")
+    script = re.search(r"<script>(.*?)</script>", html, re.S)
+    style = re.search(r"<style>(.*?)</style>", html, re.S)
+    if script is None or style is None:  # pragma: no cover - the packaged page has both
+        raise RuntimeError("chat.html needs one inline <script> and one <style>")
+    csp = (
+        f"default-src 'none'; script-src {_csp_hash(script[1])}; "
+        f"style-src {_csp_hash(style[1])}; connect-src 'self'; img-src data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return _response(
+        200,
+        html.encode(),
+        "text/html; charset=utf-8",
+        [("Content-Security-Policy", csp), ("Cache-Control", "no-store")],
+    )
+
+
+_REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
+}
+
+
+def _response(
+    status: int,
+    body: bytes,
+    content_type: str = "text/plain; charset=utf-8",
+    headers: list[tuple[str, str]] | None = None,
+) -> bytes:
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS[status]}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "X-Content-Type-Options: nosniff",
+        "Referrer-Policy: no-referrer",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in headers or []),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _error(status: int, text: str, headers: list[tuple[str, str]] | None = None) -> bytes:
+    return _response(status, f"{status} {text}\n".encode(), headers=headers)
+
+
+class _Refused(Exception):
+    """A request answered with an HTTP error instead of the page or a WebSocket."""
+
+    def __init__(self, status: int, text: str, headers: list[tuple[str, str]] | None = None):
+        super().__init__(status, text)
+        self.status = status
+        self.response = _error(status, text, headers)
+
+
+def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    """``(method, path, headers)`` of a request head; :class:`_Refused` if malformed.
+
+    Only what routing needs: the WebSocket handshake itself is parsed again,
+    strictly, by trio-websocket (h11 under wsproto).
+    """
+    request_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _Refused(400, "bad request")
+    method, target, _ = parts
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise _Refused(400, "bad request")
+        headers[name.lower()] = value.strip()
+    return method, target.partition("?")[0], headers
+
+
+def _same_origin(headers: dict[str, str]) -> bool:
+    """False for a browser page from another site opening our WebSocket.
+
+    A page the user visits elsewhere could otherwise join (and read) a chat
+    that listens only on the user's own machine. Clients that are not
+    browsers send no ``Origin`` and are let in, as over TCP.
+    """
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    host = headers.get("host", "").lower()
+    return origin.lower() in (f"http://{host}", f"https://{host}")
+
+
+class WebListener(trio.abc.Listener[trio.abc.Stream]):
+    """HTTP and WebSocket on top of ``transport`` (a TCP listener, or any other).
+
+    Run :meth:`run` in a nursery (or use :func:`open_web_listeners`); then
+    :meth:`accept` returns one :class:`WebSocketStream` per WebSocket opened
+    on ``/ws``.
+    """
+
+    #: Logged and reported by the server as "chat web".
+    label: Final = "web"
+
+    def __init__(
+        self,
+        transport: trio.abc.Listener[Any],
+        *,
+        page: bytes | None = None,
+        max_message_size: int = 64 * 1024,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        name: str = "chat web",
+    ) -> None:
+        self.transport = transport
+        self.page = load_page() if page is None else page
+        self.max_message_size = max_message_size
+        self.handshake_timeout = handshake_timeout
+        self.name = name
+        # Unbuffered: a WebSocket is handed over only when the server takes it.
+        self._ready_send, self._ready = trio.open_memory_channel[WebSocketStream](0)
+        self._accepting = trio.CancelScope()
+        self._handshakes: set[trio.CancelScope] = set()
+
+    @property
+    def socket(self) -> trio.socket.SocketType | None:
+        """The listening socket, for the server's ``listening on`` log line."""
+        return getattr(self.transport, "socket", None)
+
+    async def accept(self) -> WebSocketStream:
+        """The next WebSocket opened on ``/ws``, handshake done."""
+        try:
+            return await self._ready.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise trio.ClosedResourceError("the web listener is closed") from None
+
+    async def aclose(self) -> None:
+        """Stop at once: no more accepts, requests in progress are dropped.
+
+        WebSockets already accepted are not affected: whoever accepted them
+        closes them. Everything before the last ``await`` is synchronous, so
+        this works under cancellation too (the server closes its listeners
+        that way).
+        """
+        self._ready.close()
+        self._accepting.cancel()
+        for scope in self._handshakes:
+            scope.cancel()
+        await self.transport.aclose()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The background work; returns once closed and every WebSocket is gone."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._accept_loop, nursery)
+            task_status.started()
+
+    async def _accept_loop(self, nursery: trio.Nursery) -> None:
+        with self._accepting:
+            while True:
+                try:
+                    stream = await self.transport.accept()
+                except trio.ClosedResourceError:
+                    return
+                except OSError as exc:  # out of descriptors and the like
+                    log.error("%s: accept failed (%s); retrying", self.name, exc)
+                    await trio.sleep(0.1)
+                    continue
+                if len(self._handshakes) >= MAX_PENDING:
+                    await trio.aclose_forcefully(stream)
+                    continue
+                scope = trio.CancelScope(deadline=trio.current_time() + self.handshake_timeout)
+                self._handshakes.add(scope)
+                nursery.start_soon(self._serve, stream, scope)
+
+    async def _serve(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
+        """One TCP connection: the page, an error, or a WebSocket until it closes."""
+        peer = format_peer(stream)
+        try:
+            # trio-websocket's reader task lives in this nursery for as long
+            # as the WebSocket does.
+            async with trio.open_nursery() as nursery:
+                handed_over = False
+                try:
+                    with scope:
+                        handed_over = await self._handle_request(nursery, stream, peer)
+                finally:
+                    self._handshakes.discard(scope)
+                    if not handed_over:
+                        # Ends the reader task of a handshake cut short too.
+                        await trio.aclose_forcefully(stream)
+            # The reader task has ended, so the WebSocket is over. Close the
+            # TCP stream in case nobody did: trio-websocket leaves it open
+            # after refusing a message over the size limit (code 1009).
+            await trio.aclose_forcefully(stream)
+        except* _GONE:
+            pass  # the client went away mid-request: nothing to tell anyone
+        except* Exception as group:
+            # Never let one connection's bug end the listener (in a system
+            # task it would end the whole program).
+            log.error("%s %s: request failed", self.name, peer, exc_info=group)
+
+    async def _handle_request(
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str
+    ) -> bool:
+        """Answer one request; ``True`` once a WebSocket was handed to :meth:`accept`."""
+        head = await self._read_head(stream)
+        if head is None:
+            return False
+        method = path = "-"
+        try:
+            if len(head) > MAX_HEAD:
+                raise _Refused(431, "request head too large")
+            method, path, headers = _parse_head(head[: head.index(b"\r\n\r\n")])
+            if method != "GET":
+                raise _Refused(405, "method not allowed", [("Allow", "GET")])
+            if path == "/":
+                access_log.info("%s %s %s %s 200", self.name, peer, method, path)
+                await stream.send_all(self.page)
+                return False
+            if path != "/ws":
+                raise _Refused(404, "not found")
+            if "websocket" not in headers.get("upgrade", "").lower():
+                raise _Refused(426, "this is a WebSocket", [("Upgrade", "websocket")])
+            if not _same_origin(headers):
+                raise _Refused(403, "WebSocket from another origin")
+        except _Refused as refused:
+            access_log.info("%s %s %s %s %d", self.name, peer, method, path, refused.status)
+            await stream.send_all(refused.response)
+            return False
+        # The handshake proper (and its 400 for a malformed one) is
+        # trio-websocket's; its reader task joins this connection's nursery.
+        request = await wrap_server_stream(
+            nursery, _Replay(stream, head), max_message_size=self.max_message_size
+        )
+        ws = await request.accept()
+        adapter = WebSocketStream(ws, transport_stream=stream)
+        try:
+            await self._ready_send.send(adapter)
+        except trio.BrokenResourceError:  # the listener closed meanwhile
+            await trio.aclose_forcefully(adapter)
+            return False
+        return True
+
+    @staticmethod
+    async def _read_head(stream: trio.abc.Stream) -> bytes | None:
+        """Bytes up to and including the blank line ending the head (and any
+        bytes after it); longer than :data:`MAX_HEAD` if it does not end in
+        time; ``None`` if the client closed first."""
+        buf = bytearray()
+        while True:
+            # Resume the search a little before the new bytes: the blank
+            # line may straddle two reads.
+            start = max(0, len(buf) - 3)
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return None
+            buf += chunk
+            if buf.find(b"\r\n\r\n", start) >= 0 or len(buf) > MAX_HEAD:
+                return bytes(buf)
+
+
+async def _run_in_background(listener: WebListener) -> None:
+    # A system task must not raise: _serve already catches every error of a
+    # connection, so only cancellation (the program ending) can get here.
+    try:
+        await listener.run()
+    except* Exception as group:  # pragma: no cover - defensive
+        log.error("%s stopped", listener.name, exc_info=group)
+
+
+async def open_web_listeners(
+    host: str,
+    port: int,
+    *,
+    max_message_size: int = 64 * 1024,
+    nursery: trio.Nursery | None = None,
+) -> list[WebListener]:
+    """Listen for HTTP on ``host:port`` (0: a free port); one listener per address.
+
+    Each listener's background work runs in ``nursery`` if given, else in a
+    Trio system task (the service hook has no nursery): it ends when the
+    listener is closed and the WebSockets it handed out are closed, or with
+    the program.
+    """
+    page = load_page()
+    listeners = [
+        WebListener(tcp, page=page, max_message_size=max_message_size)
+        for tcp in await trio.open_tcp_listeners(port, host=host)
+    ]
+    for listener in listeners:
+        if nursery is not None:
+            await nursery.start(listener.run)
+        else:
+            trio.lowlevel.spawn_system_task(_run_in_background, listener, name=repr(listener))
+    return listeners
