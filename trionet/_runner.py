@@ -634,7 +634,7 @@ def run(
             _setup_logging(level)
             built = _build(plan, instances)
     except (ConfigError, PluginError) as exc:
-        print(f"trionet: {exc}", file=sys.stderr)
+        print(f"trionet: error: {exc}", file=sys.stderr)
         return 1
     except StartupError as exc:
         _setup_logging(log_level)

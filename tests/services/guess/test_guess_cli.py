@@ -110,8 +110,8 @@ def test_bad_range_is_refused() -> None:
         timeout=TIMEOUT,
         check=False,
     )
-    assert done.returncode == 2
-    assert "LO <= HI" in done.stderr
+    assert done.returncode == 1  # PROTOCOL.md: a service that cannot start exits 1
+    assert "cannot start guess on 127.0.0.1:7002: --range needs LO <= HI" in done.stderr
     assert "Traceback" not in done.stderr
 
 
