@@ -37,7 +37,7 @@ from ._framing import DEFAULT_MAX_LINE
 from ._plugins import PluginError, builtin_names, load_service, service_names
 from ._server import Server, StartupError
 from ._service import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Service
-from ._workers import inherited_listeners, run_workers, watch_parent
+from ._workers import inherited_listeners, run_workers, watch_parent, worker_index
 
 __all__ = ["ConfigError", "build_parser", "build_services", "run", "serve_forever"]
 
@@ -545,10 +545,12 @@ def _startup_error(exc: BaseException) -> StartupError | None:
 def _setup_logging(level: str) -> None:
     root = logging.getLogger()
     if not root.handlers:  # the program has not set up logging itself
+        index = worker_index()
+        who = "" if index is None else f"[worker {index}] "
         logging.basicConfig(
             level=level,
             stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            format=f"%(asctime)s %(levelname)s %(name)s: {who}%(message)s",
         )
     elif level != "INFO":
         logging.getLogger("trionet").setLevel(level)

@@ -39,7 +39,7 @@ import trio
 from ._server import Server, StartupError, _reason
 from ._service import Service
 
-__all__ = ["WORKER_ENV", "inherited_listeners", "run_workers", "watch_parent"]
+__all__ = ["WORKER_ENV", "inherited_listeners", "run_workers", "watch_parent", "worker_index"]
 
 log = logging.getLogger("trionet")
 
@@ -78,6 +78,12 @@ def _open_sockets(service: Service, host: str) -> list[socket.socket]:
             sock.close()
         raise StartupError(service.name, host, port, _reason(exc)) from exc
     return socks
+
+
+def worker_index() -> int | None:
+    """This worker's number (0, 1, ...), or ``None`` outside a worker."""
+    spec = os.environ.get(WORKER_ENV)
+    return int(json.loads(spec)["index"]) if spec else None
 
 
 def inherited_listeners() -> tuple[dict[str, list[trio.SocketListener]], int] | None:

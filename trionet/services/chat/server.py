@@ -177,6 +177,15 @@ class ChatService(Service):
         if member is not None:
             self.room.reply(member, event.reply)
 
+    def workers_problem(self, workers: int) -> str | None:
+        """One room per process would split the room: refuse more than one worker."""
+        if workers > 1:
+            return (
+                "the chat room lives in one process, so --workers above 1 would split it "
+                "into separate rooms (share it through Redis with --redis)"
+            )
+        return None
+
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
         """Add ``--rate``, ``--burst``, ``--sendq`` and ``--web-port``."""

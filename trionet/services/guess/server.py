@@ -105,6 +105,15 @@ class GuessService(Service):
             case Blank() | Quit():  # (QUIT never gets here: the connection answers it)
                 pass
 
+    def workers_problem(self, workers: int) -> str | None:
+        """STATS are one set of numbers: refuse more than one worker."""
+        if workers > 1:
+            return (
+                "STATS are kept in one process, so --workers above 1 would give each "
+                "worker its own statistics (share them through Redis with --redis)"
+            )
+        return None
+
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
         group.add_argument(
