@@ -127,16 +127,19 @@ async def test_nick_errors(transport: str) -> None:
         await alice.expect_nothing(0.05)
 
 
-async def test_before_nick_only_nick_and_quit_and_no_traffic(transport: str) -> None:
+async def test_before_nick_only_nick_help_and_quit_and_no_traffic(transport: str) -> None:
     async with open_chat(transport, ChatService()) as srv:
         alice = await join(srv, "alice")
         lurker = await srv.connect()
         await lurker.expect(WELCOME)
-        for line in ["hello", "/me x", "/msg alice x", "/who", "//x"]:
+        # Unknown commands and bad arguments too: no-nick comes first.
+        for line in ["hello", "/me x", "/msg alice x", "/who", "//x", "/dance", "/", "/history"]:
             await lurker.send_line(line)
             await lurker.expect("ERR no-nick")
-        await lurker.send_line("/dance")
-        await lurker.expect("ERR unknown-command dance")
+        await lurker.send_line("/history x")
+        await lurker.expect("ERR no-nick")
+        await lurker.send_line("/HELP")
+        await lurker.expect("HELP /nick /me /msg /who /history /help /quit")
         bob = await join(srv, "bob")
         await alice.send_line("room traffic")
         await bob.expect("MSG alice room traffic")
