@@ -7,7 +7,7 @@ memory channel) holding its own copy of every relayed line, and a writer
 task that sends everything queued in one write. Its memory grows with
 members x traffic, which is what the log replaced.
 
-Usage: python scripts/bench/chat_fanout.py [--sendq BYTES] PORT
+Usage: python scripts/bench/chat_fanout.py [--sendq BYTES] PORT  (0: any free port)
 """
 
 from __future__ import annotations
@@ -383,9 +383,12 @@ class FanoutChatService(Service):
 
 
 async def main(port: int, sendq: int) -> None:
+    # Flood control raised, as bench/chat.py does for trionet.
     service = FanoutChatService(port=port, rate=1e6, burst=1e6, sendq=sendq)
-    print("listening", flush=True)
-    await trionet.Server([service], host="127.0.0.1").run()
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(trionet.Server([service], host="127.0.0.1").run)
+        host, bound = addresses["chat"][0]
+        print(f"chat listening on {host}:{bound}", flush=True)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,175 @@ def test_reply_over_bound_evicts_the_asker() -> None:
     assert take(bob) == ["LEAVE alice slow-consumer"]
 
 
+# -- ordering: one stream per member, in the order the room produced it -------------
+
+
+def test_newcomer_gets_ok_nick_before_any_traffic_and_others_join_before_msg() -> None:
+    room = Room()
+    alice, bob = joined(room, "alice"), joined(room, "bob")
+    take(alice)
+    new = Member(room, 1 << 20)
+    room.reply(new, "WELCOME")
+    room.say(alice, "before")
+    room.reply(new, "ERR no-nick")  # still no traffic for it
+    room.set_nick(new, "new")
+    room.say(alice, "after")
+    room.say(new, "hi")
+    assert take(new) == ["WELCOME", "ERR no-nick", "OK nick new", "MSG alice after"]
+    assert take(bob) == ["MSG alice before", "JOIN new", "MSG alice after", "MSG new hi"]
+    assert take(alice) == ["JOIN new", "MSG new hi"]
+
+
+def test_private_lines_keep_their_place_among_relayed_ones() -> None:
+    room = Room()
+    alice, bob = joined(room, "alice"), joined(room, "bob")
+    room.say(alice, "one")
+    room.whisper(alice, "bob", "two")
+    room.act(alice, "three")
+    room.who(bob)
+    room.say(alice, "four")
+    room.whisper(alice, "bob", "five")
+    assert take(bob) == [
+        "MSG alice one",
+        "PRIV alice two",
+        "ACTION alice three",
+        "WHO alice bob",
+        "MSG alice four",
+        "PRIV alice five",
+    ]
+    # Renames and leaves too; after leaving, nothing more but private lines.
+    room.set_nick(alice, "al")
+    room.leave(bob, "bye")
+    room.say(alice, "gone")
+    room.reply(bob, "BYE")
+    assert take(bob) == ["NICK alice al", "BYE"]
+    assert take(alice) == ["JOIN bob", "OK nick al", "LEAVE bob bye"]
+
+
+async def test_writer_keeps_order_when_joining_during_a_send() -> None:
+    """Replies queued before the nick, still being written when it joins, go first."""
+    room = Room()
+    alice = joined(room, "alice")
+    new = Member(room, 1 << 20)
+    release = trio.Event()
+    sent: list[bytes] = []
+
+    async def send(data: bytes) -> None:
+        sent.append(data)
+        if len(sent) == 1:
+            await release.wait()  # the first write stalls
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(new.pump, send)
+        room.reply(new, "WELCOME")
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent == [b"WELCOME\n"]
+        room.set_nick(new, "new")
+        room.say(alice, "hello")
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        new.close()
+        room.leave(new)
+    assert b"".join(sent) == b"WELCOME\nOK nick new\nMSG alice hello\n"
+    assert new.pending == 0
+
+
+def test_own_lines_are_skipped_and_do_not_count_as_behind() -> None:
+    room = Room()
+    alice, bob = joined(room, "alice", limit=100), joined(room, "bob")
+    take(alice)
+    for i in range(50):  # alice alone could never read 50 of her own lines
+        room.say(alice, f"line {i}")
+    assert not alice.evicted and alice.pending == 0
+    assert take(alice) == []
+    assert len(take(bob)) == 50
+
+
+def test_the_log_is_held_once_and_trimmed_to_the_slowest_cursor() -> None:
+    room = Room()
+    sender = joined(room, "sender")
+    readers = [joined(room, f"r{i}") for i in range(20)]
+    for r in readers:
+        take(r)
+    take(sender)
+    text = "x" * 990
+    for i in range(200):  # 200 KB relayed to 20 members
+        room.say(sender, text)
+        if i % 10 == 0:
+            for r in readers[1:]:
+                take(r)
+    # Held once, not 20 times: the log is what readers[0] has not read (it
+    # never did), and the others' cursors are not copies.
+    assert readers[0].pending == 200 * 1002
+    assert room.log_bytes == 200 * 1002
+    # Once everyone reads, the log is trimmed at the next check (every 64 KiB).
+    for _ in range(70):
+        room.say(sender, text)
+        for r in readers:
+            take(r)
+    assert room.log_bytes < 66 * 1002
+
+
+# -- /history and /help ---------------------------------------------------------
+
+
+def test_history_keeps_public_messages_with_time_stamps() -> None:
+    now = [1700000000.0]
+    room = Room(history=3, clock=lambda: now[0])
+    alice, bob = joined(room, "alice"), joined(room, "bob")
+    take(alice)
+    for text in ("one", "two\x1b", "\x07"):  # the last is empty once sanitized
+        room.say(alice, text)
+        now[0] += 0.25
+    room.act(bob, "waves")
+    room.whisper(alice, "bob", "private: never kept")
+    room.set_nick(alice, "al")
+    room.say(alice, "three")
+    take(alice), take(bob)
+    room.history(bob)
+    assert take(bob) == [
+        "HIST 1700000000250 MSG alice two",
+        "HIST 1700000000750 ACTION bob waves",
+        "HIST 1700000000750 MSG al three",
+        "OK history 3",
+    ]
+    room.history(bob, 1)
+    room.history(bob, 0)
+    room.history(bob, 10**6)
+    assert take(bob) == [
+        "HIST 1700000000750 MSG al three",
+        "OK history 1",
+        "OK history 0",
+        "HIST 1700000000250 MSG alice two",
+        "HIST 1700000000750 ACTION bob waves",
+        "HIST 1700000000750 MSG al three",
+        "OK history 3",
+    ]
+    with pytest.raises(ChatError) as err:
+        room.history(Member(room, 100))
+    assert err.value.line == "ERR no-nick"
+
+
+def test_history_default_count_and_zero_keeps_none() -> None:
+    room = Room(clock=lambda: 1.0)
+    alice, bob = joined(room, "alice"), joined(room, "bob")
+    for i in range(30):
+        room.say(alice, f"m{i}")
+    take(bob)
+    room.history(bob)
+    lines = take(bob)
+    assert lines[:-1] == [f"HIST 1000 MSG alice m{i}" for i in range(10, 30)]
+    assert lines[-1] == "OK history 20"
+    none = Room(history=0)
+    alice, bob = joined(none, "alice"), joined(none, "bob")
+    none.say(alice, "hi")
+    take(bob)
+    none.history(bob)
+    assert take(bob) == ["OK history 0"]
+    with pytest.raises(ValueError):
+        Room(history=-1)
+
+
 # -- the invariant under a random schedule --------------------------------------
 
 

@@ -426,6 +426,10 @@ class Room:
 
     def set_nick(self, member: Member, name: str) -> None:
         """Join the room as ``name``, or rename; ``ChatError`` if refused."""
+        if member.evicted:
+            # Its handler is being cancelled but may still be working through
+            # lines it had already read: an evicted member never joins.
+            return
         if not valid_nick(name):
             raise ChatError("bad-nick")
         key = nick_key(name)
