@@ -175,6 +175,12 @@ class Member:
 
     # -- the writer ---------------------------------------------------------------
 
+    def _due(self) -> bool:
+        """Is anything due: private lines, or log past the cursor in its view?"""
+        if self._private:
+            return True
+        return self._seq < (self.room._end_seq if self._in_room else self._stop_seq)
+
     def _gather(self, max_bytes: float) -> tuple[list[bytes], int, int, int, bool]:
         """What is due next, in order, about ``max_bytes`` at most.
 
@@ -182,35 +188,41 @@ class Member:
         whether more is due). Nothing moves: :meth:`_commit` does that once
         the parts are sent.
         """
-        log = self.room._log
         first = self.room._first_seq
         limit = self.room._end_seq if self._in_room else self._stop_seq
-        seq, off = self._seq, self._off
         # Trimming never passes a cursor that still has log to read.
-        assert seq >= first or seq >= limit, "cursor behind the log"
+        assert self._seq >= first or self._seq >= limit, "cursor behind the log"
         parts: list[bytes] = []
-        size = taken = 0
-        for at, data in itertools.chain(self._private, [(limit, b"")]):
-            # The log up to where this private item was queued, then the item.
-            # (A reply queued before joining, or after leaving, is clamped
-            # into the member's view.) The sentinel item sends the rest.
-            at = min(at, limit)
-            while seq < at:
-                if size >= max_bytes:
-                    return parts, seq, off, taken, True
-                chunk, sender, off = log[seq - first]
-                seq += 1
-                if sender is not self:
-                    parts.append(chunk)
-                    size += len(chunk)
-            if not data:  # the sentinel
-                break
+        i, off, size = self._seq - first, self._off, 0
+        taken = 0
+        for at, data in self._private:
+            # The log up to where this private item was queued, then the
+            # item. (A reply queued before joining, or after leaving, is
+            # clamped into the member's view of the log.)
+            i, off, size = self._copy_log(i, min(at, limit) - first, off, parts, size, max_bytes)
             if size >= max_bytes:
-                return parts, seq, off, taken, True
+                return parts, i + first, off, taken, True
             parts.append(data)
             size += len(data)
             taken += 1
-        return parts, seq, off, taken, False
+        i, off, size = self._copy_log(i, limit - first, off, parts, size, max_bytes)
+        return parts, i + first, off, taken, i + first < limit
+
+    def _copy_log(
+        self, i: int, stop: int, off: int, parts: list[bytes], size: int, max_bytes: float
+    ) -> tuple[int, int, int]:
+        """Append log entries ``i`` to ``stop`` (list indexes) to ``parts``, within the size.
+
+        Returns the index reached, the log offset there and the new size.
+        """
+        log = self.room._log
+        while i < stop and size < max_bytes:
+            chunk, sender, off = log[i]
+            i += 1
+            if sender is not self:  # its own line: step over it
+                parts.append(chunk)
+                size += len(chunk)
+        return i, off, size
 
     def _commit(self, seq: int, off: int, taken: int) -> None:
         if self.evicted:
@@ -236,14 +248,14 @@ class Member:
         :data:`MAX_WRITE` bytes a call.
         """
         while True:
-            parts, seq, off, taken, more = self._gather(MAX_WRITE)
-            if parts:
-                await send(parts[0] if len(parts) == 1 else b"".join(parts))
-            elif seq == self._seq:  # nothing due at all
+            if not self._due():
                 if self._closed or self.evicted:
                     return
                 await self._sleep()
                 continue
+            parts, seq, off, taken, more = self._gather(MAX_WRITE)
+            if parts:
+                await send(parts[0] if len(parts) == 1 else b"".join(parts))
             self._commit(seq, off, taken)
             if more:
                 # A backlog larger than one write: let others run between
