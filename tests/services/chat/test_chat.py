@@ -127,16 +127,19 @@ async def test_nick_errors(transport: str) -> None:
         await alice.expect_nothing(0.05)
 
 
-async def test_before_nick_only_nick_and_quit_and_no_traffic(transport: str) -> None:
+async def test_before_nick_only_nick_help_and_quit_and_no_traffic(transport: str) -> None:
     async with open_chat(transport, ChatService()) as srv:
         alice = await join(srv, "alice")
         lurker = await srv.connect()
         await lurker.expect(WELCOME)
-        for line in ["hello", "/me x", "/msg alice x", "/who", "//x"]:
+        # Unknown commands and bad arguments too: no-nick comes first.
+        for line in ["hello", "/me x", "/msg alice x", "/who", "//x", "/dance", "/", "/history"]:
             await lurker.send_line(line)
             await lurker.expect("ERR no-nick")
-        await lurker.send_line("/dance")
-        await lurker.expect("ERR unknown-command dance")
+        await lurker.send_line("/history x")
+        await lurker.expect("ERR no-nick")
+        await lurker.send_line("/HELP")
+        await lurker.expect("HELP /nick /me /msg /who /history /help /quit")
         bob = await join(srv, "bob")
         await alice.send_line("room traffic")
         await bob.expect("MSG alice room traffic")
@@ -146,6 +149,75 @@ async def test_before_nick_only_nick_and_quit_and_no_traffic(transport: str) -> 
         await lurker.expect_closed()
         await alice.expect("JOIN bob")
         await alice.expect_nothing(0.05)  # no LEAVE for one who never joined
+
+
+async def test_help_and_history(transport: str) -> None:
+    now = [1700000000.123]
+    service = ChatService(history=4, clock=lambda: now[0])
+    async with open_chat(transport, service) as srv:
+        alice = await join(srv, "alice")
+        alice_help = "HELP /nick /me /msg /who /history /help /quit"
+        await alice.send_line("/help")
+        await alice.expect(alice_help)
+        await alice.send_line("/history")
+        await alice.expect("OK history 0")
+        bob = await join(srv, "bob")
+        await alice.expect("JOIN bob")
+        for i in range(5):
+            await alice.send_line(f"m{i}")
+            await bob.expect(f"MSG alice m{i}")
+            now[0] += 1
+        await bob.send_line("/me waves")
+        await bob.send_line("/msg alice not kept")
+        await alice.expect("ACTION bob waves", "PRIV bob not kept")
+        await bob.send_line("/history 2")
+        await bob.expect(
+            "HIST 1700000004123 MSG alice m4", "HIST 1700000005123 ACTION bob waves", "OK history 2"
+        )
+        await bob.send_line("/history")  # default 20, capped by --history 4
+        await bob.expect(*(f"HIST 170000000{i}123 MSG alice m{i}" for i in (2, 3, 4)))
+        await bob.expect("HIST 1700000005123 ACTION bob waves", "OK history 4")
+        for bad in ("/history -1", "/history two", "/history 1.5"):
+            await bob.send_line(bad)
+            await bob.expect("ERR bad-request /history takes a whole number of lines, 0 or more")
+        await bob.send_line("/history 0")
+        await bob.expect("OK history 0")
+        await alice.expect_nothing(0.05)
+
+
+async def test_history_zero_keeps_nothing(transport: str) -> None:
+    async with open_chat(transport, ChatService(history=0)) as srv:
+        alice = await join(srv, "alice")
+        bob = await join(srv, "bob")
+        await alice.send_line("hi")
+        await bob.expect("MSG alice hi")
+        await bob.send_line("/history 5")
+        await bob.expect("OK history 0")
+
+
+async def test_pipelined_join_is_ordered_for_everyone(transport: str) -> None:
+    """A newcomer's OK nick comes before any traffic; others see its JOIN before its MSG."""
+    async with open_chat(transport, ChatService(rate=0)) as srv:
+        alice = await join(srv, "alice")
+        bob = await join(srv, "bob")
+        await alice.expect("JOIN bob")
+        c = await srv.connect()
+        # alice talks while the newcomer joins, talks, whispers and asks /who.
+        await alice.send(b"".join(b"a%d\n" % i for i in range(20)))
+        await c.send(b"/who\n/nick new\nhello\n/msg bob psst\nagain\n/who\n")
+        await bob.expect(*(f"MSG alice a{i}" for i in range(20)))  # alice's order is kept
+        await c.expect(WELCOME, "ERR no-nick", "OK nick new")
+        # Then whatever of alice's lines came after it joined, in order, then WHO.
+        seen = []
+        while (line := await c.receive_line()) != "WHO alice bob new":
+            seen.append(line)
+        assert seen == [f"MSG alice a{i}" for i in range(20 - len(seen), 20)]
+        await alice.send_line("/who")
+        await alice.expect("JOIN new", "MSG new hello", "MSG new again", "WHO alice bob new")
+        await bob.expect("JOIN new", "MSG new hello", "PRIV new psst", "MSG new again")
+        await c.expect_nothing(0.05)
+        await alice.send_line("late")
+        await c.expect("MSG alice late")
 
 
 async def test_command_errors_and_blank_lines(transport: str) -> None:
@@ -426,13 +498,17 @@ async def test_join_leave_invariant_random_clients(transport: str, seed: int) ->
 
 
 def test_command_line_options() -> None:
-    (svc,) = trionet.build_services(["chat", "--rate", "2.5", "--burst", "3", "--sendq", "2048"])
+    (svc,) = trionet.build_services(
+        ["chat", "--rate", "2.5", "--burst", "3", "--sendq", "2048", "--history", "7"]
+    )
     assert isinstance(svc, ChatService)
-    assert (svc.rate, svc.burst, svc.sendq) == (2.5, 3, 2048)
+    assert (svc.rate, svc.burst, svc.sendq, svc.history) == (2.5, 3, 2048, 7)
+    defaults = ChatService()
+    assert (defaults.sendq, defaults.history) == (8 << 20, 100)
     assert svc.effective_idle_timeout == 3600
     assert svc.effective_port == 7003
     help_text = build_parser({"chat": ChatService})[0].format_help()
-    for option in ("--rate", "--burst", "--sendq"):
+    for option in ("--rate", "--burst", "--sendq", "--history"):
         assert option in help_text
     with pytest.raises(ValueError):
         ChatService(sendq=0)
@@ -440,6 +516,8 @@ def test_command_line_options() -> None:
         ChatService(burst=0.5)
     with pytest.raises(ValueError):
         ChatService(rate=-1)
+    with pytest.raises(ValueError):
+        ChatService(history=-1)
 
 
 class CountingStream(trio.abc.Stream):

@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 from trionet.services.chat.client import render
 from trionet.services.chat.flood import TokenBucket
 from trionet.services.chat.text import (
+    BadRequest,
+    Help,
+    History,
     Me,
     Message,
     Nick,
@@ -101,6 +104,19 @@ def test_sanitize_property(text: str) -> None:
         ("/QUIT gotta go ", Quit("gotta go")),
         ("/dance now", Unknown("dance")),
         ("/", Unknown("")),
+        ("/help", Help()),
+        ("/HELP me", Help()),
+        ("/history", History(None)),
+        ("/history  ", History(None)),
+        ("/history 5", History(5)),
+        ("/History 0", History(0)),
+        ("/history 007", History(7)),
+        ("/history " + "9" * 40, History(999_999_999)),  # more than any server keeps
+        ("/history -1", BadRequest("/history takes a whole number of lines, 0 or more")),
+        ("/history 1.5", BadRequest("/history takes a whole number of lines, 0 or more")),
+        ("/history x", BadRequest("/history takes a whole number of lines, 0 or more")),
+        ("/history 1 2", BadRequest("/history takes a whole number of lines, 0 or more")),
+        ("/history \u0663", BadRequest("/history takes a whole number of lines, 0 or more")),
     ],
 )
 def test_parse_line(line: str, want: object) -> None:

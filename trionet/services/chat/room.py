@@ -1,52 +1,83 @@
-"""The chat room: members, nicks, the who-list and the relay rules.
+"""The chat room: members, nicks, the relay rules, and the log they read from.
 
-The room knows no transport. A member is anything with a ``nick`` that
-accepts encoded lines into its own bounded queue without waiting
-(:class:`Member`): :meth:`Member.deliver` returns ``False`` when the
-member's queue is over its bound, and the room then evicts it. A TCP
-connection (see :class:`ChannelMember` and the handler in
-:mod:`trionet.services.chat.server`), a WebSocket or a bus to another process can
-all be members of the same room.
+The room knows no transport. What the room sends lives in two places:
 
-Why every room operation is synchronous: joins, renames, messages, leaves
-and evictions each run to completion without an ``await``, so no other
-operation can interleave with one. Every member's queue is FIFO. Together
-that gives the consistency the protocol needs for free: a member is added
-to the room (and the others told ``JOIN``) in the same step, so nobody
-ever receives a ``MSG`` from a nick that was neither there when it joined
-(what ``/who`` lists) nor announced since by ``JOIN`` or ``NICK``; a member
-leaves in one step, with one ``LEAVE``, so every ``JOIN`` is matched by
-exactly one ``LEAVE``. And because broadcasting never awaits a member's socket,
-one stalled reader cannot delay anybody else: it only grows its own queue
-until it is evicted.
+* **The log**: every line relayed to the room (``JOIN``, ``MSG``, ``ACTION``,
+  ``NICK``, ``LEAVE``) is appended once, as encoded bytes, to one list shared
+  by every member. A member is a **cursor** into it: the log position up to
+  which its writer has sent. Bytes relayed to a hundred members are held
+  once, not a hundred times, and the log is trimmed from the front to the
+  slowest member's cursor. An entry remembers who sent it, and that member's
+  writer skips it (nobody gets a copy of its own message).
+* **A private queue per member** for what is for it alone (``OK``, ``ERR``,
+  ``WHO``, ``PRIV``, ``HELP``, ``HIST``, ``BYE``). Each private item records
+  the log position at which it was queued, and the writer interleaves the
+  two by that position: a member receives lines in exactly the order the
+  room produced them (a newcomer's ``OK nick`` before any traffic, a
+  ``PRIV`` after the ``MSG`` its sender said first).
+
+Each member's writer (:meth:`Member.pump`) sleeps on a Trio event until the
+room appends to the log or queues something for it, then sends everything
+from its cursor to the end in one write, and moves its cursor.
+
+**Slow consumers.** What the server holds for a member is the log past its
+cursor plus its private queue (:attr:`Member.pending`); a member more than
+its ``sendq`` bytes behind is evicted: closed without ``BYE``, the others
+told ``LEAVE <nick> slow-consumer``. The room never waits for a member: a
+stalled reader only holds the log back until it is evicted. Checking every
+member on every line would cost O(members) per line, so the room checks
+them all only once the log has grown by the smallest headroom any member
+had at the last check (or by 64 KiB, to trim the log): nobody can have
+gone over its bound in between.
+
+**Consistency.** Joins, renames, messages, leaves and evictions are
+synchronous: each runs to completion without an ``await``, so no other
+operation can interleave with one, and each member reads one ordered
+stream. Together that gives the guarantees the protocol needs for free: a
+member is added to the room (and the others told ``JOIN``) in the same step,
+so nobody ever receives a ``MSG`` from a nick that was neither there when it
+joined (what ``/who`` lists) nor announced since by ``JOIN`` or ``NICK``; a
+member leaves in one step, with one ``LEAVE``, so every ``JOIN`` is matched
+by exactly one ``LEAVE``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol
+import itertools
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Final
 
 import trio
 
 from .text import nick_key, sanitize, valid_nick
 
-__all__ = ["ChannelMember", "ChatError", "Member", "Room"]
+__all__ = [
+    "DEFAULT_HISTORY",
+    "DEFAULT_HISTORY_REPLY",
+    "HELP",
+    "MAX_WRITE",
+    "ChatError",
+    "Member",
+    "Room",
+]
 
+#: The one-line answer to ``/help``.
+HELP: Final = "HELP /nick /me /msg /who /history /help /quit"
+#: Public messages the room keeps for ``/history`` unless told otherwise.
+DEFAULT_HISTORY: Final = 100
+#: Lines ``/history`` answers with when it is given no count.
+DEFAULT_HISTORY_REPLY: Final = 20
+#: The most a writer sends in one write. Joining a member's share of the log
+#: makes a copy of it; bounding the copy keeps a burst from costing members x
+#: traffic again while the copies wait on the sockets. Anything a room sends
+#: in one scheduling round is normally far less: one write per burst.
+MAX_WRITE: Final = 64 * 1024
+#: Check every member (evictions) and trim the log at least this often, in bytes.
+_SCAN_STEP: Final = 64 * 1024
 
-class Member(Protocol):
-    """What the room needs of a member."""
-
-    #: The member's nick, ``None`` until it has one (kept after it leaves).
-    nick: str | None
-
-    def deliver(self, data: bytes) -> bool:
-        """Queue encoded lines without waiting; ``False`` if over the bound."""
-        ...
-
-    def evict(self) -> None:
-        """Disconnect the member (it is over its bound); must not block or raise."""
-        ...
+_Entry = tuple[bytes, "Member | None", int]  # (data, its sender, log offset at its end)
 
 
 class ChatError(Exception):
@@ -67,99 +98,398 @@ def _line(text: str) -> bytes:
     return (text + "\n").encode()
 
 
-class Room:
-    """One chat room: nick → member, and the relay rules of PROTOCOL.md."""
+class Member:
+    """One client of a :class:`Room`: its nick, its cursor, its private queue.
 
-    def __init__(self) -> None:
+    Created for every connection, nick or not; it reads the log only while it
+    is in the room (from joining to leaving). Its single writer,
+    :meth:`pump`, is the only code that takes from it; :meth:`take` does the
+    same at once, for tests and for transports that need no writer task.
+
+    Args:
+      room: the room it belongs to.
+      sendq: bytes the server may hold for it before it is evicted.
+      on_evict: called once on eviction (the handler cancels its tasks there).
+    """
+
+    __slots__ = (
+        "_closed",
+        "_in_room",
+        "_off",
+        "_private",
+        "_private_bytes",
+        "_seq",
+        "_stop_off",
+        "_stop_seq",
+        "_wake",
+        "evicted",
+        "nick",
+        "on_evict",
+        "room",
+        "sendq",
+    )
+
+    def __init__(self, room: Room, sendq: int, on_evict: Callable[[], None] | None = None) -> None:
+        if sendq < 1:
+            raise ValueError(f"sendq must be >= 1, got {sendq}")
+        self.room = room
+        #: The member's nick, ``None`` until it has one (kept after it leaves).
+        self.nick: str | None = None
+        self.sendq = sendq
+        self.on_evict = on_evict
+        self.evicted = False
+        self._closed = False
+        self._in_room = False
+        # The cursor: the next log entry to send (a sequence number counted
+        # from the room's first entry ever) and the log's byte offset there.
+        self._seq = room._end_seq
+        self._off = room._end_off
+        # Out of the room, where its view of the log ends (for one that left:
+        # where it left; for one without a nick: nowhere past its cursor).
+        self._stop_seq = self._seq
+        self._stop_off = self._off
+        # (log sequence number when queued, data): sent after the log up to there.
+        self._private: deque[tuple[int, bytes]] = deque()
+        self._private_bytes = 0
+        # Set while the writer sleeps; whoever gives it work sets the event.
+        self._wake: trio.Event | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes the server holds for this member: log past its cursor + private queue.
+
+        Bytes being written count until the write returns (the cursor moves
+        then), so a writer stalled on a full socket still counts them.
+        """
+        end = self.room._end_off if self._in_room else self._stop_off
+        return end - self._off + self._private_bytes
+
+    def close(self) -> None:
+        """Accept no more private lines; :meth:`pump` returns once all due is sent."""
+        self._closed = True
+        self._wakeup()
+
+    def _wakeup(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- the writer ---------------------------------------------------------------
+
+    def _due(self) -> bool:
+        """Is anything due: private lines, or log past the cursor in its view?"""
+        if self._private:
+            return True
+        return self._seq < (self.room._end_seq if self._in_room else self._stop_seq)
+
+    def _gather(self, max_bytes: float) -> tuple[list[bytes], int, int, int, bool]:
+        """What is due next, in order, about ``max_bytes`` at most.
+
+        Returns (parts, cursor after them, its offset, private items taken,
+        whether more is due). Nothing moves: :meth:`_commit` does that once
+        the parts are sent.
+        """
+        first = self.room._first_seq
+        limit = self.room._end_seq if self._in_room else self._stop_seq
+        # Trimming never passes a cursor that still has log to read.
+        assert self._seq >= first or self._seq >= limit, "cursor behind the log"
+        parts: list[bytes] = []
+        i, off, size = self._seq - first, self._off, 0
+        taken = 0
+        for at, data in self._private:
+            # The log up to where this private item was queued, then the
+            # item. (A reply queued before joining, or after leaving, is
+            # clamped into the member's view of the log.)
+            i, off, size = self._copy_log(i, min(at, limit) - first, off, parts, size, max_bytes)
+            if size >= max_bytes:
+                return parts, i + first, off, taken, True
+            parts.append(data)
+            size += len(data)
+            taken += 1
+        i, off, size = self._copy_log(i, limit - first, off, parts, size, max_bytes)
+        return parts, i + first, off, taken, i + first < limit
+
+    def _copy_log(
+        self, i: int, stop: int, off: int, parts: list[bytes], size: int, max_bytes: float
+    ) -> tuple[int, int, int]:
+        """Append log entries ``i`` to ``stop`` (list indexes) to ``parts``, within the size.
+
+        Returns the index reached, the log offset there and the new size.
+        """
+        log = self.room._log
+        while i < stop and size < max_bytes:
+            chunk, sender, off = log[i]
+            i += 1
+            if sender is not self:  # its own line: step over it
+                parts.append(chunk)
+                size += len(chunk)
+        return i, off, size
+
+    def _commit(self, seq: int, off: int, taken: int) -> None:
+        if self.evicted:
+            return
+        # Never backwards: joining may have moved the cursor to the log's end
+        # while the writer was sending replies queued before the nick.
+        if seq > self._seq:
+            self._seq, self._off = seq, off
+        for _ in range(taken):
+            self._private_bytes -= len(self._private.popleft()[1])
+
+    def take(self) -> bytes:
+        """Everything due now, as one chunk, and move past it (no waiting)."""
+        parts, seq, off, taken, _ = self._gather(float("inf"))
+        self._commit(seq, off, taken)
+        return b"".join(parts)
+
+    async def pump(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+        """The writer: send what is due, coalesced, until :meth:`close`.
+
+        Each wake-up sends everything from the cursor to the end of the log
+        (with the private items interleaved) in one call of ``send``, up to
+        :data:`MAX_WRITE` bytes a call.
+        """
+        while True:
+            if not self._due():
+                if self._closed or self.evicted:
+                    return
+                await self._sleep()
+                continue
+            parts, seq, off, taken, more = self._gather(MAX_WRITE)
+            if parts:
+                await send(parts[0] if len(parts) == 1 else b"".join(parts))
+            self._commit(seq, off, taken)
+            if more:
+                # A backlog larger than one write: let others run between
+                # writes (a send the kernel takes whole does not yield).
+                await trio.lowlevel.checkpoint()
+
+    async def _sleep(self) -> None:
+        self._wake = wake = trio.Event()
+        room = self.room
+        if self._in_room:
+            room._waiting.add(self)
+        try:
+            await wake.wait()
+        finally:
+            self._wake = None
+            room._waiting.discard(self)
+
+
+class Room:
+    """One chat room: nick → member, the log, and the relay rules of PROTOCOL.md.
+
+    Args:
+      history: public messages kept for ``/history`` (0 keeps none).
+      clock: the wall clock for ``HIST`` time stamps, in seconds since the
+        epoch (tests pass their own).
+    """
+
+    def __init__(
+        self, *, history: int = DEFAULT_HISTORY, clock: Callable[[], float] = time.time
+    ) -> None:
+        if history < 0:
+            raise ValueError(f"history must be >= 0, got {history}")
         # nick_key(nick) → member; only members with a nick are in the room.
         self._members: dict[str, Member] = {}
+        # Members that left but whose writers still send what was due (their
+        # cursors hold the log back until the handler forgets them).
+        self._draining: set[Member] = set()
+        # Members in the room whose writers sleep with nothing to send.
+        self._waiting: set[Member] = set()
+        self._log: list[_Entry] = []
+        self._first_seq = 0  # sequence number of _log[0]
+        self._end_seq = 0  # sequence number of the next entry
+        self._end_off = 0  # bytes ever appended
+        # Check every member once the log grows past this offset.
+        self._scan_after = _SCAN_STEP
+        self._scanning = False
+        self._history: deque[tuple[int, str, str, str]] = deque(maxlen=history)
+        self._clock = clock
 
     def __len__(self) -> int:
         return len(self._members)
 
     def __contains__(self, member: object) -> bool:
-        nick = getattr(member, "nick", None)
-        return nick is not None and self._members.get(nick_key(nick)) is member
+        return isinstance(member, Member) and member._in_room
 
     def nicks(self) -> list[str]:
         """The nicks in the room, sorted ignoring case (as ``WHO`` lists them)."""
         return sorted((m.nick for m in self._members.values() if m.nick), key=str.lower)
 
-    # -- sending ------------------------------------------------------------------
+    @property
+    def log_bytes(self) -> int:
+        """Bytes the log holds (what the slowest cursor has not passed, roughly)."""
+        if not self._log:
+            return 0
+        first_end = self._log[0][2]
+        return self._end_off - first_end + len(self._log[0][0])
 
-    def reply(self, member: Member, line: str) -> None:
-        """Send ``line`` to ``member`` alone (a reply); evict it if over its bound."""
-        if not member.deliver(_line(line)):
-            self._evict([member])
+    # -- the log ------------------------------------------------------------------
 
-    def _broadcast(self, data: bytes, skip: Member | None) -> None:
-        over: list[Member] = []
-        for m in self._members.values():
-            if m is not skip and not m.deliver(data):
-                over.append(m)
-        if over:
-            self._evict(over)
+    def _append(self, data: bytes, sender: Member | None) -> None:
+        """Relay ``data`` to every member in the room but ``sender``."""
+        members = self._members
+        if len(members) <= (sender is not None and sender._in_room):
+            return  # nobody to tell
+        self._end_seq += 1
+        self._end_off += len(data)
+        self._log.append((data, sender, self._end_off))
+        skipped = False
+        if sender is not None and sender._seq == self._end_seq - 1 and not sender._private:
+            # The sender had read everything: its cursor moves past its own
+            # line at once, and its writer need not wake up for nothing.
+            sender._seq, sender._off = self._end_seq, self._end_off
+            skipped = True
+        waiting = self._waiting
+        if waiting:
+            for m in waiting:
+                if not (skipped and m is sender):
+                    m._wake.set()  # type: ignore[union-attr]  # set while waiting
+            waiting.clear()
+            if skipped and sender is not None and sender._wake is not None:
+                waiting.add(sender)
+        if self._end_off > self._scan_after and not self._scanning:
+            self._scan()
 
-    def _evict(self, members: Iterable[Member]) -> None:
-        # A worklist, not recursion: announcing one eviction may push another
-        # member over its bound, and so on; each is handled once, in order.
-        todo = list(members)
-        done: set[int] = set()
-        while todo:
-            m = todo.pop(0)
-            if id(m) in done:
-                continue
-            done.add(id(m))
-            was_in = m in self
-            if was_in:
-                assert m.nick is not None
-                del self._members[nick_key(m.nick)]
-            m.evict()
-            if was_in:
-                data = _line(f"LEAVE {m.nick} slow-consumer")
-                todo.extend(o for o in self._members.values() if not o.deliver(data))
+    def _scan(self) -> None:
+        """Evict members over their bound, trim the log, plan the next scan."""
+        self._scanning = True
+        try:
+            while True:
+                end = self._end_off
+                over = [
+                    m for m in self._members.values() if end - m._off + m._private_bytes > m.sendq
+                ]
+                if not over:
+                    break
+                # Each eviction appends a LEAVE, which may push others over:
+                # check again until nobody is.
+                for m in over:
+                    self._evict(m)
+            low = self._end_seq
+            headroom = _SCAN_STEP
+            for m in self._members.values():
+                low = min(low, m._seq)
+                headroom = min(headroom, m.sendq - (end - m._off + m._private_bytes))
+            for m in self._draining:
+                low = min(low, m._seq)
+            if low > self._first_seq:
+                del self._log[: low - self._first_seq]
+                self._first_seq = low
+            self._scan_after = end + headroom
+        finally:
+            self._scanning = False
+
+    def _queue(self, member: Member, data: bytes) -> None:
+        """Queue ``data`` for ``member`` alone, after what the room sent so far."""
+        if member._closed or member.evicted:
+            return  # going away: dropped
+        member._private.append((self._end_seq, data))
+        member._private_bytes += len(data)
+        headroom = member.sendq - member.pending
+        if headroom < 0:
+            self._evict(member)
+            return
+        if member._in_room:
+            self._scan_after = min(self._scan_after, self._end_off + headroom)
+        member._wakeup()
+
+    def _evict(self, member: Member) -> None:
+        if member.evicted:
+            return
+        member.evicted = True
+        member._closed = True
+        was_in = member._in_room
+        if was_in:
+            assert member.nick is not None
+            del self._members[nick_key(member.nick)]
+            member._in_room = False
+        self._draining.discard(member)
+        self._waiting.discard(member)
+        member._stop_seq, member._stop_off = member._seq, member._off
+        member._private.clear()
+        member._private_bytes = 0
+        member._wakeup()
+        if member.on_evict is not None:
+            member.on_evict()
+        if was_in:
+            self._append(_line(f"LEAVE {member.nick} slow-consumer"), None)
+        self._clear_if_empty()
+
+    def _clear_if_empty(self) -> None:
+        if not self._members and not self._draining:
+            self._log.clear()
+            self._first_seq = self._end_seq
+
+    def forget(self, member: Member) -> None:
+        """The member's connection is over: leave silently if still in, free its cursor."""
+        self.leave(member)
+        member.close()
+        # Nothing more is due to it: its cursor no longer holds the log back.
+        member._stop_seq, member._stop_off = member._seq, member._off
+        self._draining.discard(member)
+        self._waiting.discard(member)
+        self._clear_if_empty()
 
     # -- operations ---------------------------------------------------------------
 
+    def reply(self, member: Member, line: str) -> None:
+        """Send ``line`` to ``member`` alone; evict it if that puts it over its bound."""
+        self._queue(member, _line(line))
+
     def set_nick(self, member: Member, name: str) -> None:
         """Join the room as ``name``, or rename; ``ChatError`` if refused."""
+        if member.evicted:
+            # Its handler is being cancelled but may still be working through
+            # lines it had already read: an evicted member never joins.
+            return
         if not valid_nick(name):
             raise ChatError("bad-nick")
         key = nick_key(name)
         holder = self._members.get(key)
         if holder is not None and holder is not member:
             raise ChatError("nick-taken", name)
-        old = member.nick if member in self else None
+        old = member.nick if member._in_room else None
         if old is not None:
             del self._members[nick_key(old)]
         member.nick = name
         self._members[key] = member
+        if old is None:
+            # Joining: the member's view of the log starts here.
+            member._in_room = True
+            member._seq, member._off = self._end_seq, self._end_off
+            self._draining.discard(member)
+            if member._wake is not None:
+                self._waiting.add(member)
+            self._scan_after = min(self._scan_after, self._end_off + member.sendq - member.pending)
         # The others are told first: if the reply then overflows the member's
         # own queue, its eviction is announced under the nick they now know.
         if old is None:
-            self._broadcast(_line(f"JOIN {name}"), member)
+            self._append(_line(f"JOIN {name}"), member)
         elif old != name:
-            self._broadcast(_line(f"NICK {old} {name}"), member)
-        if member in self:  # (announcing it may have evicted the member itself)
+            self._append(_line(f"NICK {old} {name}"), member)
+        if member._in_room:  # (announcing it may have evicted the member itself)
             self.reply(member, f"OK nick {name}")
 
     def _require(self, member: Member) -> str:
-        if member not in self:
+        if not member._in_room:
             raise ChatError("no-nick")
         assert member.nick is not None
         return member.nick
 
-    def say(self, member: Member, text: str) -> None:
-        """Relay ``text`` as ``MSG`` to everyone else (nothing if empty once sanitized)."""
+    def _relay(self, member: Member, kind: str, text: str) -> None:
         nick = self._require(member)
         if text := sanitize(text):
-            self._broadcast(_line(f"MSG {nick} {text}"), member)
+            if self._history.maxlen:
+                self._history.append((int(self._clock() * 1000), kind, nick, text))
+            self._append(_line(f"{kind} {nick} {text}"), member)
+
+    def say(self, member: Member, text: str) -> None:
+        """Relay ``text`` as ``MSG`` to everyone else (nothing if empty once sanitized)."""
+        self._relay(member, "MSG", text)
 
     def act(self, member: Member, text: str) -> None:
         """Relay ``/me text`` as ``ACTION`` to everyone else."""
-        nick = self._require(member)
-        if text := sanitize(text):
-            self._broadcast(_line(f"ACTION {nick} {text}"), member)
+        self._relay(member, "ACTION", text)
 
     def whisper(self, member: Member, target: str, text: str) -> None:
         """Send ``PRIV`` to the member called ``target`` only."""
@@ -175,83 +505,39 @@ class Room:
         self._require(member)
         self.reply(member, " ".join(["WHO", *self.nicks()]))
 
+    def history(self, member: Member, count: int | None = None) -> None:
+        """Reply with the last ``count`` public messages as ``HIST`` lines, then ``OK``.
+
+        ``count`` defaults to :data:`DEFAULT_HISTORY_REPLY`; it is capped by
+        what the room keeps. Oldest first; one private item, so nothing the
+        room says in between can split it.
+        """
+        self._require(member)
+        kept = len(self._history)
+        n = min(DEFAULT_HISTORY_REPLY if count is None else count, kept)
+        lines = [
+            f"HIST {ms} {kind} {nick} {text}\n"
+            for ms, kind, nick, text in itertools.islice(self._history, kept - n, None)
+        ]
+        lines.append(f"OK history {n}\n")
+        self._queue(member, "".join(lines).encode())
+
     def leave(self, member: Member, reason: str = "") -> None:
         """Remove ``member`` and tell the others; a no-op if it is not in the room.
 
-        Synchronous on purpose: a handler calls it in a ``finally`` while it
-        is being cancelled (idle timeout, dropped connection).
+        What was due to the member up to here is still sent (its writer
+        drains it); nothing after. Synchronous on purpose: a handler calls
+        it in a ``finally`` while it is being cancelled (idle timeout,
+        dropped connection).
         """
-        if member not in self:
+        if not member._in_room:
             return
         assert member.nick is not None
         del self._members[nick_key(member.nick)]
+        member._in_room = False
+        member._stop_seq, member._stop_off = self._end_seq, self._end_off
+        self._waiting.discard(member)
+        self._draining.add(member)
         reason = sanitize(reason)
         line = f"LEAVE {member.nick} {reason}" if reason else f"LEAVE {member.nick}"
-        self._broadcast(_line(line), None)
-
-
-class ChannelMember:
-    """A member whose queue is a Trio memory channel bounded in bytes.
-
-    :meth:`deliver` puts data in the channel with ``send_nowait`` and counts
-    the bytes pending; :meth:`pump` (the member's single writer task) takes
-    everything queued at once and hands it to ``send`` in one call, so a
-    burst of lines costs one system call, not one per line. Bytes count as
-    pending until ``send`` returns: they are held by the server until then.
-    """
-
-    def __init__(self, sendq: int, on_evict: Callable[[], None] | None = None) -> None:
-        if sendq < 1:
-            raise ValueError(f"sendq must be >= 1, got {sendq}")
-        self.nick: str | None = None
-        self.sendq = sendq
-        #: Bytes queued or being sent.
-        self.pending = 0
-        self.evicted = False
-        #: Called once on eviction (the handler cancels its tasks there).
-        self.on_evict = on_evict
-        self._closed = False
-        self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
-
-    def deliver(self, data: bytes) -> bool:
-        """Queue ``data``; ``False`` if that would put it over ``sendq`` bytes."""
-        if self._closed:
-            return True  # going away: drop silently
-        pending = self.pending + len(data)
-        if pending > self.sendq:
-            return False
-        self.pending = pending
-        self._send.send_nowait(data)
-        return True
-
-    def close(self) -> None:
-        """Accept nothing more; :meth:`pump` ends once the queue is sent."""
-        if not self._closed:
-            self._closed = True
-            self._send.close()
-
-    def evict(self) -> None:
-        """Close and call ``on_evict`` (once)."""
-        if not self.evicted:
-            self.evicted = True
-            self.close()
-            if self.on_evict is not None:
-                self.on_evict()
-
-    async def pump(self, send: Callable[[bytes], Awaitable[None]]) -> None:
-        """The writer: send queued data, coalesced, until :meth:`close`."""
-        receive = self._receive
-        while True:
-            try:
-                first = await receive.receive()
-            except trio.EndOfChannel:
-                return
-            parts = [first]
-            try:
-                while True:
-                    parts.append(receive.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                pass
-            data = first if len(parts) == 1 else b"".join(parts)
-            await send(data)
-            self.pending -= len(data)
+        self._append(_line(line), None)

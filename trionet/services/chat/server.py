@@ -6,14 +6,16 @@ rules live in pure modules (:mod:`.text`, :mod:`.flood`).
 Each connection runs two tasks under one nursery:
 
 * the reader (the handler itself) parses lines and calls the room, which
-  queues lines for members with ``send_nowait`` and never waits;
-* the writer (:meth:`ChannelMember.pump`) is the only task that sends on
-  the socket. It drains everything queued and sends it in one write
-  (``send_all``; on plain TCP the connection writes to the descriptor itself).
+  appends to its shared log or to the member's private queue and never
+  waits;
+* the writer (:meth:`Member.pump`) is the only task that sends on the
+  socket. It wakes when there is something for it and sends everything
+  from its cursor in the log to the end in one write (``send_all``; on
+  plain TCP the connection writes to the descriptor itself).
 
 Because only the writer sends, replies to the client itself (``OK``,
 ``WHO``, every ``ERR``, the framing errors of :meth:`ChatService.on_line_error`
-included) go through the member's queue too: a second task calling
+included) go through the member's private queue too: a second task calling
 ``send_all`` while the writer is sending would raise ``BusyResourceError``.
 """
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import time
+from collections.abc import Callable
 from typing import Any, ClassVar, Final, Self
 
 import attrs
@@ -30,8 +34,20 @@ from ..._connection import Connection
 from ..._framing import BadEncoding, LineTooLong
 from ..._service import Service
 from .flood import TokenBucket
-from .room import ChannelMember, ChatError, Room
-from .text import Me, Message, Nick, Private, Unknown, Who, parse_line, sanitize
+from .room import DEFAULT_HISTORY, HELP, ChatError, Member, Room
+from .text import (
+    BadRequest,
+    Help,
+    History,
+    Me,
+    Message,
+    Nick,
+    Private,
+    Unknown,
+    Who,
+    parse_line,
+    sanitize,
+)
 from .web import message_limit, open_web_listeners
 
 __all__ = ["WELCOME", "ChatService"]
@@ -39,7 +55,10 @@ __all__ = ["WELCOME", "ChatService"]
 WELCOME: Final = "WELCOME trionet chat — send /nick <name> to join"
 DEFAULT_RATE: Final = 5.0
 DEFAULT_BURST: Final = 10.0
-DEFAULT_SENDQ: Final = 1 << 20
+#: 8 MiB: far above what a burst that flood control allows puts in the log
+#: (100 members x 10 lines x 4 KB is 4 MB), so only a client that stopped
+#: reading gets there.
+DEFAULT_SENDQ: Final = 8 << 20
 #: After ``/quit`` or EOF, how long the writer may take to send what is queued
 #: (``BYE``, the last replies) before the connection is closed anyway.
 DRAIN_TIMEOUT: Final = 5.0
@@ -55,7 +74,7 @@ class ChatService(Service):
     default_port: ClassVar[int] = 7003
     line_based: ClassVar[bool] = True
     default_idle_timeout: ClassVar[float] = 3600.0
-    summary: ClassVar[str] = "a chat room: /nick, messages, /me, /msg, /who, /quit"
+    summary: ClassVar[str] = "a chat room: /nick, messages, /me, /msg, /who, /history, /quit"
     #: ``/quit [reason]`` ends a session (the connection's built-in quit).
     quit_command: ClassVar[str | None] = "/quit"
 
@@ -65,17 +84,25 @@ class ChatService(Service):
     burst: float = attrs.field(default=DEFAULT_BURST, validator=attrs.validators.ge(1))
     #: Bytes of pending output per client before it is evicted.
     sendq: int = attrs.field(default=DEFAULT_SENDQ, validator=attrs.validators.ge(1))
-    room: Room = attrs.field(factory=Room)
+    #: Public messages kept for ``/history`` (0 keeps none).
+    history: int = attrs.field(default=DEFAULT_HISTORY, validator=attrs.validators.ge(0))
+    #: Wall clock for ``HIST`` time stamps (seconds since the epoch); tests pass their own.
+    clock: Callable[[], float] = time.time
     #: HTTP port of the browser page and its WebSocket (``None``: off; 0: any free port).
     web_port: int | None = attrs.field(
         default=None,
         validator=attrs.validators.optional([attrs.validators.ge(0), attrs.validators.le(65535)]),
     )
-    _members: dict[Connection, ChannelMember] = attrs.field(factory=dict, init=False)
+    room: Room = attrs.field()
+    _members: dict[Connection, Member] = attrs.field(factory=dict, init=False)
+
+    @room.default
+    def _make_room(self) -> Room:
+        return Room(history=self.history, clock=self.clock)
 
     async def handle(self, conn: Connection) -> None:
         """Serve one client: a reader (this task) and a writer, under one nursery."""
-        member = ChannelMember(self.sendq)
+        member = Member(self.room, self.sendq)
         self._members[conn] = member
         try:
             async with trio.open_nursery() as nursery:
@@ -99,19 +126,18 @@ class ChatService(Service):
                 nursery.cancel_scope.deadline = trio.current_time() + DRAIN_TIMEOUT
         finally:
             # Runs under cancellation too (idle timeout, shutdown, reset):
-            # leave() is synchronous, so the others always get the LEAVE.
-            self.room.leave(member, "")
-            member.close()
+            # forget() is synchronous, so the others always get the LEAVE.
+            self.room.forget(member)
             del self._members[conn]
             if member.evicted:
                 conn.end_reason = "slow-consumer"
                 conn.log.info("evicted: over %d bytes of pending output", self.sendq)
 
     @staticmethod
-    async def _write(conn: Connection, member: ChannelMember, scope: trio.CancelScope) -> None:
+    async def _write(conn: Connection, member: Member, scope: trio.CancelScope) -> None:
         """The writer task; a broken connection ends the whole session quietly."""
         try:
-            # The writer yields each time it takes from its channel, so its
+            # The writer yields each time it waits for the room, so its
             # sends skip Trio's extra yield after a send the kernel took at
             # once: one scheduler round trip per burst instead of two.
             await member.pump(functools.partial(conn.send_all, checkpoint=False))
@@ -119,7 +145,7 @@ class ChatService(Service):
             conn.end_reason = "reset"
             scope.cancel()
 
-    async def _read(self, conn: Connection, member: ChannelMember) -> None:
+    async def _read(self, conn: Connection, member: Member) -> None:
         """Map each line to a room operation until ``/quit`` or end of input."""
         room = self.room
         bucket = TokenBucket(self.rate, self.burst, trio.current_time())
@@ -132,6 +158,10 @@ class ChatService(Service):
                 continue
             joined = member in room
             try:
+                if not joined and not isinstance(cmd, Nick | Help):
+                    # Before a nick only /nick, /help (and /quit) do anything;
+                    # unknown commands too get no-nick, not unknown-command.
+                    raise ChatError("no-nick")
                 match cmd:
                     case Message(text):
                         room.say(member, text)
@@ -147,6 +177,12 @@ class ChatService(Service):
                             bucket = TokenBucket(self.rate, self.burst, trio.current_time())
                     case Who():
                         room.who(member)
+                    case Help():
+                        room.reply(member, HELP)
+                    case History(count):
+                        room.history(member, count)
+                    case BadRequest(reason):
+                        raise ChatError("bad-request", reason)
                     case Unknown(word):
                         word = sanitize(word)
                         raise ChatError("unknown-command", word)
@@ -188,7 +224,7 @@ class ChatService(Service):
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        """Add ``--rate``, ``--burst``, ``--sendq`` and ``--web-port``."""
+        """Add ``--rate``, ``--burst``, ``--sendq``, ``--history`` and ``--web-port``."""
         group.add_argument(
             "--rate",
             type=float,
@@ -210,7 +246,14 @@ class ChatService(Service):
             default=DEFAULT_SENDQ,
             metavar="BYTES",
             help="output the server holds for one client before it is disconnected "
-            "as a slow consumer (default: %(default)s)",
+            "as a slow consumer (default: %(default)s, 8 MiB)",
+        )
+        group.add_argument(
+            "--history",
+            type=int,
+            default=DEFAULT_HISTORY,
+            metavar="N",
+            help="public messages kept for /history; 0 keeps none (default: %(default)s)",
         )
         group.add_argument(
             "--web-port",
@@ -225,5 +268,10 @@ class ChatService(Service):
     def from_args(cls, args: argparse.Namespace, **common: Any) -> Self:
         """Build the service from ``trionet.serve``'s parsed options."""
         return cls(
-            rate=args.rate, burst=args.burst, sendq=args.sendq, web_port=args.web_port, **common
+            rate=args.rate,
+            burst=args.burst,
+            sendq=args.sendq,
+            history=args.history,
+            web_port=args.web_port,
+            **common,
         )

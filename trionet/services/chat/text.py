@@ -15,7 +15,10 @@ import attrs
 
 __all__ = [
     "MAX_NICK",
+    "BadRequest",
     "Command",
+    "Help",
+    "History",
     "Me",
     "Message",
     "Nick",
@@ -109,6 +112,25 @@ class Who:
 
 
 @attrs.frozen
+class Help:
+    """``/help``."""
+
+
+@attrs.frozen
+class History:
+    """``/history [N]``; ``count`` is ``None`` when no N was given."""
+
+    count: int | None
+
+
+@attrs.frozen
+class BadRequest:
+    """A known command with arguments it cannot take (``reason`` is for people)."""
+
+    reason: str
+
+
+@attrs.frozen
 class Quit:
     """``/quit [reason]``."""
 
@@ -122,7 +144,22 @@ class Unknown:
     word: str
 
 
-Command = Message | Me | Private | Nick | Who | Quit | Unknown
+Command = Message | Me | Private | Nick | Who | Help | History | BadRequest | Quit | Unknown
+
+# A count with more digits than this is larger than any history a server
+# keeps: clamp it instead of converting (int() refuses past 4300 digits).
+_MAX_COUNT_DIGITS: Final = 9
+_MAX_COUNT: Final = 10**_MAX_COUNT_DIGITS - 1
+
+
+def _history(arg: str) -> History | BadRequest:
+    arg = arg.strip(" ")
+    if not arg:
+        return History(None)
+    # ASCII digits only: str.isdigit alone would also take "²" or "٣".
+    if not (arg.isascii() and arg.isdigit()):
+        return BadRequest("/history takes a whole number of lines, 0 or more")
+    return History(int(arg) if len(arg) <= _MAX_COUNT_DIGITS else _MAX_COUNT)
 
 
 def parse_line(line: str) -> Command | None:
@@ -149,6 +186,10 @@ def parse_line(line: str) -> Command | None:
             return Private(target, text)
         case "who":
             return Who()
+        case "help":
+            return Help()
+        case "history":
+            return _history(rest)
         case "quit":
             return Quit(rest.strip())
         case _:
