@@ -228,6 +228,23 @@ class Server:
                 self.addresses.setdefault(label, [])
                 log.info("%s listening on %r", label, listener)
 
+        async with trio.open_nursery() as background:
+            try:
+                for service in self.services:
+                    await background.start(service.run_background)
+            except BaseException:
+                for _, listener in opened:
+                    await listener.aclose()
+                raise
+            await self._serve(opened, task_status)
+            # Every connection has ended: background work may stop now.
+            background.cancel_scope.cancel()
+
+    async def _serve(
+        self,
+        opened: list[tuple[Service, trio.abc.Listener[Any]]],
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accepting:
                 for service, listener in opened:

@@ -144,6 +144,17 @@ class Service:
         """
         await conn.send_line("BYE")
 
+    async def run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Work the service does while it runs, beside its connections.
+
+        The server starts this before it accepts anyone (call
+        ``task_status.started()`` once ready: e.g. connected to Redis), keeps
+        it running while connections are served and drained, and cancels it
+        only after the last connection has ended, so a departing client can
+        still be announced through it. The default does nothing.
+        """
+        task_status.started()
+
     def workers_problem(self, workers: int) -> str | None:
         """Why this service cannot run in ``workers`` processes (``None``: it can).
 

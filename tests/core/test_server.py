@@ -364,3 +364,40 @@ async def test_pipelined_lines_do_not_starve_other_tasks() -> None:
     ticks_between = order[first:last].count("tick")
     # 100 ms of work in one burst, a yield at least every 5 ms of it.
     assert ticks_between >= 10
+
+
+async def test_background_work_outlives_every_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """run_background starts before anyone is served and ends after the last one."""
+    events: list[str] = []
+
+    @attrs.define(kw_only=True, eq=False)
+    class WithBackground(Service):
+        name: ClassVar[str] = "bg"
+        ready: bool = False
+
+        async def run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
+            await trio.sleep(3)  # e.g. connecting to Redis
+            self.ready = True
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                events.append("background stopped")
+
+        async def handle(self, conn: Connection) -> None:
+            try:
+                async for line in conn:
+                    conn.write_line(f"{line} ready={self.ready}")
+            finally:
+                await trio.sleep(1)  # a goodbye that still needs the background
+                events.append("connection ended")
+
+    async with open_memory_server(WithBackground(), grace=5) as server:
+        client = await server.connect()
+        await client.send_line("x")
+        await client.expect("x ready=True")
+        server.shutdown()
+        await client.expect("BYE shutdown")
+    assert events == ["connection ended", "background stopped"]
