@@ -391,7 +391,8 @@ async def test_background_work_outlives_every_connection(
                 async for line in conn:
                     conn.write_line(f"{line} ready={self.ready}")
             finally:
-                await trio.sleep(1)  # a goodbye that still needs the background
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(1)  # a goodbye that still needs the background
                 events.append("connection ended")
 
     async with open_memory_server(WithBackground(), grace=5) as server:
