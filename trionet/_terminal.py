@@ -24,7 +24,7 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -142,6 +142,34 @@ class Terminal:
         self._output.flush()
 
 
+@contextlib.contextmanager
+def _no_echo(fd: int) -> Iterator[None]:
+    """Turn the terminal's own echo off for the block, then back to what it was.
+
+    prompt_toolkit draws what is typed while a prompt is up; keys typed
+    before the first prompt or between two (waiting for a reply) would
+    otherwise be echoed by the terminal in the middle of the screen, then
+    drawn again by the next prompt, which reads them all the same.
+    """
+    if sys.platform == "win32":  # the console has no termios; nothing to do
+        yield
+        return
+    import termios
+
+    try:
+        saved = termios.tcgetattr(fd)
+    except termios.error:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 @asynccontextmanager
 async def open_terminal(*, erase_typed: bool = False) -> AsyncIterator[Terminal]:
     """Run prompt_toolkit's loop in a thread for the duration of the block.
@@ -189,12 +217,13 @@ async def open_terminal(*, erase_typed: bool = False) -> AsyncIterator[Terminal]
     # A thread of our own rather than a nursery task: an error in the block
     # then leaves as it is, not wrapped in an exception group. Daemon, so a
     # wedged loop cannot keep the interpreter from exiting.
-    threading.Thread(target=run_loop, name="trionet-terminal", daemon=True).start()
-    try:
-        yield terminal
-    finally:
-        loop.call_soon_threadsafe(lambda: loop.create_task(drain_and_stop()))
-        # Wait for the terminal to be restored before the program goes on
-        # (to print an error, say).
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await stopped.wait()
+    with _no_echo(sys.stdin.fileno()):
+        threading.Thread(target=run_loop, name="trionet-terminal", daemon=True).start()
+        try:
+            yield terminal
+        finally:
+            loop.call_soon_threadsafe(lambda: loop.create_task(drain_and_stop()))
+            # Wait for the terminal to be restored before the program goes on
+            # (to print an error, say).
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await stopped.wait()

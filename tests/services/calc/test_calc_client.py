@@ -39,7 +39,7 @@ async def test_terminal_prompt_recalls_earlier_expressions() -> None:
             await term.wait_for(lambda t: "-12" in t.lines() and _prompt_reads(t, ""))
             # Errors in words, in order above the prompt; blank lines are skipped.
             await term.type("\r1/0\r")
-            await term.wait_for(lambda t: "division by zero" in t.lines())
+            await term.wait_for(lambda t: "division by zero" in t.lines() and _prompt_reads(t, ""))
             lines = [line for line in term.lines() if line]
             assert lines[-3:] == ["calc> 1/0", "division by zero", "calc>"], term.text()
             assert "syntax" not in term.text()

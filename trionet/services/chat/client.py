@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from ..._terminal import Terminal, is_terminal, open_terminal
 from .server import ChatService
 from .text import Me, Message, Private, parse_line, sanitize
 
-__all__ = ["client_main", "render"]
+__all__ = ["client_main", "render", "time_of"]
 
 
 def render(line: str) -> str | None:
@@ -143,8 +144,8 @@ class _Pipe:
                     self._lines.append(self._unread)
         return self._lines.popleft().decode("utf-8", "replace").rstrip("\r")
 
-    def sent(self, line: str) -> None:
-        """Nothing to do: a script knows what it sent."""
+    def sending(self, line: str) -> None:
+        """Nothing to do: a script knows what it sends."""
 
 
 class _Screen:
@@ -165,7 +166,7 @@ class _Screen:
     async def show(self, line: str) -> None:
         keyword, _, rest = line.partition(" ")
         if keyword == "OK" and rest.startswith("nick "):
-            self._nick = rest[5:]
+            self._nick = sanitize(rest[5:])
         if keyword == "OK" and rest.startswith("history "):
             self._asked.discard("history")
         if keyword == "ERR" and rest.startswith("unknown-command "):
@@ -179,7 +180,7 @@ class _Screen:
             self._asked.discard("help")
         shown = render(line)
         if shown is not None:
-            self._say(shown, _hist_time(line) if keyword == "HIST" else None)
+            self._terminal.print(f"{time_of(line)} {shown}")
         await trio.lowlevel.checkpoint()
 
     async def read_line(self) -> str | None:
@@ -191,24 +192,24 @@ class _Screen:
             self._typed.extend(typed.splitlines())
         return self._typed.popleft()
 
-    def sent(self, line: str) -> None:
-        """Show what the person sent as the others see it (the server sends no copy)."""
+    def sending(self, line: str) -> None:
+        """Show what the person sends as the others see it (the server sends no copy)."""
         if line.split(" ", 1)[0].lower() == "/help":
             self._asked.add("help")
             for help_line in KEYS_HELP:
                 self._say(help_line)
             return
+        # Shown as relayed: sanitized, and not at all if nothing is left.
         match parse_line(line):
-            case Message(text) if sanitize(text).strip():
-                self._say(f"<{self._nick}> {sanitize(text)}")
-            case Me(text) if sanitize(text).strip():
-                self._say(f"* {self._nick} {sanitize(text)}")
-            case Private(target, text) if sanitize(text).strip():
-                self._say(f"[private to {sanitize(target)}] <{self._nick}> {sanitize(text)}")
+            case Message(text) if text := sanitize(text):
+                self._say(f"<{self._nick}> {text}")
+            case Me(text) if text := sanitize(text):
+                self._say(f"* {self._nick} {text}")
+            case Private(target, text) if text := sanitize(text):
+                self._say(f"[private to {sanitize(target)}] <{self._nick}> {text}")
 
-    def _say(self, text: str, when: float | None = None) -> None:
-        stamp = time.strftime("%H:%M", time.localtime(when))
-        self._terminal.print(f"{stamp} {text}")
+    def _say(self, text: str) -> None:
+        self._terminal.print(f"{time_of('')} {text}")
 
 
 #: The client's own keys, shown on ``/help`` beside the server's list of commands.
@@ -247,8 +248,9 @@ async def _session(stream: trio.SocketStream, nick: str, view: _Pipe | _Screen) 
         while (text := await view.read_line()) is not None:
             # Set before sending: the BYE may arrive before send_all returns.
             quitting = text.lower().split(" ", 1)[0] == "/quit"
+            # Shown before sending, so it comes before any answer to it.
+            view.sending(text)
             await stream.send_all(text.encode() + b"\n")
-            view.sent(text)
             if quitting:
                 return
         quitting = True
@@ -267,12 +269,20 @@ async def _session(stream: trio.SocketStream, nick: str, view: _Pipe | _Screen) 
     return EXIT_OK  # pragma: no cover - the loop only ends by return or raise
 
 
-def _hist_time(line: str) -> float | None:
-    """The time of a ``HIST <unix-ms> ...`` line, in seconds (``None``: now)."""
+def time_of(line: str) -> str:
+    """The ``HH:MM`` (local time) a line is shown with on a terminal.
+
+    A ``HIST <unix-ms> ...`` line has its own time; any other line, or one
+    whose time makes no sense, is shown with the time it arrived: now.
+    """
+    when = None
+    if line.startswith("HIST "):
+        with contextlib.suppress(IndexError, ValueError):
+            when = int(line.split(" ", 2)[1]) / 1000
     try:
-        return int(line.split(" ", 2)[1]) / 1000
-    except (IndexError, ValueError):
-        return None
+        return time.strftime("%H:%M", time.localtime(when))
+    except (OverflowError, OSError, ValueError):  # out of the platform's range
+        return time.strftime("%H:%M")
 
 
 async def _receive(conn: Connection) -> str:
