@@ -48,6 +48,9 @@ class TerminalScreen:
         self._screen = screen
         self._stream = pyte.ByteStream(screen)
         self._changed = trio.Event()
+        #: How many times the program drew on the screen while the terminal
+        #: echoed keys itself (a key typed then shows up wherever the cursor is).
+        self.echoing_draws = 0
 
     def lines(self) -> list[str]:
         """The screen, one string per row, trailing blanks removed."""
@@ -112,6 +115,8 @@ class TerminalScreen:
                 data = b""
             if not data:
                 break
+            if self.local_modes() & termios.ECHO:
+                self.echoing_draws += 1
             self._stream.feed(data)
             for answer in self._screen.answers:
                 os.write(self._master, answer.encode())

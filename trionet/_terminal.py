@@ -24,7 +24,7 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,7 @@ import trio
 
 if TYPE_CHECKING:  # imported when a terminal is opened: start-up time matters
     from prompt_toolkit import PromptSession
+    from prompt_toolkit.input import Input
     from prompt_toolkit.output import Output
 
 __all__ = ["Terminal", "is_terminal", "open_terminal"]
@@ -120,6 +121,30 @@ class Terminal:
             raise result
         return result
 
+    def _run(self, token: trio.lowlevel.TrioToken, on_stop: Callable[[], None]) -> None:
+        """The thread: run the asyncio loop until :meth:`_stop`, then tell Trio."""
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(on_stop)
+
+    def _stop(self) -> None:
+        """Print what is still to print, then stop the loop (from Trio's thread)."""
+
+        async def drain_and_stop() -> None:
+            # Let prints already scheduled (run_in_terminal tasks) finish first.
+            # Bounded, so a wedged task cannot keep the program from exiting.
+            others = asyncio.all_tasks(self._loop) - {asyncio.current_task(self._loop)}
+            if others:
+                await asyncio.wait(others, timeout=2)
+            self._flush()
+            self._loop.stop()
+
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(drain_and_stop()))
+
     def _cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -131,6 +156,8 @@ class Terminal:
             text = "".join(self._pending)
             self._pending.clear()
             self._flush_scheduled = False
+        if not text:
+            return
         if self._session.app.is_running:
             run_in_terminal(lambda: self._write(text), in_executor=False)
         else:
@@ -140,6 +167,26 @@ class Terminal:
         # Output.write escapes ESC, so nothing received can drive the terminal.
         self._output.write(text)
         self._output.flush()
+
+
+if sys.platform != "win32":
+
+    def _quiet_input() -> Input:
+        """prompt_toolkit's terminal input, kept in raw mode while lines are printed.
+
+        ``run_in_terminal`` switches the terminal to cooked mode (echo on)
+        while it prints, for code that might read input there. We only write
+        text, and with echo on a key typed at that moment would be echoed
+        mid-screen (``half-typedbob> half-typed``); in raw mode it waits for
+        the prompt, which draws it in its place.
+        """
+        from prompt_toolkit.input.vt100 import Vt100Input
+
+        class QuietInput(Vt100Input):
+            def cooked_mode(self) -> contextlib.AbstractContextManager[None]:
+                return contextlib.nullcontext()
+
+        return QuietInput(sys.stdin)
 
 
 @contextlib.contextmanager
@@ -183,46 +230,28 @@ async def open_terminal(*, erase_typed: bool = False) -> AsyncIterator[Terminal]
     from prompt_toolkit.input import create_input
     from prompt_toolkit.output import create_output
 
-    output = create_output(sys.stdout)
-    # History in memory only: what people type in a chat is not written to disk.
-    session: PromptSession[str] = PromptSession(
-        history=InMemoryHistory(),
-        input=create_input(sys.stdin),
-        output=output,
-        erase_when_done=erase_typed,
-    )
-    loop = asyncio.new_event_loop()
-    terminal = Terminal(loop, session, output)
-    token = trio.lowlevel.current_trio_token()
-    stopped = trio.Event()
-
-    def run_loop() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(stopped.set)
-
-    async def drain_and_stop() -> None:
-        # Let prints already scheduled (run_in_terminal tasks) finish first.
-        # Bounded, so a wedged task cannot keep the program from exiting.
-        others = asyncio.all_tasks(loop) - {asyncio.current_task(loop)}
-        if others:
-            await asyncio.wait(others, timeout=2)
-        terminal._flush()
-        loop.stop()
-
-    # A thread of our own rather than a nursery task: an error in the block
-    # then leaves as it is, not wrapped in an exception group. Daemon, so a
-    # wedged loop cannot keep the interpreter from exiting.
     with _no_echo(sys.stdin.fileno()):
-        threading.Thread(target=run_loop, name="trionet-terminal", daemon=True).start()
+        output = create_output(sys.stdout)
+        # History in memory only: what people type in a chat is not written to disk.
+        session: PromptSession[str] = PromptSession(
+            history=InMemoryHistory(),
+            input=_quiet_input() if sys.platform != "win32" else create_input(sys.stdin),
+            output=output,
+            erase_when_done=erase_typed,
+        )
+        terminal = Terminal(asyncio.new_event_loop(), session, output)
+        stopped = trio.Event()
+        # A thread of our own rather than a nursery task: an error in the block
+        # then leaves as it is, not wrapped in an exception group. Daemon, so a
+        # wedged loop cannot keep the interpreter from exiting.
+        token = trio.lowlevel.current_trio_token()
+        threading.Thread(
+            target=terminal._run, args=(token, stopped.set), name="trionet-terminal", daemon=True
+        ).start()
         try:
             yield terminal
         finally:
-            loop.call_soon_threadsafe(lambda: loop.create_task(drain_and_stop()))
+            terminal._stop()
             # Wait for the terminal to be restored before the program goes on
             # (to print an error, say).
             with trio.CancelScope(shield=True), trio.move_on_after(5):

@@ -43,6 +43,7 @@ async def test_terminal_prompt_recalls_earlier_expressions() -> None:
             lines = [line for line in term.lines() if line]
             assert lines[-3:] == ["calc> 1/0", "division by zero", "calc>"], term.text()
             assert "syntax" not in term.text()
+            assert term.echoing_draws == 0  # keys only ever drawn by the prompt
             await term.type("\x04")  # Ctrl-D leaves
             assert await term.wait_exit() == 0
             modes = term.local_modes()

@@ -254,11 +254,46 @@ async def test_terminal_message_arriving_mid_typing_leaves_the_line_whole() -> N
             await term.type("/help\r")
             await term.wait_for("-- keys: Up/Down recall earlier lines")
             await term.wait_for("-- commands: /")
+            assert term.echoing_draws == 0  # keys only ever drawn by the prompt
             # Ctrl-D leaves as /quit would; the terminal is back in its normal mode.
             await term.type("\x04")
             await alice.expect("LEAVE bob")
             assert await term.wait_exit() == 0
             assert _restored(term)
+
+
+async def test_terminal_burst_of_messages_keeps_the_typed_line() -> None:
+    async with running(ChatService(port=0, rate=1e6, burst=10_000)) as (_, port):
+        alice = await join(port, "alice")
+        async with run_in_terminal([*CLIENT, "--nick", "bob", "--port", str(port)]) as term:
+            await term.wait_for("-- here: alice bob")
+            await term.type("half-typed")
+            await term.wait_for(lambda t: _typing(t, "half-typed"))
+            await alice.send("".join(f"line {i}\n" for i in range(500)).encode())
+            await term.wait_for(lambda t: _typing(t, "half-typed") and _shows(t, "line 499"))
+            rows = term.lines()[: term.cursor_row()]
+            assert [row[6:] for row in rows] == [f"<alice> line {i}" for i in range(477, 500)]
+            # Keys typed while lines trickle in (each one a redraw) land in the
+            # typed line, never echoed among the messages.
+            more = "".join(chr(ord("a") + i % 26) for i in range(40))
+
+            async def trickle() -> None:
+                for i in range(100):
+                    await alice.send_line(f"trickle {i}")
+                    await trio.sleep(0.004)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trickle)
+                for key in more:
+                    await term.type(key)
+                    await trio.sleep(0.01)
+            typed = f"half-typed{more}"
+            await term.wait_for(lambda t: _typing(t, typed) and _shows(t, "trickle 99"))
+            assert term.echoing_draws == 0
+            rows = term.lines()[: term.cursor_row()]
+            assert [row[6:] for row in rows] == [f"<alice> trickle {i}" for i in range(77, 100)]
+            await term.type("\r")
+            await alice.expect("JOIN bob", f"MSG bob {typed}")
 
 
 async def test_terminal_shows_history_on_joining_with_its_times() -> None:
