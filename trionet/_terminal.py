@@ -25,7 +25,6 @@ import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import trio
@@ -217,7 +216,7 @@ def _no_echo(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def open_terminal(*, erase_typed: bool = False) -> AsyncIterator[Terminal]:
     """Run prompt_toolkit's loop in a thread for the duration of the block.
 
