@@ -19,6 +19,7 @@ from ..._client import (
     run_client,
 )
 from ..._connection import Connection, LineError
+from ..._terminal import Terminal, is_terminal, open_terminal
 from .server import CalcService, is_quit
 
 #: PROTOCOL.md's error codes (and the framing ones), in words for people.
@@ -32,7 +33,7 @@ ERROR_WORDS: Final = {
     "bad-encoding": "not valid UTF-8",
 }
 
-__all__ = ["CalcSession", "client_main", "describe_error", "evaluate_all"]
+__all__ = ["CalcSession", "client_main", "describe_error", "edited_repl", "evaluate_all", "repl"]
 
 
 def describe_error(reply: str) -> str:
@@ -53,8 +54,9 @@ def build_client_parser() -> argparse.ArgumentParser:
             "Evaluate arithmetic expressions on a trionet calc server. With EXPR "
             "arguments, each is evaluated and its value printed, one per line. "
             "Without, the lines of standard input are evaluated (a pipe or file), "
-            "or, on a terminal, an interactive prompt runs (QUIT or end of input "
-            "leaves it). Errors are printed in words on standard error. "
+            "or, on a terminal, an interactive prompt runs, with line editing and "
+            "history (Up/Down, Ctrl-R; QUIT, Ctrl-D or Ctrl-C leaves it). Errors "
+            "are printed in words on standard error. "
             "'ans' is the last value. Put '--' before expressions that start with "
             "'-': python -m trionet.client calc -- -2**2"
         ),
@@ -144,8 +146,29 @@ async def evaluate_all(session: CalcSession, lines: Iterable[str]) -> int:
     return 1 if failed else EXIT_OK
 
 
+async def edited_repl(session: CalcSession, terminal: Terminal) -> int:
+    """The prompt on a terminal: line editing, Up/Down history, Ctrl-R search.
+
+    Blank lines are skipped here (a person pressing Enter wants no syntax
+    error); Ctrl-D, Ctrl-C or QUIT leaves.
+    """
+    while (typed := await terminal.read_line("calc> ")) is not None:
+        # A paste may hold several lines: each is an expression.
+        for line in typed.splitlines():
+            if is_quit(line):
+                return EXIT_OK
+            if not line.strip():
+                continue
+            await session.send(line)
+            reply = await session.reply()
+            # Errors too go through the terminal (not stderr), so they stay
+            # in order above the prompt.
+            terminal.print(reply[3:] if reply.startswith("OK ") else describe_error(reply))
+    return EXIT_OK
+
+
 async def repl(session: CalcSession) -> int:
-    """The interactive prompt: one expression, one answer, until QUIT or EOF."""
+    """The plain prompt (no line editing): one expression, one answer, until QUIT or EOF."""
     failed = False
     while True:
         print("calc> ", end="", flush=True)
@@ -179,7 +202,10 @@ def client_main(argv: list[str]) -> int:
         async with stream:
             if args.expressions:
                 return await evaluate_all(session, args.expressions)
-            if sys.stdin.isatty():
+            if is_terminal():
+                async with open_terminal() as terminal:
+                    return await edited_repl(session, terminal)
+            if sys.stdin.isatty():  # a terminal we cannot drive (stdout redirected)
                 return await repl(session)
             lines = await trio.to_thread.run_sync(lambda: list(_stdin_lines()))
             return await evaluate_all(session, lines)

@@ -19,6 +19,7 @@ from ..._client import (
     run_client,
 )
 from ..._connection import Connection, LineError
+from ..._terminal import is_terminal, open_terminal
 from .rules import (
     Answer,
     Bisector,
@@ -274,6 +275,9 @@ def client_main(argv: list[str]) -> int:
         async with stream:
             if args.auto:
                 await play_auto(session, args.rounds, say)
+            elif is_terminal():  # line editing, and Up recalls earlier guesses
+                async with open_terminal() as terminal:
+                    await play_interactive(session, terminal.read_line, terminal.print)
             else:
                 await play_interactive(session, ask, say)
         return EXIT_OK
