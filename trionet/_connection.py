@@ -42,7 +42,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import trio
 
@@ -79,6 +79,7 @@ _PREFETCH: Final = 32 << 20
 _PEER_ERRNOS: Final = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT}
 
 _ids = itertools.count(1)
+_T = TypeVar("_T")
 
 LineErrorHook = Callable[["Connection", LineTooLong | BadEncoding], Awaitable[None]]
 QuitHook = Callable[["Connection", str], Awaitable[None]]
@@ -661,26 +662,17 @@ class Connection:
         if self._expect_data:
             # The last read filled the buffer: more is probably queued.
             await trio.lowlevel.checkpoint_if_cancelled()
-            try:
-                data = os.read(_live_fd(sock), max_bytes)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise translate_os_error(exc) from exc
-            else:
+            data = _nonblocking(os.read, _live_fd(sock), max_bytes)
+            if data is not None:
                 self._expect_data = len(data) == max_bytes
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
         while True:
             await trio.lowlevel.wait_readable(_live_fd(sock))
-            try:
-                data = os.read(_live_fd(sock), max_bytes)
-            except BlockingIOError:  # a spurious wake-up
-                continue
-            except OSError as exc:
-                raise translate_os_error(exc) from exc
-            self._expect_data = len(data) == max_bytes
-            return data
+            data = _nonblocking(os.read, _live_fd(sock), max_bytes)
+            if data is not None:  # (None: a spurious wake-up)
+                self._expect_data = len(data) == max_bytes
+                return data
 
     def _write_queued(self, sock: trio.socket.SocketType) -> bool:
         """Write what write_line queued, as far as the kernel takes it now.
@@ -688,12 +680,9 @@ class Connection:
         Returns True if only part of it left.
         """
         out = self._out
-        try:
-            sent = os.write(_live_fd(sock), out)
-        except BlockingIOError:
+        sent = _nonblocking(os.write, _live_fd(sock), out)
+        if sent is None:
             return False
-        except OSError as exc:
-            raise translate_os_error(exc) from exc
         self.bytes_out += sent
         del out[:sent]
         return bool(sent and out)
@@ -706,12 +695,7 @@ class Connection:
         fd = _live_fd(sock)  # even an empty send on a closed connection is an error
         await trio.lowlevel.checkpoint_if_cancelled()
         # The common case, a reply the kernel takes whole, costs one call.
-        try:
-            sent = os.write(fd, data) if data else 0
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise translate_os_error(exc) from exc
+        sent = (_nonblocking(os.write, fd, data) or 0) if data else 0
         self.bytes_out += sent
         if sent < len(data):
             await self._send_rest(sock, data, sent)
@@ -728,12 +712,7 @@ class Connection:
             try:
                 while view:
                     await self._wait_writable(sock)
-                    try:
-                        sent = os.write(_live_fd(sock), view)
-                    except BlockingIOError:
-                        continue
-                    except OSError as exc:
-                        raise translate_os_error(exc) from exc
+                    sent = _nonblocking(os.write, _live_fd(sock), view) or 0
                     self.bytes_out += sent
                     view = view[sent:]
             except BaseException:
@@ -799,6 +778,20 @@ async def _prefetch(fd: int, pos: int) -> int:
     if hasattr(os, "posix_fadvise"):
         await trio.to_thread.run_sync(os.posix_fadvise, fd, pos, _PREFETCH, os.POSIX_FADV_WILLNEED)
     return pos + _PREFETCH
+
+
+def _nonblocking(call: Callable[..., _T], *args: Any) -> _T | None:
+    """``call(*args)`` on a non-blocking descriptor: ``None`` if it would block.
+
+    Every other error means the connection is unusable and is raised as
+    Trio's streams raise it (see :func:`translate_os_error`).
+    """
+    try:
+        return call(*args)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise translate_os_error(exc) from exc
 
 
 def translate_os_error(exc: OSError) -> BaseException:
