@@ -51,10 +51,10 @@ def build_pingpong() -> str:
 
 class Server:
     def __init__(self, service: str, workers: int) -> None:
-        self.log = tempfile.TemporaryFile("w+")
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
+        options = ["--workers", str(workers), "--idle-timeout", "0", "--max-per-address", "1000"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trionet.serve", service, "--port", "0"]
-            + ["--workers", str(workers), "--idle-timeout", "0", "--max-per-address", "1000"],
+            [sys.executable, "-m", "trionet.serve", service, "--port", "0", *options],
             cwd=ROOT,
             stderr=self.log,
             stdout=subprocess.DEVNULL,
@@ -81,6 +81,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.log.close()
 
 
 def calc_load(port: int, conns: int, seconds: float, window: int = 64) -> dict[str, float]:

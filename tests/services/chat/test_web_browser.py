@@ -344,4 +344,11 @@ class ScriptedHistory(Service):
                 await conn.send_line("OK history 3")
 
     async def open_extra_listeners(self, host: str) -> list[trio.abc.Listener[Any]]:
-        return list(await open_web_listeners(host, 0))
+        self.web = await open_web_listeners(host, 0)
+        return list(self.web)
+
+    async def run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            for listener in self.web:
+                await nursery.start(listener.run)
+            task_status.started()

@@ -48,7 +48,7 @@ from .text import (
     parse_line,
     sanitize,
 )
-from .web import message_limit, open_web_listeners
+from .web import WebListener, message_limit, open_web_listeners
 
 __all__ = ["WELCOME", "ChatService"]
 
@@ -95,6 +95,7 @@ class ChatService(Service):
     )
     room: Room = attrs.field()
     _members: dict[Connection, Member] = attrs.field(factory=dict, init=False)
+    _web: list[WebListener] = attrs.field(factory=list, init=False)
 
     @room.default
     def _make_room(self) -> Room:
@@ -205,7 +206,15 @@ class ChatService(Service):
         if self.web_port is None:
             return []
         limit = message_limit(self.max_line)
-        return list(await open_web_listeners(host, self.web_port, max_message_size=limit))
+        self._web = await open_web_listeners(host, self.web_port, max_message_size=limit)
+        return list(self._web)
+
+    async def run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """The web listeners' HTTP work, for as long as the server runs."""
+        async with trio.open_nursery() as nursery:
+            for listener in self._web:
+                await nursery.start(listener.run)
+            task_status.started()
 
     async def on_line_error(self, conn: Connection, event: LineTooLong | BadEncoding) -> None:
         """Queue the ``ERR`` line for the writer instead of sending it here."""

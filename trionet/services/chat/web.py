@@ -22,12 +22,13 @@ holds up the server's accept loop::
             GET /ws -> WebSocket handshake, hand the stream to accept()
             ... then only trio-websocket's reader task, until the WebSocket closes
 
-The service hook (:meth:`trionet.Service.open_extra_listeners`) has no
-nursery to offer, so :func:`open_web_listeners` starts ``run`` as a Trio
-*system task* unless it is given a nursery. Closing the listener ends the
-HTTP work at once; WebSockets already handed out live on until the server
-closes them (they still have to say ``BYE shutdown``), and ``run`` returns
-when the last one is gone.
+The chat opens its listeners in :meth:`trionet.Service.open_extra_listeners`
+and runs their background work in :meth:`trionet.Service.run_background`,
+which the server starts before it accepts and cancels after the last
+connection has ended. Closing the listener ends the HTTP work at once;
+WebSockets already handed out live on until the server closes them (they
+still have to say ``BYE shutdown``), and ``run`` returns when the last one
+is gone.
 """
 
 from __future__ import annotations
@@ -496,37 +497,19 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                 return bytes(buf)
 
 
-async def _run_in_background(listener: WebListener) -> None:
-    # A system task must not raise: _serve already catches every error of a
-    # connection, so only cancellation (the program ending) can get here.
-    try:
-        await listener.run()
-    except* Exception as group:  # pragma: no cover - defensive
-        log.error("%s stopped", listener.name, exc_info=group)
-
-
 async def open_web_listeners(
     host: str,
     port: int,
     *,
     max_message_size: int = 64 * 1024,
-    nursery: trio.Nursery | None = None,
 ) -> list[WebListener]:
     """Listen for HTTP on ``host:port`` (0: a free port); one listener per address.
 
-    Each listener's background work runs in ``nursery`` if given, else in a
-    Trio system task (the service hook has no nursery): it ends when the
-    listener is closed and the WebSockets it handed out are closed, or with
-    the program.
+    Run each listener's :meth:`WebListener.run` in a nursery (the chat does
+    it in its ``run_background``) before accepting from it.
     """
     page = load_page()
-    listeners = [
+    return [
         WebListener(tcp, page=page, max_message_size=max_message_size)
         for tcp in await trio.open_tcp_listeners(port, host=host)
     ]
-    for listener in listeners:
-        if nursery is not None:
-            await nursery.start(listener.run)
-        else:
-            trio.lowlevel.spawn_system_task(_run_in_background, listener, name=repr(listener))
-    return listeners
