@@ -79,6 +79,7 @@ _PREFETCH: Final = 32 << 20
 _PEER_ERRNOS: Final = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT}
 
 _ids = itertools.count(1)
+_INF: Final = math.inf
 _T = TypeVar("_T")
 
 LineErrorHook = Callable[["Connection", LineTooLong | BadEncoding], Awaitable[None]]
@@ -338,6 +339,8 @@ class Connection:
     # -- receiving ----------------------------------------------------------------
 
     async def _receive(self, max_bytes: int) -> bytes | bytearray:
+        # The hot path of every service: written out inline (each layer of
+        # coroutine calls costs measurably per request).
         sock = self._sock
         if self._out:
             # Replies queued with write_line leave now, in one write, just
@@ -354,15 +357,34 @@ class Connection:
                 await self._flush(checkpoint=False)
                 if partial:
                     self._send_interrupted = False
-        self._begin_wait()
+        # Begin a wait on the client (see "the server's side" above).
+        if self._shutdown_requested:
+            self._scope.cancel()
+        if not self._busy:
+            self._wait_since = trio.current_time()
+        self._waiting = True
         try:
-            if sock is not None:
-                data: bytes | bytearray = await self._receive_fd(sock, max_bytes)
+            if sock is None:
+                data: bytes | bytearray = await self.stream.receive_some(max_bytes)
+            elif self._expect_data:
+                data = await self._receive_fd_eager(sock, max_bytes)
             else:
-                data = await self.stream.receive_some(max_bytes)
+                fd = _live_fd(sock)
+                while True:
+                    # (A close during the wait wakes it with an error first,
+                    # so the number is still this socket's afterwards.)
+                    await trio.lowlevel.wait_readable(fd)
+                    try:
+                        data = os.read(fd, max_bytes)
+                        break
+                    except BlockingIOError:  # a spurious wake-up
+                        continue
+                    except OSError as exc:
+                        raise translate_os_error(exc) from exc
+                self._expect_data = len(data) == max_bytes
         finally:
             self._waiting = False
-            self._wait_since = math.inf
+            self._wait_since = _INF
         self._ran_since = time.perf_counter()
         if data:
             self.bytes_in += len(data)
@@ -458,7 +480,7 @@ class Connection:
         """Receive raw bytes; bytes already read past the last line come first."""
         if max_bytes is not None and max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
-        self._line_since = math.inf  # raw bytes are not a line
+        self._line_since = _INF  # raw bytes are not a line
         lines = self._lines
         if lines:  # bytes read past the last line
             await trio.lowlevel.checkpoint()
@@ -518,16 +540,44 @@ class Connection:
     ) -> None:
         """Send raw bytes (after anything queued by :meth:`write_line`).
 
-        Cancellation is checked before anything is sent. On a plain TCP
-        socket a send the kernel takes at once yields to the scheduler only
-        when the connection has run for a few milliseconds without waiting
-        (fairness without a scheduler round trip per reply). A writer loop
-        that yields on its own between sends anyway may pass
-        ``checkpoint=False`` to skip even that.
+        On a plain TCP socket a send the kernel takes at once neither checks
+        for cancellation nor yields to the scheduler unless the connection
+        has run for a few milliseconds since it last waited (the run
+        budget): a reply right after a wait costs one system call, and a
+        loop that only sends still yields, and can be cancelled, every few
+        milliseconds. A writer loop that yields on its own between sends
+        anyway may pass ``checkpoint=False`` to skip even that yield. On
+        other streams this is the stream's own ``send_all``.
         """
         if self._out:
             await self._flush(checkpoint=False)
-        await self._send(data, checkpoint)
+        sock = self._sock
+        if sock is None or self._send_busy or sock.did_shutdown_SHUT_WR or not data:
+            await self._send(data, checkpoint)
+            return
+        # The socket fast path, inline. Right after a wait (the usual reply)
+        # cancellation was just checked and the task just yielded: only a
+        # connection that has run for the budget checks and yields again.
+        fd = _live_fd(sock)
+        ran_long = time.perf_counter() - self._ran_since > _RUN_BUDGET
+        if ran_long:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise translate_os_error(exc) from exc
+        self.bytes_out += sent
+        if sent < len(data):
+            self._send_busy = True
+            try:
+                await self._send_rest(sock, data, sent)
+            finally:
+                self._send_busy = False
+        elif ran_long and checkpoint:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._ran_since = time.perf_counter()
 
     async def _send(self, data: bytes | bytearray | memoryview, checkpoint: bool = True) -> None:
         # The send guard, inlined: this runs once per reply. Two tasks
@@ -658,18 +708,19 @@ class Connection:
     # with cancel_shielded_checkpoint after a successful call), and resets
     # surface as trio.BrokenResourceError.
 
-    async def _receive_fd(self, sock: trio.socket.SocketType, max_bytes: int) -> bytes:
-        if self._expect_data:
-            # The last read filled the buffer: more is probably queued.
-            await trio.lowlevel.checkpoint_if_cancelled()
-            data = _nonblocking(os.read, _live_fd(sock), max_bytes)
-            if data is not None:
-                self._expect_data = len(data) == max_bytes
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return data
+    async def _receive_fd_eager(self, sock: trio.socket.SocketType, max_bytes: int) -> bytes:
+        # The last read filled the buffer: more is probably queued, so read
+        # before waiting (and still yield, shielded: the data is ours).
+        await trio.lowlevel.checkpoint_if_cancelled()
+        data = _nonblocking(os.read, _live_fd(sock), max_bytes)
+        if data is not None:
+            self._expect_data = len(data) == max_bytes
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        fd = _live_fd(sock)
         while True:
-            await trio.lowlevel.wait_readable(_live_fd(sock))
-            data = _nonblocking(os.read, _live_fd(sock), max_bytes)
+            await trio.lowlevel.wait_readable(fd)
+            data = _nonblocking(os.read, fd, max_bytes)
             if data is not None:  # (None: a spurious wake-up)
                 self._expect_data = len(data) == max_bytes
                 return data
@@ -827,9 +878,11 @@ class ConnectionStream(trio.abc.HalfCloseableStream):
         return await self.connection.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        # A Trio stream's send_all is always a checkpoint (cancellation
+        # checked before sending, a yield after); the connection's skips both
+        # while it runs within its budget (see Connection.send_all).
+        await trio.lowlevel.checkpoint_if_cancelled()
         await self.connection.send_all(data)
-        # A Trio stream's send_all always yields; the connection's skips the
-        # yield when it ran only briefly (see Connection.send_all).
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:

@@ -181,12 +181,21 @@ async def test_tricklers_over_tcp_do_not_lock_out_another_address(
     the line timeout (short here, to keep the test quick)."""
     _raise_fd_limit(4096)
     caplog.set_level(logging.INFO, logger="trionet.access")
-    service = Upper(port=0, idle_timeout=5, line_timeout=1.5)
+    service = Upper(port=0, idle_timeout=5, line_timeout=2)
     server = Server([service], grace=0.5)
     ended = 0
+    most = 0  # the most connections 127.0.0.1 ever held at once
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, server._per_address["upper"].get("127.0.0.1", 0))
+            await trio.sleep(0.005)
+
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             host, port = (await nursery.start(server.run))["upper"][0]
+            nursery.start_soon(watch)
 
             async def attacker() -> None:
                 nonlocal ended
@@ -216,10 +225,15 @@ async def test_tricklers_over_tcp_do_not_lock_out_another_address(
                 await victim.expect("HELLO FROM ELSEWHERE")
                 await victim.aclose()
             server.shutdown()
+            nursery.cancel_scope.cancel()
     access = [r.getMessage() for r in caplog.records if r.name == "trionet.access"]
     assert ended == 1000  # every trickler was closed by the server
-    assert sum("turned away (address limit for 127.0.0.1)" in m for m in access) == 500
-    assert sum("end=line-timeout" in m for m in access) == 500
+    # Each was either turned away (its address held its 500 slots) or cut at the
+    # line timeout. (How many of each depends on how fast 1,000 clients connect.)
+    turned_away = sum("turned away (address limit for 127.0.0.1)" in m for m in access)
+    cut = sum("end=line-timeout" in m for m in access)
+    assert turned_away + cut == 1000, (turned_away, cut)
+    assert most <= 500 and (turned_away == 0 or most == 500), most
     assert sum("127.0.0.2:" in m and "end=eof" in m for m in access) == 1
 
 

@@ -563,7 +563,11 @@ async def test_a_stalled_transfer_is_dropped(
         stream = await srv.open_stream()
         await stream.send_all(b"GET f\n")
         assert (await stream.receive_some(100)).startswith(b"OK ")
-        await trio.sleep(1000)  # read nothing, far past the 60 s stall limit
+        # Take a little of the payload, so the server is surely blocked in its
+        # send (not reading the file in a worker thread, during which the
+        # autojump clock could run past the test's sleep).
+        assert await stream.receive_some(1000)
+        await trio.sleep(1000)  # read nothing more, far past the 60 s stall limit
         received = 0
         with trio.fail_after(1000):  # without the stall limit: no close, this fails
             while chunk := await stream.receive_some(1 << 20):
