@@ -369,7 +369,9 @@ class Connection:
             elif self._expect_data:
                 data = await self._receive_fd_eager(sock, max_bytes)
             else:
-                fd = _live_fd(sock)
+                fd = sock.fileno()
+                if fd < 0:
+                    raise trio.ClosedResourceError("the connection was closed")
                 while True:
                     # (A close during the wait wakes it with an error first,
                     # so the number is still this socket's afterwards.)
@@ -482,10 +484,11 @@ class Connection:
             raise ValueError("max_bytes must be >= 1")
         self._line_since = _INF  # raw bytes are not a line
         lines = self._lines
-        if lines:  # bytes read past the last line
+        # (The framer's fields are read directly: this runs once per chunk.)
+        if lines._buf:  # bytes read past the last line
             await trio.lowlevel.checkpoint()
             return lines.take_bytes(max_bytes)
-        if lines.at_eof or self._input_closed:
+        if lines._eof or self._input_closed:
             await trio.lowlevel.checkpoint()
             return b""
         return await self._receive(max_bytes or RECEIVE_SIZE)
@@ -558,7 +561,9 @@ class Connection:
         # The socket fast path, inline. Right after a wait (the usual reply)
         # cancellation was just checked and the task just yielded: only a
         # connection that has run for the budget checks and yields again.
-        fd = _live_fd(sock)
+        fd = sock.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the connection was closed")
         ran_long = time.perf_counter() - self._ran_since > _RUN_BUDGET
         if ran_long:
             await trio.lowlevel.checkpoint_if_cancelled()
