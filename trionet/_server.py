@@ -29,6 +29,7 @@ import trio
 
 from ._connection import Connection, format_peer
 from ._service import Service
+from ._tls import accept_tls, transport_for
 
 __all__ = ["Server", "serve"]
 
@@ -143,7 +144,8 @@ class Server:
                 host, port = sock.getsockname()[:2]
                 self.addresses.setdefault(label, []).append((host, port))
                 shown = f"[{host}]" if ":" in host else host
-                log.info("%s listening on %s:%d", label, shown, port)
+                tls = " (tls)" if service.tls_context is not None else ""
+                log.info("%s listening on %s:%d%s", label, shown, port, tls)
             else:
                 self.addresses.setdefault(service.name, [])
                 log.info("%s listening on %r", service.name, listener)
@@ -229,11 +231,15 @@ class Server:
         with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT):
             try:
                 if service.line_based:
+                    if service.tls_context is not None:  # the BYE goes inside TLS too
+                        stream = trio.SSLStream(
+                            transport_for(stream), service.tls_context, server_side=True
+                        )
                     await stream.send_all(b"BYE busy\n")
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             finally:
-                await trio.aclose_forcefully(stream)
+                await stream.aclose()  # bounded above; for TLS, sends close_notify
         access_log.info(
             "%s %s turned away: %d/%d connections in use",
             service.name,
@@ -243,6 +249,14 @@ class Server:
         )
 
     async def _run_connection(self, service: Service, stream: trio.abc.Stream) -> None:
+        if service.tls_context is not None:
+            # The handshake runs here, in the connection's own task, so a slow
+            # one never holds up accepting. A failure is logged and closed.
+            tls_stream = await accept_tls(service, stream, self._shutdown)
+            if tls_stream is None:
+                self._active[service.name] -= 1
+                return
+            stream = tls_stream
         conn = Connection(
             stream,
             max_line=service.max_line,
@@ -289,14 +303,14 @@ class Server:
                 await self._say_goodbye(conn, f"BYE {end}")
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT):
-                await trio.aclose_forcefully(conn.stream)
+                await conn.stream.aclose()  # bounded above; for TLS, sends close_notify
             self._connections.discard(conn)
             self._by_service[service.name].discard(conn)
             self._active[service.name] -= 1
             if not self._connections and self._shutdown.is_set():
                 self._all_closed.set()
             access_log.info(
-                "%s %s #%d end=%s duration=%.3fs in=%d out=%d",
+                "%s %s #%d end=%s duration=%.3fs in=%d out=%d%s",
                 service.name,
                 conn.peer,
                 conn.id,
@@ -304,6 +318,7 @@ class Server:
                 trio.current_time() - started,
                 conn.bytes_in,
                 conn.bytes_out,
+                " tls" if isinstance(conn.stream, trio.SSLStream) else "",
             )
 
     @staticmethod

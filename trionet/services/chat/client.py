@@ -15,7 +15,7 @@ from ..._client import (
     EXIT_PROTOCOL,
     ClientError,
     add_address_arguments,
-    connect,
+    connect_args,
     run_client,
 )
 from ..._connection import Connection, LineError
@@ -66,7 +66,8 @@ def client_main(argv: list[str]) -> int:
             "At the end of input the client says /quit and exits."
         ),
         epilog="exit status: 0 done, 3 cannot connect, 4 connection lost or closed by "
-        "the server, 5 refused (bad or taken nick)",
+        "the server, 5 refused (bad or taken nick)"
+        ", 10 TLS handshake failed (certificate not trusted or not for --host)",
     )
     parser.add_argument(
         "--nick",
@@ -76,11 +77,12 @@ def client_main(argv: list[str]) -> int:
     )
     add_address_arguments(parser, ChatService.default_port)
     args = parser.parse_args(argv)
-    return run_client(lambda: _client(args.host, args.port, args.nick), "chat")
+    return run_client(lambda: _client(args), "chat")
 
 
-async def _client(host: str, port: int, nick: str) -> int:
-    stream = await connect(host, port, "chat")
+async def _client(args: argparse.Namespace) -> int:
+    nick = args.nick
+    stream = await connect_args(args, "chat")
     conn = Connection(stream, max_line=1 << 20)
     out = sys.stdout
 

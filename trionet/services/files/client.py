@@ -39,9 +39,10 @@ from ..._client import (
     EXIT_DROPPED,
     EXIT_OK,
     EXIT_PROTOCOL,
+    EXIT_TLS,
     ClientError,
     add_address_arguments,
-    connect,
+    connect_args,
     run_client,
 )
 from .digest import hash_range
@@ -629,7 +630,8 @@ _EXIT_HELP = (
     f"  {EXIT_FORBIDDEN} the server refuses that name (outside the root, hidden, "
     "not a regular file)\n"
     f"  {EXIT_MISMATCH} size or sha256 mismatch: nothing was kept\n"
-    f"  {EXIT_DISK} local disk error (cannot write PATH.part or rename it)"
+    f"  {EXIT_DISK} local disk error (cannot write PATH.part or rename it)\n"
+    f"  {EXIT_TLS} TLS handshake failed (e.g. certificate not trusted or not for --host)"
 )
 
 
@@ -677,7 +679,7 @@ def client_main(argv: list[str]) -> int:
     args = _build_parser().parse_args(argv)
 
     async def main() -> int:
-        stream = await connect(args.host, args.port, "files")
+        stream = await connect_args(args, "files")
         async with stream:
             if args.command == "list":
                 for size, name in await list_remote(stream):
