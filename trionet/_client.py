@@ -21,7 +21,8 @@ from typing import Final
 
 import trio
 
-from ._tls import TLSConfigError, client_context, describe_tls_error, transport_for
+from ._socket import SSLSocketStream
+from ._tls import TLSConfigError, client_context, describe_tls_error
 
 __all__ = [
     "EXIT_DROPPED",
@@ -100,25 +101,20 @@ async def connect(
     if ctx is None:
         return stream
     # The certificate must name --host (a DNS name or an IP address).
-    tls_stream = trio.SSLStream(transport_for(stream), ctx, server_hostname=host)
     try:
         with trio.fail_after(10):
-            await tls_stream.do_handshake()
-    except BaseException as exc:
-        await trio.aclose_forcefully(tls_stream)
-        if isinstance(exc, trio.TooSlowError):
-            raise ClientError(
-                f"{service}: TLS handshake with {host}:{port} timed out", EXIT_TLS
-            ) from None
-        if not isinstance(exc, trio.BrokenResourceError):
-            raise
-        if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+            return await SSLSocketStream.open(stream, ctx, host)
+    except trio.TooSlowError:
+        raise ClientError(
+            f"{service}: TLS handshake with {host}:{port} timed out", EXIT_TLS
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        if isinstance(exc, ssl.SSLCertVerificationError):
             what = "certificate verification failed for"
         else:
             what = "handshake failed with"
         reason = describe_tls_error(exc)
         raise ClientError(f"{service}: TLS {what} {host}:{port}: {reason}", EXIT_TLS) from None
-    return tls_stream
 
 
 async def _connect_tcp(host: str, port: int, service: str) -> trio.SocketStream:

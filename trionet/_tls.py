@@ -15,8 +15,8 @@ access-log line, never a traceback, and the server carries on.
 
 Under the TLS layer a plain TCP socket is read and written through
 :class:`~trionet._socket.SocketTransport` (``os.read``/``os.write`` on the
-descriptor, Trio only for waits), which saves a system call and a yield
-per message compared with :class:`trio.SocketStream`.
+descriptor, Trio only for waits), which saves a pass through Trio's
+scheduler per message compared with :class:`trio.SocketStream`.
 """
 
 from __future__ import annotations
@@ -103,9 +103,13 @@ def client_context(cafile: str | None = None) -> ssl.SSLContext:
 
 
 def transport_for(stream: trio.abc.Stream) -> trio.abc.Stream:
-    """The stream to put under TLS: plain sockets get the lean :class:`SocketTransport`."""
+    """The stream to put under :class:`trio.SSLStream`: plain sockets get a lean transport.
+
+    A :class:`SocketTransport` without checkpoints of its own: SSLStream
+    makes every transport call holding a lock whose acquisition was one.
+    """
     if type(stream) is trio.SocketStream:
-        return SocketTransport(stream)
+        return SocketTransport(stream, checkpoints=False)
     return stream
 
 

@@ -29,7 +29,8 @@ from conftest import TLSFiles
 
 import trionet
 from trionet._client import EXIT_TLS, EXIT_USAGE
-from trionet._socket import SocketTransport
+from trionet._socket import SocketTransport, SSLSocketStream
+from trionet._tls import server_context, transport_for
 from trionet.services.calc.client import client_main as calc_main
 from trionet.services.calc.server import CalcService
 from trionet.services.chat.server import ChatService
@@ -547,3 +548,94 @@ async def test_socket_transport_carries_bulk_both_ways() -> None:
     await right.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await right.receive_some()
+
+
+async def test_tls_over_the_lean_transport_is_a_trio_stream(tls_files: TLSFiles) -> None:
+    """Under SSLStream the transport skips its own checkpoints: the TLS stream keeps them."""
+    server_ctx = server_context(tls_files.cert, tls_files.key)
+
+    async def make() -> tuple[trio.SSLStream[Any], trio.SSLStream[Any]]:
+        a, b = trio.socket.socketpair()
+        client_side, server_side = (
+            transport_for(trio.SocketStream(a)),
+            transport_for(trio.SocketStream(b)),
+        )
+        assert isinstance(client_side, SocketTransport) and not client_side.checkpoints
+        client = trio.SSLStream(
+            client_side, tls_files.client_context(), server_hostname="localhost"
+        )
+        server = trio.SSLStream(server_side, server_ctx, server_side=True)
+        return client, server
+
+    with trio.fail_after(30):
+        await trio.testing.check_two_way_stream(make, None)
+        client, server = await make()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        # Every call is still a checkpoint, even when nothing has to wait.
+        for _ in range(3):
+            with trio.testing.assert_checkpoints():
+                await client.send_all(b"ping")
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.testing.assert_checkpoints():
+                assert await server.receive_some(4) == b"ping"
+
+
+async def test_client_tls_stream_is_a_trio_stream(tls_files: TLSFiles) -> None:
+    """The clients' SSLSocketStream against an SSLStream server: Trio's own stream checks."""
+    server_ctx = server_context(tls_files.cert, tls_files.key)
+    client_ctx = tls_files.client_context()
+
+    async def make() -> tuple[SSLSocketStream, trio.SSLStream[Any]]:
+        a, b = trio.socket.socketpair()
+        server = trio.SSLStream(trio.SocketStream(b), server_ctx, server_side=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            client = await SSLSocketStream.open(trio.SocketStream(a), client_ctx, "localhost")
+        return client, server
+
+    async def make_reversed() -> tuple[trio.SSLStream[Any], SSLSocketStream]:
+        client, server = await make()
+        return server, client
+
+    with trio.fail_after(30):
+        await trio.testing.check_two_way_stream(make, None)
+        await trio.testing.check_two_way_stream(make_reversed, None)
+        # Many records in, one receive out: what makes downloads fast.
+        client, server = await make()
+        payload = bytes(range(256)) * 4096  # 1 MiB, 64 TLS records
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.send_all, payload)
+            got = bytearray()
+            calls = 0
+            while len(got) < len(payload):
+                got += await client.receive_some(len(payload))
+                calls += 1
+        assert got == payload
+        assert calls < 64
+        # A connection cut without close_notify is an error, not an end.
+        await trio.aclose_forcefully(server.transport_stream)
+        with pytest.raises(trio.BrokenResourceError):
+            await client.receive_some()
+        await client.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await client.send_all(b"x")
+
+
+async def test_client_tls_stream_refuses_a_wrong_certificate(tls_files: TLSFiles) -> None:
+    server_ctx = server_context(tls_files.cert, tls_files.key)
+    a, b = trio.socket.socketpair()
+    server = trio.SSLStream(trio.SocketStream(b), server_ctx, server_side=True)
+
+    async def serve() -> None:
+        with pytest.raises(trio.BrokenResourceError):  # the client gives up
+            await server.do_handshake()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            with pytest.raises(ssl.SSLCertVerificationError, match="mismatch"):
+                await SSLSocketStream.open(
+                    trio.SocketStream(a), tls_files.client_context(), "example.org"
+                )
