@@ -118,6 +118,7 @@ async def connect(
 
 
 async def _connect_tcp(host: str, port: int, service: str) -> trio.SocketStream:
+    """Open the TCP connection, turning failures into a :class:`ClientError`."""
     try:
         with trio.fail_after(10):
             return await trio.open_tcp_stream(host, port)

@@ -1,4 +1,7 @@
-"""A lean stream over a TCP socket's descriptor, to put under TLS.
+"""Lean streams on a TCP socket's descriptor, for TLS.
+
+:class:`SocketTransport` goes under the servers' :class:`trio.SSLStream`;
+:class:`SSLSocketStream` is the clients' TLS stream (see its docstring).
 
 :class:`trio.SSLStream` makes every call to its transport while holding a
 Trio lock, and acquiring that lock is already a full checkpoint (a check

@@ -17,6 +17,10 @@ Under the TLS layer a plain TCP socket is read and written through
 :class:`~trionet._socket.SocketTransport` (``os.read``/``os.write`` on the
 descriptor, Trio only for waits), which saves a pass through Trio's
 scheduler per message compared with :class:`trio.SocketStream`.
+
+Clients (:func:`trionet._client.connect`) verify the server's certificate
+against ``--cafile`` or the system's trust store and the name or address
+they connected to, over :class:`~trionet._socket.SSLSocketStream`.
 """
 
 from __future__ import annotations

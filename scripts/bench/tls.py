@@ -2,26 +2,32 @@
 """Benchmark trionet's TLS against plain Trio ``SSLStream`` servers, same certificate.
 
 One run on 127.0.0.1; every server runs in its own process, rounds are
-interleaved (the order alternates each round) and medians plus the
-trionet/baseline ratio are printed:
+interleaved (the order rotates each round) and medians plus ratios are
+printed:
 
   (a) echo ping-pong inside TLS: 100 connections, one 64-byte message in
       flight each; round trips per second. trionet's echo service with
       TLS, against Trio's tutorial echo server wrapped in ``SSLStream``
       (``trio.serve_ssl_over_tcp``). The load is one lean process (stdlib
-      ``ssl`` sockets on epoll: OpenSSL in C, not the bottleneck).
+      ``ssl`` sockets on epoll: OpenSSL in C). Also printed: the server's
+      user and system CPU per round trip, read from /proc, which this
+      shared machine's noise disturbs less than the rate.
   (b) a 1 GiB download inside TLS, saved to disk: the trionet files server
       and ``python -m trionet.client files get --tls`` (which also checks
       the file's sha256), against ``curl --cacert`` from a plain Trio HTTPS
       file server (``SSLStream``, 1 MiB reads in a worker thread, the same
       chunk size as trionet's). Seconds per download (process start-up
-      included), reported as MB/s. Before each download the previous
-      output is deleted and ``sync`` run (outside the timed part).
+      included), shown as MB/s. Before each download the previous output
+      is deleted and ``sync`` run (outside the timed part). Two reference
+      rows: curl doing the client's whole job (``curl | tee FILE |
+      sha256sum``), and the trionet server with a lean discard client (what
+      the server alone can send).
 
 Certificates come from ``trustme`` (in the ``test`` extra: run from the
 project's .venv). Temporary files are deleted at the end.
 
 Usage: .venv/bin/python scripts/bench/tls.py [--rounds 5] [--seconds 3] [--size-mib 1024]
+       [--only a|b]
 """
 
 from __future__ import annotations

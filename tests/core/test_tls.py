@@ -639,3 +639,20 @@ async def test_client_tls_stream_refuses_a_wrong_certificate(tls_files: TLSFiles
                 await SSLSocketStream.open(
                     trio.SocketStream(a), tls_files.client_context(), "example.org"
                 )
+
+
+async def test_guess_client_plays_inside_tls(tls_files: TLSFiles) -> None:
+    with trio.fail_after(20):
+        async with running("tcp", GuessService(port=0, **tls(tls_files))) as wire:
+            command = [sys.executable, "-m", "trionet.client", "guess", "--auto"]
+            result = await trio.run_process(
+                [*command, "--port", str(wire.port()), "--tls", "--cafile", tls_files.ca],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                cwd=ROOT,
+            )
+    assert result.returncode == 0, result.stderr
+    transcript = result.stdout.decode().splitlines()
+    assert transcript[0] == "S: NEW 1 100"
+    assert any(line.startswith("S: CORRECT ") for line in transcript)
