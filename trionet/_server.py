@@ -30,6 +30,7 @@ import trio
 
 from ._connection import Connection, format_peer
 from ._service import Service
+from ._tls import accept_tls, transport_for
 
 __all__ = ["Server", "StartupError", "serve"]
 
@@ -217,12 +218,14 @@ class Server:
                 host, port = sock.getsockname()[:2]
                 self.addresses.setdefault(label, []).append((host, port))
                 shown = f"[{host}]" if ":" in host else host
+                tls = " (tls)" if service.tls_context is not None else ""
                 log.log(
                     logging.INFO if self._announce else logging.DEBUG,
-                    "%s listening on %s:%d",
+                    "%s listening on %s:%d%s",
                     label,
                     shown,
                     port,
+                    tls,
                 )
             else:
                 self.addresses.setdefault(label, [])
@@ -344,11 +347,15 @@ class Server:
         with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT):
             try:
                 if service.line_based:
+                    if service.tls_context is not None:  # the BYE goes inside TLS too
+                        stream = trio.SSLStream(
+                            transport_for(stream), service.tls_context, server_side=True
+                        )
                     await stream.send_all(b"BYE busy\n")
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             finally:
-                await trio.aclose_forcefully(stream)
+                await stream.aclose()  # bounded above; for TLS, sends close_notify
         access_log.info(
             "%s %s turned away (%s): %d/%d connections in use",
             service.name,
@@ -361,6 +368,14 @@ class Server:
     async def _run_connection(
         self, service: Service, stream: trio.abc.Stream, peer: str, key: str | None
     ) -> None:
+        if service.tls_context is not None:
+            # The handshake runs here, in the connection's own task, so a slow
+            # one never holds up accepting. A failure is logged and closed.
+            tls_stream = await accept_tls(service, stream, self._shutdown)
+            if tls_stream is None:
+                self._release(service, key)
+                return
+            stream = tls_stream
         conn = Connection(
             stream,
             max_line=service.max_line,
@@ -409,19 +424,14 @@ class Server:
                 await self._say_goodbye(conn, f"BYE {end}")
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT):
-                await trio.aclose_forcefully(conn.stream)
+                await conn.stream.aclose()  # bounded above; for TLS, sends close_notify
             self._connections.discard(conn)
             self._by_service[service.name].discard(conn)
-            self._active[service.name] -= 1
-            if key is not None:
-                per_address = self._per_address[service.name]
-                per_address[key] -= 1
-                if not per_address[key]:
-                    del per_address[key]
+            self._release(service, key)
             if not self._connections and self._shutdown.is_set():
                 self._all_closed.set()
             access_log.info(
-                "%s %s #%d end=%s duration=%.3fs in=%d out=%d",
+                "%s %s #%d end=%s duration=%.3fs in=%d out=%d%s",
                 service.name,
                 conn.peer,
                 conn.id,
@@ -429,7 +439,17 @@ class Server:
                 trio.current_time() - started,
                 conn.bytes_in,
                 conn.bytes_out,
+                " tls" if isinstance(conn.stream, trio.SSLStream) else "",
             )
+
+    def _release(self, service: Service, key: str | None) -> None:
+        """Give back the slots a connection held (its service's, its address's)."""
+        self._active[service.name] -= 1
+        if key is not None:
+            per_address = self._per_address[service.name]
+            per_address[key] -= 1
+            if not per_address[key]:
+                del per_address[key]
 
     @staticmethod
     def _classify_failure(conn: Connection, exc: Exception) -> str:

@@ -17,6 +17,7 @@ the Service is the factory and holds what connections share).
 from __future__ import annotations
 
 import argparse
+import ssl
 from typing import Any, ClassVar, Self
 
 import attrs
@@ -24,6 +25,7 @@ import trio
 
 from ._connection import Connection
 from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineTooLong
+from ._tls import server_context
 
 __all__ = ["DEFAULT_LINE_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "Service"]
 
@@ -59,6 +61,16 @@ def _timeout(inst: Any, attr: attrs.Attribute[float | None], value: float | None
         raise ValueError(f"{attr.name} must be >= 0 (0 turns it off), got {value}")
 
 
+def _load_tls(service: Service) -> ssl.SSLContext | None:
+    # Built when the service is created, so a missing or bad file is
+    # reported before anything listens (as a ValueError naming the file).
+    if service.tls_cert is None and service.tls_key is None:
+        return None
+    if service.tls_cert is None or service.tls_key is None:
+        raise ValueError("TLS needs both a certificate and a key (tls_cert and tls_key)")
+    return server_context(service.tls_cert, service.tls_key)
+
+
 @attrs.define(kw_only=True, eq=False)
 class Service:
     """Base class of every trionet service.
@@ -88,7 +100,12 @@ class Service:
       max_per_address: clients served at once from one IP address; ``None``
         for half of ``max_connections`` (room for hundreds of clients
         behind one NAT, while no single address can take every slot).
-      tls_cert, tls_key: PEM files; with both, the service speaks TLS.
+      tls_cert, tls_key: PEM certificate (chain) and private key files; with
+        both, the service speaks TLS instead of plain TCP on all its
+        listeners (see :mod:`trionet._tls`).
+      tls_context: the server's :class:`ssl.SSLContext`, built from those
+        files when the service is created; pass one instead for settings of
+        your own.
     """
 
     name: ClassVar[str] = "service"
@@ -108,6 +125,9 @@ class Service:
     max_per_address: int | None = attrs.field(default=None, validator=_optional_positive)
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_context: ssl.SSLContext | None = attrs.field(
+        default=attrs.Factory(_load_tls, takes_self=True), repr=False
+    )
 
     @property
     def effective_port(self) -> int:

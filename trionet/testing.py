@@ -18,11 +18,16 @@ Example::
             await client.send_line("hello")
             await client.expect("HELLO")
             await client.expect_nothing(for_seconds=60)
+
+TLS works in memory too: give the service ``tls_cert``/``tls_key`` (or a
+``tls_context``) and connect with ``server.connect(tls=client_ctx)``; both
+ends then run a real :class:`trio.SSLStream` over the memory stream.
 """
 
 from __future__ import annotations
 
 import math
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -179,23 +184,43 @@ class MemoryServer:
     listeners: dict[str, MemoryListener]
 
     async def connect(
-        self, name: str | None = None, *, timeout: float = DEFAULT_TIMEOUT, peer: str | None = None
+        self,
+        name: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        peer: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str = "localhost",
     ) -> Client:
         """Connect a :class:`Client` to service ``name`` (optional with one service).
 
         ``peer`` is the address the server sees (see :meth:`MemoryListener.connect`).
+        With ``tls`` (a client context), the client talks TLS, checking the
+        server's certificate against ``server_hostname``.
         """
-        return Client(await self.open_stream(name, peer=peer), timeout=timeout)
+        stream = await self.open_stream(name, peer=peer, tls=tls, server_hostname=server_hostname)
+        return Client(stream, timeout=timeout)
 
     async def open_stream(
-        self, name: str | None = None, *, peer: str | None = None
+        self,
+        name: str | None = None,
+        *,
+        peer: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str = "localhost",
     ) -> trio.abc.Stream:
-        """Connect and return the raw client stream."""
+        """Connect and return the raw client stream (a :class:`trio.SSLStream` with ``tls``).
+
+        The TLS handshake happens on the stream's first send or receive.
+        """
         if name is None:
             if len(self.listeners) != 1:
                 raise ValueError("several services are running: name one")
             (name,) = self.listeners
-        return await self.listeners[name].connect(peer)
+        stream = await self.listeners[name].connect(peer)
+        if tls is None:
+            return stream
+        return trio.SSLStream(stream, tls, server_hostname=server_hostname)
 
     def shutdown(self) -> None:
         """Begin the graceful shutdown (as SIGTERM does)."""

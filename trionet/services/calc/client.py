@@ -15,7 +15,7 @@ from ..._client import (
     EXIT_PROTOCOL,
     ClientError,
     add_address_arguments,
-    connect,
+    connect_args,
     run_client,
 )
 from ..._connection import Connection, LineError
@@ -63,6 +63,7 @@ def build_client_parser() -> argparse.ArgumentParser:
         epilog=(
             "exit status: 0 every expression evaluated, 1 some expression failed, "
             "3 cannot connect, 4 connection lost, 5 unexpected reply"
+            ", 10 TLS handshake failed (certificate not trusted or not for --host)"
         ),
     )
     parser.add_argument(
@@ -197,7 +198,7 @@ def client_main(argv: list[str]) -> int:
             return 2
 
     async def main() -> int:
-        stream = await connect(args.host, args.port, "calc")
+        stream = await connect_args(args, "calc")
         session = CalcSession(stream, args.timeout)
         async with stream:
             if args.expressions:

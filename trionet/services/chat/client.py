@@ -18,7 +18,7 @@ from ..._client import (
     EXIT_PROTOCOL,
     ClientError,
     add_address_arguments,
-    connect,
+    connect_args,
     run_client,
 )
 from ..._connection import Connection, LineError
@@ -84,7 +84,8 @@ def client_main(argv: list[str]) -> int:
             "on joining. Ctrl-D or Ctrl-C leaves."
         ),
         epilog="exit status: 0 done, 3 cannot connect, 4 connection lost or closed by "
-        "the server, 5 refused (bad or taken nick)",
+        "the server, 5 refused (bad or taken nick)"
+        ", 10 TLS handshake failed (certificate not trusted or not for --host)",
     )
     parser.add_argument(
         "--nick",
@@ -94,11 +95,12 @@ def client_main(argv: list[str]) -> int:
     )
     add_address_arguments(parser, ChatService.default_port)
     args = parser.parse_args(argv)
-    return run_client(lambda: _client(args.host, args.port, args.nick), "chat")
+    return run_client(lambda: _client(args), "chat")
 
 
-async def _client(host: str, port: int, nick: str) -> int:
-    stream = await connect(host, port, "chat")
+async def _client(args: argparse.Namespace) -> int:
+    nick = args.nick
+    stream = await connect_args(args, "chat")
     async with stream:
         if not is_terminal():
             return await _session(stream, nick, _Pipe())
@@ -222,7 +224,7 @@ KEYS_HELP: Final = (
 FALLBACK_COMMANDS: Final = "/nick NEW, /me ACTION, /msg NICK TEXT, /who, /quit [REASON]"
 
 
-async def _session(stream: trio.SocketStream, nick: str, view: _Pipe | _Screen) -> int:
+async def _session(stream: trio.abc.Stream, nick: str, view: _Pipe | _Screen) -> int:
     conn = Connection(stream, max_line=1 << 20)
     await conn.send_line(f"/nick {nick}")
     # Wait for the answer to /nick before sending anything typed, so a

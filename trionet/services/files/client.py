@@ -47,9 +47,10 @@ from ..._client import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PROTOCOL,
+    EXIT_TLS,
     ClientError,
     add_address_arguments,
-    connect,
+    connect_args,
     run_client,
 )
 from .digest import hash_range
@@ -75,7 +76,7 @@ EXIT_NOT_FOUND: Final = 6
 EXIT_FORBIDDEN: Final = 7
 EXIT_MISMATCH: Final = 8
 EXIT_DISK: Final = 9
-EXIT_EXISTS: Final = 10
+EXIT_EXISTS: Final = 11
 _PROG: Final = "python -m trionet.client files"
 
 #: Size of each receive buffer; a few of them are reused for the whole file.
@@ -678,6 +679,7 @@ _EXIT_HELP = (
     f"  {EXIT_EXISTS} PATH exists (use --force to overwrite it)\n"
     f"  {EXIT_INTERRUPTED} interrupted (Ctrl-C): PATH.part is kept and the --resume "
     "command printed"
+    f"  {EXIT_TLS} TLS handshake failed (e.g. certificate not trusted or not for --host)"
 )
 
 
@@ -735,7 +737,7 @@ def client_main(argv: list[str]) -> int:
     async def main() -> int:
         if args.command == "get":
             return await _get(args)
-        stream = await connect(args.host, args.port, "files")
+        stream = await connect_args(args, "files")
         async with stream:
             for size, name in await list_remote(stream):
                 print(f"{size:>14}  {name}")
@@ -751,7 +753,7 @@ async def _get(args: argparse.Namespace) -> int:
     await trio.to_thread.run_sync(_check_destination, path, args.force)
     announce: Announce | None = None
     with trio.CancelScope() as scope, _sigint_cancels(scope):
-        stream = await connect(args.host, args.port, "files")
+        stream = await connect_args(args, "files")
         async with stream:
             announce = await download(stream, args.name, path, resume=args.resume, force=args.force)
     if announce is None:  # cancelled by Ctrl-C
@@ -807,5 +809,9 @@ def _resume_command(args: argparse.Namespace, path: str) -> str:
         options += ["--host", args.host]
     if args.port != defaults.port:
         options += ["--port", str(args.port)]
+    if getattr(args, "cafile", None):
+        options += ["--cafile", args.cafile]
+    elif getattr(args, "tls", False):
+        options.append("--tls")
     words = [*options, "--", args.name] if args.name.startswith("-") else [args.name, *options]
     return f"{_PROG} get {shlex.join(words)}"

@@ -15,7 +15,7 @@ from ..._client import (
     EXIT_PROTOCOL,
     ClientError,
     add_address_arguments,
-    connect,
+    connect_args,
     run_client,
 )
 from ..._connection import Connection, LineError
@@ -221,7 +221,8 @@ def build_client_parser() -> argparse.ArgumentParser:
             "prints the transcript (C: sent, S: received) and exits 0."
         ),
         epilog="exit status: 0 done, 2 bad options, 3 cannot connect, "
-        "4 connection lost or timed out, 5 unexpected reply from the server",
+        "4 connection lost or timed out, 5 unexpected reply from the server"
+        ", 10 TLS handshake failed (certificate not trusted or not for --host)",
     )
     add_address_arguments(parser, GuessService.default_port)
     parser.add_argument(
@@ -270,7 +271,7 @@ def client_main(argv: list[str]) -> int:
         return typed.rstrip("\r\n")
 
     async def main() -> int:
-        stream = await connect(args.host, args.port, "guess")
+        stream = await connect_args(args, "guess")
         session = ServerSession(stream, timeout=args.timeout if args.auto else None)
         async with stream:
             if args.auto:
