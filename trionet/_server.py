@@ -23,6 +23,7 @@ import contextlib
 import errno
 import logging
 import os
+import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -152,6 +153,7 @@ class Server:
         #: Bound ``(host, port)`` addresses per service name, once started.
         self.addresses: dict[str, list[tuple[str, int]]] = {}
         self._given_listeners = dict(listeners or {})
+        self._extra: set[int] = set()  # ids of listeners from open_extra_listeners
         self._announce = announce
         self._connections: set[Connection] = set()
         self._by_service: dict[str, set[Connection]] = {s.name: set() for s in services}
@@ -186,7 +188,11 @@ class Server:
         except OSError as exc:
             raise StartupError(service.name, host, service.effective_port, _reason(exc)) from exc
         try:
-            listeners += await service.open_extra_listeners(host)
+            extra = await service.open_extra_listeners(host)
+            # They speak their own protocol (chat's web page does its own
+            # TLS, as HTTPS): the service's TLS wraps its own listeners only.
+            self._extra.update(map(id, extra))
+            listeners += extra
         except BaseException:
             for listener in listeners:
                 await listener.aclose()
@@ -314,6 +320,7 @@ class Server:
     ) -> None:
         errors = _AcceptErrors(service.name)
         per_address = self._per_address[service.name]
+        tls = None if id(listener) in self._extra else service.tls_context
         async with listener:
             while True:
                 try:
@@ -328,29 +335,34 @@ class Server:
                 peer = format_peer(stream)
                 key = _address_key(peer)
                 if self._active[service.name] >= service.max_connections:
-                    connections.start_soon(self._turn_away, service, stream, peer, "server full")
+                    connections.start_soon(
+                        self._turn_away, service, stream, peer, "server full", tls
+                    )
                 elif key is not None and per_address.get(key, 0) >= (
                     service.effective_max_per_address
                 ):
                     connections.start_soon(
-                        self._turn_away, service, stream, peer, f"address limit for {key}"
+                        self._turn_away, service, stream, peer, f"address limit for {key}", tls
                     )
                 else:
                     self._active[service.name] += 1
                     if key is not None:
                         per_address[key] = per_address.get(key, 0) + 1
-                    connections.start_soon(self._run_connection, service, stream, peer, key)
+                    connections.start_soon(self._run_connection, service, stream, peer, key, tls)
 
     async def _turn_away(
-        self, service: Service, stream: trio.abc.Stream, peer: str, why: str
+        self,
+        service: Service,
+        stream: trio.abc.Stream,
+        peer: str,
+        why: str,
+        tls: ssl.SSLContext | None,
     ) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT):
             try:
                 if service.line_based:
-                    if service.tls_context is not None:  # the BYE goes inside TLS too
-                        stream = trio.SSLStream(
-                            transport_for(stream), service.tls_context, server_side=True
-                        )
+                    if tls is not None:  # the BYE goes inside TLS too
+                        stream = trio.SSLStream(transport_for(stream), tls, server_side=True)
                     await stream.send_all(b"BYE busy\n")
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
@@ -366,9 +378,14 @@ class Server:
         )
 
     async def _run_connection(
-        self, service: Service, stream: trio.abc.Stream, peer: str, key: str | None
+        self,
+        service: Service,
+        stream: trio.abc.Stream,
+        peer: str,
+        key: str | None,
+        tls: ssl.SSLContext | None,
     ) -> None:
-        if service.tls_context is not None:
+        if tls is not None:
             # The handshake runs here, in the connection's own task, so a slow
             # one never holds up accepting. A failure is logged and closed.
             tls_stream = await accept_tls(service, stream, self._shutdown)

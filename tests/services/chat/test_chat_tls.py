@@ -50,3 +50,48 @@ async def test_interactive_session_inside_tls(tls_files: TLSFiles) -> None:
         finally:
             proc.kill()
             await proc.wait()
+
+
+async def test_the_browser_page_is_https_when_the_chat_speaks_tls(tls_files: TLSFiles) -> None:
+    """With TLS the web port serves HTTPS and a wss:// WebSocket, in the same room as TCP."""
+
+    import trio_websocket
+
+    import trionet
+
+    service = ChatService(port=0, web_port=0, tls_cert=tls_files.cert, tls_key=tls_files.key)
+    ctx = tls_files.client_context()
+    async with trio.open_nursery() as nursery:
+        addresses = await nursery.start(trionet.serve, [service])
+        tcp_port = addresses["chat"][0][1]
+        web_port = addresses["chat web"][0][1]
+        with trio.fail_after(10):
+            # The page, over HTTPS.
+            raw = await trio.open_tcp_stream("127.0.0.1", web_port)
+            page = trio.SSLStream(raw, ctx, server_hostname="127.0.0.1")
+            await page.send_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            head = await page.receive_some(4096)
+            assert head.startswith(b"HTTP/1.1 200")
+            await page.aclose()
+            # Plain HTTP to the TLS web port gets nowhere.
+            plain = await trio.open_tcp_stream("127.0.0.1", web_port)
+            await plain.send_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert not (await plain.receive_some(4096)).startswith(b"HTTP/1.1 200")
+            await plain.aclose()
+            # A wss:// member and a TLS TCP member talk.
+            tcp = trio.SSLStream(
+                await trio.open_tcp_stream("127.0.0.1", tcp_port), ctx, server_hostname="127.0.0.1"
+            )
+            alice = Client(tcp, timeout=10)
+            await alice.expect(WELCOME)
+            await alice.send_line("/nick alice")
+            await alice.expect("OK nick alice")
+            url = f"wss://127.0.0.1:{web_port}/ws"
+            async with trio_websocket.open_websocket_url(url, ssl_context=ctx) as ws:
+                assert await ws.get_message() == WELCOME
+                await ws.send_message("/nick bob")
+                assert await ws.get_message() == "OK nick bob"
+                await alice.expect("JOIN bob")
+                await ws.send_message("hello over wss")
+                await alice.expect("MSG bob hello over wss")
+        nursery.cancel_scope.cancel()

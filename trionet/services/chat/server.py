@@ -206,7 +206,9 @@ class ChatService(Service):
         if self.web_port is None:
             return []
         limit = message_limit(self.max_line)
-        self._web = await open_web_listeners(host, self.web_port, max_message_size=limit)
+        self._web = await open_web_listeners(
+            host, self.web_port, max_message_size=limit, tls=self.tls_context
+        )
         return list(self._web)
 
     async def run_background(self, *, task_status: trio.TaskStatus[None]) -> None:

@@ -38,6 +38,7 @@ import hashlib
 import importlib.resources
 import logging
 import re
+import ssl
 from typing import Any, Final, Protocol
 
 import trio
@@ -363,7 +364,8 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
     @property
     def socket(self) -> trio.socket.SocketType | None:
         """The listening socket, for the server's ``listening on`` log line."""
-        return getattr(self.transport, "socket", None)
+        transport = getattr(self.transport, "transport_listener", self.transport)  # under TLS
+        return getattr(transport, "socket", None)
 
     async def accept(self) -> WebSocketStream:
         """The next WebSocket opened on ``/ws``, handshake done."""
@@ -502,14 +504,20 @@ async def open_web_listeners(
     port: int,
     *,
     max_message_size: int = 64 * 1024,
+    tls: ssl.SSLContext | None = None,
 ) -> list[WebListener]:
     """Listen for HTTP on ``host:port`` (0: a free port); one listener per address.
 
-    Run each listener's :meth:`WebListener.run` in a nursery (the chat does
-    it in its ``run_background``) before accepting from it.
+    With ``tls`` (the chat's own TLS context) the page is served over HTTPS
+    and the WebSocket is ``wss://``. Run each listener's
+    :meth:`WebListener.run` in a nursery (the chat does it in its
+    ``run_background``) before accepting from it.
     """
     page = load_page()
+    listeners: list[trio.abc.Listener[Any]] = list(await trio.open_tcp_listeners(port, host=host))
+    if tls is not None:
+        listeners = [trio.SSLListener(tcp, tls, https_compatible=True) for tcp in listeners]
     return [
-        WebListener(tcp, page=page, max_message_size=max_message_size)
-        for tcp in await trio.open_tcp_listeners(port, host=host)
+        WebListener(transport, page=page, max_message_size=max_message_size)
+        for transport in listeners
     ]
