@@ -153,6 +153,7 @@ class Connection:
     # per-instance __dict__ would be a large share of each one's memory.
     __slots__ = (
         "_busy",
+        "_eof_sent",
         "_expect_data",
         "_expired",
         "_input_closed",
@@ -241,6 +242,7 @@ class Connection:
         self._shutdown_requested = False
         self._send_busy = False
         self._send_interrupted = False
+        self._eof_sent = False  # set by send_eof: sends then go the slow way, which refuses
         # The socket fast path (below): for a plain TCP socket we call
         # os.read/os.write on its descriptor and only ask Trio to wait when
         # the kernel would block. Any other stream (TLS, memory) goes
@@ -348,7 +350,7 @@ class Connection:
             # below is one). On a socket the queue goes straight to the
             # kernel, without a copy, in the common case that it fits.
             partial = False
-            if sock is not None and not self._send_busy and not sock.did_shutdown_SHUT_WR:
+            if sock is not None and not self._send_busy and not self._eof_sent:
                 partial = self._write_queued(sock)
             if self._out:
                 # The peer may hold half a line until the rest is sent: if
@@ -361,7 +363,9 @@ class Connection:
         if self._shutdown_requested:
             self._scope.cancel()
         if not self._busy:
-            self._wait_since = trio.current_time()
+            # (The run's clock, asked directly: trio.current_time() first
+            # looks the run up, which costs more than the clock itself.)
+            self._wait_since = trio.lowlevel.current_clock().current_time()
         self._waiting = True
         try:
             if sock is None:
@@ -555,7 +559,7 @@ class Connection:
         if self._out:
             await self._flush(checkpoint=False)
         sock = self._sock
-        if sock is None or self._send_busy or sock.did_shutdown_SHUT_WR or not data:
+        if sock is None or self._send_busy or self._eof_sent or not data:
             await self._send(data, checkpoint)
             return
         # The socket fast path, inline. Right after a wait (the usual reply)
@@ -651,6 +655,7 @@ class Connection:
         await self.flush()
         with self._send_guard():
             await self.stream.send_eof()
+            self._eof_sent = True
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until sending might not block (see Trio's documentation)."""
