@@ -67,7 +67,10 @@ async def test_two_services_share_stats_in_memory(redis_server: Any) -> None:
             await _stats_until(b, "STATS 3 2 1 1.00")
             await a.send_line("stats")
             await a.expect("STATS 3 2 1 1.00")
-    assert one.stats.played == 2 and two.stats.played == 1  # each process's own
+            await _play(a, wins=1)  # and the servers stop at once:
+    assert one.stats.played == 3 and two.stats.played == 1  # each process's own
+    # the last round was applied on the way out
+    assert redis_server.command("HGET", "trionet:guess:stats", "played") == b"$1\r\n4\r\n"
 
 
 async def test_stats_are_local_while_redis_is_down_and_nothing_is_lost(

@@ -494,7 +494,7 @@ class RoomBus:
             if member is None or member.nick is None:
                 continue
             old = member.nick
-            for n in itertools.count(2):
+            for n in range(2, 1000):
                 candidate = rename_candidate(old, n)
                 try:
                     self.room.check_nick(member, candidate)

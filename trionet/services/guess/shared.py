@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
-from ..._redis import RedisLink
+from ..._redis import RedisLink, redis_errors
 from .rules import Stats
 
 if TYPE_CHECKING:
@@ -114,7 +114,19 @@ class SharedStats:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Apply batches and answer reads, for the life of the service (its ``run_background``)."""
         log.info("guess: sharing STATS through Redis at %s", self.link.url)
-        await self.link.run(self._session, task_status=task_status)
+        try:
+            await self.link.run(self._session, task_status=task_status)
+        finally:
+            # Stopped after the last connection ended: apply the last rounds,
+            # on a fresh connection, within 2 s.
+            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                if self._batch is not None or self._pending.played:
+                    try:
+                        async with self.link.client() as client:
+                            while self._batch is not None or self._pending.played:
+                                await self._apply(client)
+                    except redis_errors() as exc:
+                        log.warning("guess: could not apply the last rounds in Redis: %s", exc)
 
     async def _session(self, client: coredis.Redis[str], ready: Callable[[], None]) -> None:
         with trio.fail_after(CALL_TIMEOUT):
