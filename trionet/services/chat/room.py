@@ -576,7 +576,8 @@ class Room:
                 ms = int(self._clock() * 1000)
                 if self._history.maxlen:
                     self._history.append((ms, kind, nick, text))
-                self._emit(RoomEvent(kind, nick, text, ms))
+                if self.on_event is not None:  # (no event built per message without it)
+                    self.on_event(RoomEvent(kind, nick, text, ms))
             self._append(_line(f"{kind} {nick} {text}"), member)
 
     def say(self, member: Member, text: str) -> None:
