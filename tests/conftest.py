@@ -1,17 +1,198 @@
-"""Fixtures shared by the whole suite: TLS certificates made by ``trustme``.
+"""Fixtures shared by the test suite: a real redis-server, and servers in processes.
 
-One certificate authority per test session (key generation is the slow
-part); its server certificate is valid for ``localhost`` and ``127.0.0.1``.
+``redis_server`` starts Debian's ``redis-server`` on a free loopback port in
+a temporary directory, with nothing saved to disk, and kills it after the
+test; the test may kill and restart it (same port) to play an outage. It
+skips the test, saying why, only when ``redis-server`` is not installed
+(scripts/test installs it where it can).
+
+``serve`` starts ``python -m trionet.serve ...`` processes whose log is read
+in a thread (``wait_for`` a pattern, ``port`` of a service), all killed at
+the end of the test.
+
+``tls_files`` makes TLS certificates with ``trustme``: one certificate
+authority per test session (key generation is the slow part), and a server
+certificate valid for ``localhost`` and ``127.0.0.1``.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import signal
+import socket
 import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
 import pytest
 import trustme
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_command(port: int, *words: str, timeout: float = 2.0) -> bytes:
+    """Send one command to the Redis on ``port``; its raw reply (RESP), first read only."""
+    payload = f"*{len(words)}\r\n" + "".join(f"${len(w.encode())}\r\n{w}\r\n" for w in words)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload.encode())
+        return s.recv(1 << 20)
+
+
+class RedisServer:
+    """One ``redis-server`` process on a fixed port; :meth:`kill` and :meth:`start` again."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT``."""
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start (or restart, empty: nothing is saved) and wait until it answers PING."""
+        self.proc = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if redis_command(self.port, "PING", timeout=0.5).startswith(b"+PONG"):
+                    return
+            except OSError:
+                pass
+            assert self.proc.poll() is None, f"redis-server exited ({self.proc.returncode})"
+            assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL: an outage, everything it held is lost."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def command(self, *words: str) -> bytes:
+        """One command's raw reply (``XLEN``, ``HGETALL``...)."""
+        return redis_command(self.port, *words)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh, empty redis-server for this test (killed afterwards)."""
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+class Serve:
+    """``python -m trionet.serve ARGS`` with its log (stderr) read in a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trionet.serve", *args],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append("<eof>")
+            self._changed.notify_all()
+
+    def count(self, pattern: str) -> int:
+        """How many log lines so far match ``pattern``."""
+        with self._changed:
+            return sum(1 for line in self.lines if re.search(pattern, line))
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 20) -> list[re.Match[str]]:
+        """The first ``count`` log lines matching ``pattern`` (waiting for them)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = [m for line in self.lines if (m := re.search(pattern, line))]
+                if len(found) >= count:
+                    return found[:count]
+                left = deadline - time.monotonic()
+                assert left > 0 and "<eof>" not in self.lines, (pattern, self.lines[-20:])
+                self._changed.wait(left)
+
+    def port(self, name: str) -> int:
+        """The port service ``name`` listens on (from its log line)."""
+        return int(self.wait_for(rf"{name} listening on 127\.0\.0\.1:(\d+)")[0][1])
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the process."""
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait: the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Serve]]:
+    """Start ``python -m trionet.serve`` processes; every one is killed after the test."""
+    started: list[Serve] = []
+
+    def start(*args: str) -> Serve:
+        process = Serve(*args)
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            if process.proc.poll() is None:
+                process.proc.send_signal(signal.SIGCONT)  # (a test may have stopped it)
+                process.proc.kill()
+                process.proc.wait()
 
 
 @attrs.frozen

@@ -39,6 +39,18 @@ so nobody ever receives a ``MSG`` from a nick that was neither there when it
 joined (what ``/who`` lists) nor announced since by ``JOIN`` or ``NICK``; a
 member leaves in one step, with one ``LEAVE``, so every ``JOIN`` is matched
 by exactly one ``LEAVE``.
+
+**Other processes** (``--redis``, see :mod:`.bus`). Members served by
+other processes are *ghosts* here: a nick and the process it lives on,
+nothing to write to. They take part in every synchronous rule (nick
+uniqueness, ``/who``, ``/msg``), so the room stays synchronous. What this
+process's members do is reported to :attr:`Room.on_event` as a
+:class:`RoomEvent` (the bus publishes it); what other processes' members
+did comes back through the ``remote_*`` methods, which relay it here like
+a local member's line. They check the process each ghost belongs to, and
+make the same announcements whatever order the news arrives in (a repeated
+``JOIN`` is ignored, a ``LEAVE`` of nobody too), so every ``JOIN`` is still
+matched by one ``LEAVE`` and no ``MSG`` comes from a nick nobody announced.
 """
 
 from __future__ import annotations
@@ -47,7 +59,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, NamedTuple
 
 import trio
 
@@ -59,8 +71,10 @@ __all__ = [
     "HELP",
     "MAX_WRITE",
     "ChatError",
+    "Ghost",
     "Member",
     "Room",
+    "RoomEvent",
 ]
 
 #: The one-line answer to ``/help``.
@@ -78,6 +92,29 @@ MAX_WRITE: Final = 64 * 1024
 _SCAN_STEP: Final = 64 * 1024
 
 _Entry = tuple[bytes, "Member | None", int]  # (data, its sender, log offset at its end)
+
+
+class RoomEvent(NamedTuple):
+    """Something one of this process's members did, for other processes to relay."""
+
+    #: ``JOIN``, ``NICK``, ``MSG``, ``ACTION``, ``PRIV`` or ``LEAVE``.
+    kind: str
+    #: Who did it (for ``NICK``: the old nick).
+    nick: str
+    #: ``NICK``: the new nick; ``MSG``/``ACTION``/``PRIV``: the text; ``LEAVE``: the reason.
+    arg: str = ""
+    #: ``MSG``/``ACTION``: when, in ms since the epoch (for ``HIST``).
+    ms: int = 0
+    #: ``PRIV``: the ghost it is for, and the process that ghost lives on.
+    target: str = ""
+    origin: str = ""
+
+
+class Ghost(NamedTuple):
+    """A member of the room served by another process: its nick and that process."""
+
+    nick: str
+    origin: str
 
 
 class ChatError(Exception):
@@ -304,16 +341,40 @@ class Room:
         self._scanning = False
         self._history: deque[tuple[int, str, str, str]] = deque(maxlen=history)
         self._clock = clock
+        # nick_key(nick) → the members other processes serve (``--redis``).
+        self._ghosts: dict[str, Ghost] = {}
+        #: Told of every change this process's members make (the bus publishes it).
+        self.on_event: Callable[[RoomEvent], None] | None = None
 
     def __len__(self) -> int:
+        """Members this process serves (ghosts not counted)."""
         return len(self._members)
 
     def __contains__(self, member: object) -> bool:
         return isinstance(member, Member) and member._in_room
 
     def nicks(self) -> list[str]:
-        """The nicks in the room, sorted ignoring case (as ``WHO`` lists them)."""
-        return sorted((m.nick for m in self._members.values() if m.nick), key=str.lower)
+        """The nicks in the room, ghosts included, sorted ignoring case (as ``WHO`` lists them)."""
+        names = [m.nick for m in self._members.values() if m.nick]
+        names += [g.nick for g in self._ghosts.values()]
+        return sorted(names, key=str.lower)
+
+    @property
+    def ghosts(self) -> dict[str, Ghost]:
+        """A copy of nick key → :class:`Ghost`: the members other processes serve."""
+        return dict(self._ghosts)
+
+    def local_nicks(self) -> dict[str, str]:
+        """Nick key → nick of every member this process serves."""
+        return {key: m.nick for key, m in self._members.items() if m.nick}
+
+    def member(self, nick: str) -> Member | None:
+        """The member of this process called ``nick`` (any case), if any."""
+        return self._members.get(nick_key(nick))
+
+    def _emit(self, event: RoomEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
 
     @property
     def log_bytes(self) -> int:
@@ -412,6 +473,8 @@ class Room:
         if member.on_evict is not None:
             member.on_evict()
         if was_in:
+            assert member.nick is not None
+            self._emit(RoomEvent("LEAVE", member.nick, "slow-consumer"))
             self._append(_line(f"LEAVE {member.nick} slow-consumer"), None)
         self._clear_if_empty()
 
@@ -436,18 +499,28 @@ class Room:
         """Send ``line`` to ``member`` alone; evict it if that puts it over its bound."""
         self._queue(member, _line(line))
 
+    def check_nick(self, member: Member, name: str) -> bool:
+        """Could ``member`` take ``name`` now? ``ChatError`` if not.
+
+        Returns whether ``name`` is new to the member ignoring case (a
+        rename that only changes case needs no claim across processes).
+        """
+        if not valid_nick(name):
+            raise ChatError("bad-nick")
+        key = nick_key(name)
+        holder = self._members.get(key)
+        if (holder is not None and holder is not member) or key in self._ghosts:
+            raise ChatError("nick-taken", name)
+        return holder is None
+
     def set_nick(self, member: Member, name: str) -> None:
         """Join the room as ``name``, or rename; ``ChatError`` if refused."""
         if member.evicted:
             # Its handler is being cancelled but may still be working through
             # lines it had already read: an evicted member never joins.
             return
-        if not valid_nick(name):
-            raise ChatError("bad-nick")
+        self.check_nick(member, name)
         key = nick_key(name)
-        holder = self._members.get(key)
-        if holder is not None and holder is not member:
-            raise ChatError("nick-taken", name)
         old = member.nick if member._in_room else None
         if old is not None:
             del self._members[nick_key(old)]
@@ -464,11 +537,31 @@ class Room:
         # The others are told first: if the reply then overflows the member's
         # own queue, its eviction is announced under the nick they now know.
         if old is None:
+            # Reported before it is relayed: relaying may evict a slow member,
+            # and other processes must hear of the join before any leave.
+            self._emit(RoomEvent("JOIN", name))
             self._append(_line(f"JOIN {name}"), member)
         elif old != name:
+            self._emit(RoomEvent("NICK", old, name))
             self._append(_line(f"NICK {old} {name}"), member)
         if member._in_room:  # (announcing it may have evicted the member itself)
             self.reply(member, f"OK nick {name}")
+
+    def force_rename(self, member: Member, name: str) -> None:
+        """Rename ``member`` without asking it (a nick clash between processes).
+
+        Everyone, the member included, is told ``NICK old new``: that line
+        is how the member learns its new nick. The caller has checked that
+        ``name`` is valid and free.
+        """
+        if not member._in_room or member.nick is None:
+            return
+        old = member.nick
+        del self._members[nick_key(old)]
+        member.nick = name
+        self._members[nick_key(name)] = member
+        self._emit(RoomEvent("NICK", old, name))
+        self._append(_line(f"NICK {old} {name}"), None)
 
     def _require(self, member: Member) -> str:
         if not member._in_room:
@@ -479,8 +572,12 @@ class Room:
     def _relay(self, member: Member, kind: str, text: str) -> None:
         nick = self._require(member)
         if text := sanitize(text):
-            if self._history.maxlen:
-                self._history.append((int(self._clock() * 1000), kind, nick, text))
+            if self._history.maxlen or self.on_event is not None:
+                ms = int(self._clock() * 1000)
+                if self._history.maxlen:
+                    self._history.append((ms, kind, nick, text))
+                if self.on_event is not None:  # (no event built per message without it)
+                    self.on_event(RoomEvent(kind, nick, text, ms))
             self._append(_line(f"{kind} {nick} {text}"), member)
 
     def say(self, member: Member, text: str) -> None:
@@ -494,9 +591,16 @@ class Room:
     def whisper(self, member: Member, target: str, text: str) -> None:
         """Send ``PRIV`` to the member called ``target`` only."""
         nick = self._require(member)
-        other = self._members.get(nick_key(target))
+        key = nick_key(target)
+        other = self._members.get(key)
         if other is None:
-            raise ChatError("no-such-nick", sanitize(target))
+            ghost = self._ghosts.get(key)
+            if ghost is None:
+                raise ChatError("no-such-nick", sanitize(target))
+            if text := sanitize(text):
+                # Delivered by the process the ghost lives on.
+                self._emit(RoomEvent("PRIV", nick, text, target=ghost.nick, origin=ghost.origin))
+            return
         if text := sanitize(text):
             self.reply(other, f"PRIV {nick} {text}")
 
@@ -540,4 +644,108 @@ class Room:
         self._draining.add(member)
         reason = sanitize(reason)
         line = f"LEAVE {member.nick} {reason}" if reason else f"LEAVE {member.nick}"
+        self._emit(RoomEvent("LEAVE", member.nick, reason))
         self._append(_line(line), None)
+
+    # -- other processes' members (--redis) ---------------------------------------
+
+    def _free(self, key: str) -> bool:
+        return key not in self._members and key not in self._ghosts
+
+    def remote_join(self, origin: str, nick: str) -> None:
+        """``nick`` of process ``origin`` joined: a ghost, announced as ``JOIN``.
+
+        Ignored if that ghost is here already (news may come twice), or if
+        the nick is someone else's here: a clash between processes, which
+        the process that fails to claim the nick resolves by renaming.
+        """
+        if not valid_nick(nick):
+            return
+        key = nick_key(nick)
+        ghost = self._ghosts.get(key)
+        if ghost is not None:
+            if ghost.origin == origin and ghost.nick != nick:
+                self._ghosts[key] = Ghost(nick, origin)
+                self._append(_line(f"NICK {ghost.nick} {nick}"), None)
+            return
+        if key in self._members:
+            return
+        self._ghosts[key] = Ghost(nick, origin)
+        self._append(_line(f"JOIN {nick}"), None)
+
+    def remote_nick(self, origin: str, old: str, new: str) -> None:
+        """A ghost of ``origin`` renamed itself ``old`` → ``new``."""
+        okey = nick_key(old)
+        ghost = self._ghosts.get(okey)
+        if ghost is None or ghost.origin != origin:
+            # Its JOIN never reached us (or its old nick is someone else's
+            # here): the new nick is news.
+            self.remote_join(origin, new)
+            return
+        nkey = nick_key(new)
+        if not valid_nick(new) or (nkey != okey and not self._free(nkey)):
+            del self._ghosts[okey]
+            self._append(_line(f"LEAVE {ghost.nick}"), None)
+            return
+        del self._ghosts[okey]
+        self._ghosts[nkey] = Ghost(new, origin)
+        if ghost.nick != new:
+            self._append(_line(f"NICK {ghost.nick} {new}"), None)
+
+    def remote_relay(self, origin: str, kind: str, nick: str, text: str, ms: int) -> None:
+        """A ghost of ``origin`` said something (``kind`` is ``MSG`` or ``ACTION``).
+
+        A speaker the room has not heard of is announced first (``JOIN``):
+        nobody here ever receives a ``MSG`` from a nick never announced.
+        """
+        key = nick_key(nick)
+        ghost = self._ghosts.get(key)
+        if ghost is None:
+            self.remote_join(origin, nick)
+            ghost = self._ghosts.get(key)
+        if ghost is None or ghost.origin != origin or not (text := sanitize(text)):
+            return
+        if self._history.maxlen:
+            self._history.append((ms, kind, ghost.nick, text))
+        self._append(_line(f"{kind} {ghost.nick} {text}"), None)
+
+    def remote_whisper(self, sender: str, target: str, text: str) -> None:
+        """``/msg`` from another process's member to ``target``, if it is one of ours."""
+        member = self._members.get(nick_key(target))
+        if member is not None and valid_nick(sender) and (text := sanitize(text)):
+            self.reply(member, f"PRIV {sender} {text}")
+
+    def remote_leave(self, origin: str, nick: str, reason: str = "") -> None:
+        """A ghost of ``origin`` left (or its process died); a no-op for an unknown one."""
+        key = nick_key(nick)
+        ghost = self._ghosts.get(key)
+        if ghost is None or ghost.origin != origin:
+            return
+        del self._ghosts[key]
+        reason = sanitize(reason)
+        line = f"LEAVE {ghost.nick} {reason}" if reason else f"LEAVE {ghost.nick}"
+        self._append(_line(line), None)
+
+    def set_ghosts(self, ghosts: dict[str, Ghost]) -> None:
+        """Make the ghosts exactly ``ghosts`` (key → ghost), announcing each difference.
+
+        For a fresh picture of the other processes (a snapshot from Redis
+        after an outage): who is gone gets ``LEAVE``, who is new ``JOIN``.
+        A nick one of this process's members holds is left out (a clash the
+        claims resolve).
+        """
+        for key, ghost in list(self._ghosts.items()):
+            now = ghosts.get(key)
+            if now is None or now.origin != ghost.origin:
+                del self._ghosts[key]
+                self._append(_line(f"LEAVE {ghost.nick}"), None)
+        for ghost in ghosts.values():
+            self.remote_join(ghost.origin, ghost.nick)
+
+    def load_history(self, entries: list[tuple[int, str, str, str]]) -> None:
+        """Merge ``entries`` (ms, kind, nick, text) into the history, by time."""
+        if not self._history.maxlen:
+            return
+        merged = sorted([*entries, *self._history], key=lambda e: e[0])
+        self._history.clear()
+        self._history.extend(merged)

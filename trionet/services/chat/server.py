@@ -32,7 +32,9 @@ import trio
 
 from ..._connection import Connection
 from ..._framing import BadEncoding, LineTooLong
+from ..._redis import add_redis_argument, validate_redis_url
 from ..._service import Service
+from .bus import RoomBus
 from .flood import TokenBucket
 from .room import DEFAULT_HISTORY, HELP, ChatError, Member, Room
 from .text import (
@@ -93,13 +95,31 @@ class ChatService(Service):
         default=None,
         validator=attrs.validators.optional([attrs.validators.ge(0), attrs.validators.le(65535)]),
     )
+    #: ``redis://HOST:PORT[/DB]``: share the room with every process using it (``None``: off).
+    redis: str | None = attrs.field(default=None, validator=validate_redis_url)
     room: Room = attrs.field()
     _members: dict[Connection, Member] = attrs.field(factory=dict, init=False)
     _web: list[WebListener] = attrs.field(factory=list, init=False)
+    #: The room's link to the other processes (with ``redis``).
+    bus: RoomBus | None = attrs.field(default=None, init=False)
 
     @room.default
     def _make_room(self) -> Room:
         return Room(history=self.history, clock=self.clock)
+
+    def __attrs_post_init__(self) -> None:
+        if self.redis is not None:
+            self.bus = RoomBus(self.room, self.redis, history=self.history)
+
+    async def run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """The web listeners' HTTP work, and with ``redis`` the room's link to the
+        other processes (see :mod:`.bus`), for as long as the server runs."""
+        async with trio.open_nursery() as nursery:
+            for listener in self._web:
+                await nursery.start(listener.run)
+            if self.bus is not None:
+                await nursery.start(self.bus.run)
+            task_status.started()
 
     async def handle(self, conn: Connection) -> None:
         """Serve one client: a reader (this task) and a writer, under one nursery."""
@@ -171,7 +191,7 @@ class ChatService(Service):
                     case Private(target, text):
                         room.whisper(member, target, text)
                     case Nick(name):
-                        room.set_nick(member, name)
+                        await self._set_nick(member, name)
                         if not joined:
                             # A fresh bucket on joining: lines spent getting a
                             # nick do not eat into the burst for the room.
@@ -189,6 +209,23 @@ class ChatService(Service):
                         raise ChatError("unknown-command", word)
             except ChatError as err:
                 room.reply(member, err.line)
+
+    async def _set_nick(self, member: Member, name: str) -> None:
+        """``/nick``: with other processes, claim the nick across them first."""
+        room, bus = self.room, self.bus
+        if bus is None or not room.check_nick(member, name):
+            room.set_nick(member, name)
+            return
+        # The claim is the one await between reading /nick and joining; the
+        # reader reads nothing else meanwhile, so this member's later lines
+        # (and its JOIN before its MSG) keep their order everywhere.
+        token = await bus.claim(name)
+        if token is None:
+            raise ChatError("nick-taken", name)
+        try:
+            room.set_nick(member, name)
+        finally:
+            bus.settle(name, token)
 
     async def on_quit(self, conn: Connection, reason: str) -> None:
         """``/quit [reason]``: leave with the reason, then ``BYE`` through the writer.
@@ -211,13 +248,6 @@ class ChatService(Service):
         )
         return list(self._web)
 
-    async def run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """The web listeners' HTTP work, for as long as the server runs."""
-        async with trio.open_nursery() as nursery:
-            for listener in self._web:
-                await nursery.start(listener.run)
-            task_status.started()
-
     async def on_line_error(self, conn: Connection, event: LineTooLong | BadEncoding) -> None:
         """Queue the ``ERR`` line for the writer instead of sending it here."""
         member = self._members.get(conn)
@@ -225,8 +255,8 @@ class ChatService(Service):
             self.room.reply(member, event.reply)
 
     def workers_problem(self, workers: int) -> str | None:
-        """One room per process would split the room: refuse more than one worker."""
-        if workers > 1:
+        """One room per process would split the room: more than one worker needs Redis."""
+        if workers > 1 and self.redis is None:
             return (
                 "the chat room lives in one process, so --workers above 1 would split it "
                 "into separate rooms (share it through Redis with --redis)"
@@ -235,7 +265,7 @@ class ChatService(Service):
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        """Add ``--rate``, ``--burst``, ``--sendq``, ``--history`` and ``--web-port``."""
+        """Add ``--rate``, ``--burst``, ``--sendq``, ``--history``, ``--web-port``, ``--redis``."""
         group.add_argument(
             "--rate",
             type=float,
@@ -274,6 +304,7 @@ class ChatService(Service):
             help="also serve the chat in a browser: the page on http://HOST:PORT/ and "
             "the line protocol over a WebSocket at /ws; 0 picks a free port (default: off)",
         )
+        add_redis_argument(group)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **common: Any) -> Self:
@@ -284,5 +315,6 @@ class ChatService(Service):
             sendq=args.sendq,
             history=args.history,
             web_port=args.web_port,
+            redis=getattr(args, "redis", None),
             **common,
         )

@@ -279,6 +279,14 @@ class Stats:
         """Mean valid guesses per won round, ``None`` before the first win."""
         return self.total_attempts / self.won if self.won else None
 
+    def add(self, other: Stats) -> None:
+        """Add ``other``'s rounds to these (statistics of two servers, or a batch)."""
+        self.played += other.played
+        self.won += other.won
+        self.total_attempts += other.total_attempts
+        if other.best is not None and (self.best is None or other.best < self.best):
+            self.best = other.best
+
 
 def format_stats(stats: Stats) -> str:
     """``STATS played won best avg``; ``-`` for best/avg before any win, avg to 2 places."""

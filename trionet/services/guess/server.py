@@ -26,8 +26,10 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
 import attrs
+import trio
 
 from ..._connection import Connection
+from ..._redis import add_redis_argument, validate_redis_url
 from ..._service import Service
 from .rules import (
     Blank,
@@ -35,6 +37,7 @@ from .rules import (
     Game,
     GiveUp,
     Guess,
+    Move,
     NotANumber,
     Quit,
     ShowStats,
@@ -43,6 +46,7 @@ from .rules import (
     format_stats,
     parse_move,
 )
+from .shared import SharedStats
 
 __all__ = ["GuessService"]
 
@@ -70,8 +74,24 @@ class GuessService(Service):
     #: Every connection draws its secrets from this one source, so a seeded
     #: source makes a server's games reproducible in connection order.
     rng: random.Random = attrs.field(factory=random.Random)
-    #: Shared by all connections (Trio runs them on one thread: no lock).
+    #: This process's statistics, shared by its connections (Trio runs them
+    #: on one thread: no lock).
     stats: Stats = attrs.field(factory=Stats)
+    #: ``redis://HOST:PORT[/DB]``: STATS over every process using it (``None``: off).
+    redis: str | None = attrs.field(default=None, validator=validate_redis_url)
+    #: With ``redis``: the statistics every process shares.
+    shared: SharedStats | None = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.redis is not None:
+            self.shared = SharedStats(self.redis)
+
+    async def run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """With ``redis``: apply wins and give-ups there, answer STATS from there."""
+        if self.shared is None:
+            task_status.started()
+            return
+        await self.shared.run(task_status=task_status)
 
     async def handle(self, conn: Connection) -> None:
         game = Game(self.lo, self.hi, self.rng)
@@ -79,24 +99,43 @@ class GuessService(Service):
         # write_line only queues: the connection flushes before it waits for
         # input, so a client that pipelines guesses gets its replies in one
         # segment, and a win's CORRECT + NEW leave together.
+        shared = self.shared
+        if shared is None:
+            async for line in conn:
+                self.respond(game, line, conn.write_line)
+            return
+        # With Redis only STATS waits (for the shared numbers); moves never do.
         async for line in conn:
-            self.respond(game, line, conn.write_line)
+            move = parse_move(line)
+            if isinstance(move, ShowStats):
+                conn.write_line(format_stats(await shared.totals(self.stats)))
+            else:
+                self.play(game, move, conn.write_line)
 
     def respond(self, game: Game, line: str, reply: Callable[[str], None]) -> None:
         """Pass the replies to one client line to ``reply``, in order.
 
-        This is the only place moves become replies.
+        This is the only place lines become replies (``STATS`` here is this
+        process's numbers; with Redis, :meth:`handle` answers it instead).
         """
-        match parse_move(line):
+        self.play(game, parse_move(line), reply)
+
+    def play(self, game: Game, move: Move, reply: Callable[[str], None]) -> None:
+        """Pass the replies to one move to ``reply``, in order."""
+        match move:
             case Guess(value):
                 outcome = game.guess(value)
                 reply(format_outcome(outcome))
                 if isinstance(outcome, Correct):
                     self.stats.record_win(outcome.attempts)
+                    if self.shared is not None:
+                        self.shared.record_win(outcome.attempts)
                     reply(format_outcome(game.new_round()))
             case GiveUp():
                 reply(format_outcome(game.give_up()))
                 self.stats.record_give_up()
+                if self.shared is not None:
+                    self.shared.record_give_up()
                 reply(format_outcome(game.new_round()))
             case ShowStats():
                 reply(format_stats(self.stats))
@@ -106,8 +145,8 @@ class GuessService(Service):
                 pass
 
     def workers_problem(self, workers: int) -> str | None:
-        """STATS are one set of numbers: refuse more than one worker."""
-        if workers > 1:
+        """STATS are one set of numbers: more than one worker needs Redis."""
+        if workers > 1 and self.redis is None:
             return (
                 "STATS are kept in one process, so --workers above 1 would give each "
                 "worker its own statistics (share them through Redis with --redis)"
@@ -135,9 +174,11 @@ class GuessService(Service):
             help="seed the random source so every game is reproducible "
             "(default: unseeded, from the OS)",
         )
+        add_redis_argument(group)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **common: Any) -> Self:
         lo, hi = getattr(args, "guess_range", (DEFAULT_LO, DEFAULT_HI))
         seed = getattr(args, "guess_seed", None)
-        return cls(lo=lo, hi=hi, rng=random.Random(seed), **common)
+        redis = getattr(args, "redis", None)
+        return cls(lo=lo, hi=hi, rng=random.Random(seed), redis=redis, **common)

@@ -1,0 +1,288 @@
+"""Benchmark one chat room split over two processes on one Redis, against one process.
+
+100 clients in a room; 10 of them each send 200 messages with at most 16 of
+their own in flight (scripts/bench/chat.py's load, from its generator
+scripts/bench/chat_load.py). Two setups, interleaved round by round:
+
+* one   — ``python -m trionet.serve chat``: all 100 clients on one process,
+  no Redis (the baseline);
+* redis — two ``python -m trionet.serve chat --redis URL`` processes on one
+  redis-server, 50 clients (and 5 senders) on each: every message reaches the
+  other process through the room's Redis Stream.
+
+Measured per round: deliveries per second (messages received by all
+clients, from the start to the last delivery) and p50/p99 delivery latency.
+Passes when redis delivers at least 0.8x one's deliveries/s (medians) with
+every message delivered.
+
+``--micro`` also measures, on the same Redis, what the design rests on:
+appending 20,000 lines to a stream one ``XADD`` per line versus in batches
+of 500 (the chat's flush: one Lua script call per batch), the same for
+``PUBLISH``, and what a subscriber that reconnects misses with pub/sub
+versus a stream reader that continues from its last id.
+
+Usage: python scripts/bench/chat_redis.py [--rounds 5] [--micro]
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+from chat import cpu_seconds, free_port, wait_listening  # noqa: E402  (scripts/bench/chat.py)
+
+
+def start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], int]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=tmp,
+        stdout=subprocess.DEVNULL,
+    )
+    wait_listening(port, proc)
+    return proc, port
+
+
+def start_chat(redis_port: int | None) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "trionet.serve", "chat", "--log-level", "WARNING",
+        "--rate", "1000000", "--burst", "1000000", "--port", str(port),
+    ]  # fmt: skip
+    if redis_port is not None:
+        cmd += ["--redis", f"redis://127.0.0.1:{redis_port}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    wait_listening(port, proc)
+    return proc, port
+
+
+def run_round(
+    servers: list[tuple[subprocess.Popen[bytes], int]], a: argparse.Namespace, tmp: str
+) -> dict[str, float]:
+    """One run of the load; load process k talks to server k (modulo their number)."""
+    per = a.clients // a.load_procs
+    senders_per = a.senders // a.load_procs
+    procs = []
+    for k in range(a.load_procs):
+        first = k * per
+        count = per if k < a.load_procs - 1 else a.clients - first
+        senders = [first + j for j in range(senders_per)]
+        if k == a.load_procs - 1:
+            senders = [first + j for j in range(a.senders - senders_per * k)]
+        port = servers[k % len(servers)][1]
+        cmd = [
+            sys.executable, str(HERE / "chat_load.py"), "--port", str(port),
+            "--first", str(first), "--count", str(count), "--all-senders", str(a.senders),
+            "--messages", str(a.messages), "--window", str(a.window),
+            "--latencies", f"{tmp}/lat{k}", "--senders", *map(str, senders),
+        ]  # fmt: skip
+        procs.append(
+            subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        )
+    for p in procs:
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit("a load process failed to join")
+    time.sleep(1.0)  # let the JOIN announcements settle (across processes too)
+    cpu0 = sum(cpu_seconds(proc.pid) for proc, _ in servers)
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = []
+    for p in procs:
+        assert p.stdout is not None
+        results.append(json.loads(p.stdout.readline()))
+        p.wait()
+    cpu = sum(cpu_seconds(proc.pid) for proc, _ in servers) - cpu0
+    lat = array.array("q")
+    for k in range(a.load_procs):
+        with open(f"{tmp}/lat{k}", "rb") as f:
+            lat.frombytes(f.read())
+    received = sum(r["received"] for r in results)
+    expected = sum(r["expected"] for r in results)
+    duration = (max(r["last_ns"] for r in results) - min(r["start_ns"] for r in results)) / 1e9
+    q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [0.0] * 99
+    time.sleep(0.5)  # let the leaves settle (and be published) before the next run
+    return {
+        "received": received,
+        "expected": expected,
+        "rate": received / duration,
+        "p50_ms": q[49] / 1e6,
+        "p99_ms": q[98] / 1e6,
+        "server_cpu": cpu / duration,
+    }
+
+
+# -- micro: what the design rests on --------------------------------------------------
+
+
+def micro(redis_port: int, lines: int = 20_000, batch: int = 500) -> None:
+    import coredis
+    import trio
+
+    from trionet.services.chat.bus import _PUBLISH
+
+    text = "MSG alice " + "x" * 60
+
+    async def measure() -> None:
+        url = f"redis://127.0.0.1:{redis_port}"
+        async with coredis.Redis.from_url(url, decode_responses=True) as r:
+            publish = r.register_script(_PUBLISH)
+            rows = []
+
+            async def timed(name: str, work: object) -> None:
+                await r.delete(["bench:s"])
+                t0 = time.perf_counter()
+                await work()  # type: ignore[operator]
+                rows.append((name, lines / (time.perf_counter() - t0)))
+
+            async def xadd_each() -> None:
+                for _ in range(lines):
+                    await r.xadd("bench:s", {"p": "P", "e": text})
+
+            async def xadd_batched() -> None:
+                for _ in range(0, lines, batch):
+                    args: list[str | int] = ["P", 10_000]
+                    for _ in range(batch):
+                        args += [text, "", "", "", "", ""]
+                    await publish(keys=["bench:s", "bench:n"], args=args)
+
+            async def publish_each() -> None:
+                for _ in range(lines):
+                    await r.publish("bench:c", text)
+
+            async def publish_batched() -> None:
+                for _ in range(0, lines, batch):
+                    await r.publish("bench:c", "\n".join([text] * batch))
+
+            await timed("XADD, one call per line", xadd_each)
+            await timed(f"XADD, one script call per {batch} lines", xadd_batched)
+            await timed("PUBLISH, one per line", publish_each)
+            await timed(f"PUBLISH, one per {batch} lines", publish_batched)
+            print(f"\nmicro: {lines} lines of {len(text)} bytes, one client, awaited in turn")
+            for name, rate in rows:
+                print(f"  {name:<40} {rate:>10.0f} lines/s")
+            print(
+                f"  batched / per line: XADD {rows[1][1] / rows[0][1]:.0f}x, "
+                f"PUBLISH {rows[3][1] / rows[2][1]:.0f}x"
+            )
+
+            # A reader that was away for 1,000 messages: pub/sub has nothing
+            # for it; a stream reader continues from its last id.
+            last = await r.xadd("bench:s", {"e": "seen"})
+            async with r.pubsub(channels=["bench:away"]) as sub:
+                await sub.get_message(timeout=1)  # the subscription's confirmation
+            for i in range(1000):  # ...while the subscriber is gone
+                await r.publish("bench:away", str(i))
+                await r.xadd("bench:s", {"e": str(i)})
+            async with r.pubsub(channels=["bench:away"]) as sub:
+                got = 0
+                with trio.move_on_after(0.5):
+                    while True:
+                        msg = await sub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                        if msg is None:
+                            break
+                        got += 1
+            missed = await r.xread({"bench:s": last}, count=5000)
+            resumed = len(missed["bench:s"]) if missed else 0
+            print(
+                f"  away for 1000 messages: pub/sub delivered {got} after resubscribing; "
+                f"XREAD from the last id returned {resumed}"
+            )
+
+    trio.run(measure)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--rounds", type=int, default=5, help="rounds (default: %(default)s)")
+    p.add_argument("--clients", type=int, default=100, help="clients (default: %(default)s)")
+    p.add_argument("--senders", type=int, default=10, help="senders (default: %(default)s)")
+    p.add_argument(
+        "--messages", type=int, default=200, help="messages per sender (default: %(default)s)"
+    )
+    p.add_argument(
+        "--window", type=int, default=16, help="own messages in flight (default: %(default)s)"
+    )
+    p.add_argument("--micro", action="store_true", help="also run the Redis micro-measurements")
+    a = p.parse_args()
+    a.load_procs = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        redis, redis_port = start_redis(tmp)
+        setups = {
+            "one": [start_chat(None)],
+            "redis": [start_chat(redis_port), start_chat(redis_port)],
+        }
+        rows: dict[str, list[dict[str, float]]] = {n: [] for n in setups}
+        print(
+            f"{a.clients} clients, {a.senders} senders x {a.messages} messages, window "
+            f"{a.window}; one: 1 process; redis: 2 processes on one Redis; {os.cpu_count()} CPUs"
+        )
+        print(f"{'round':>5} {'setup':<6} {'deliv/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'srv CPU':>7} {'delivered':>15}")  # fmt: skip
+        try:
+            names = list(setups)
+            for r in range(a.rounds):
+                for name in names[r % 2 :] + names[: r % 2]:
+                    for proc, _ in setups[name]:
+                        if proc.poll() is not None:
+                            raise SystemExit(f"a {name} server died (exit {proc.returncode})")
+                    res = run_round(setups[name], a, tmp)
+                    rows[name].append(res)
+                    print(
+                        f"{r + 1:>5} {name:<6} {res['rate']:>9.0f} {res['p50_ms']:>7.1f} "
+                        f"{res['p99_ms']:>7.1f} {res['server_cpu']:>6.0%} "
+                        f"{int(res['received']):>7}/{int(res['expected'])}",
+                        flush=True,
+                    )
+            if a.micro:
+                micro(redis_port)
+        finally:
+            for procs in setups.values():
+                for proc, _ in procs:
+                    proc.terminate()
+                    proc.wait(10)
+            redis.terminate()
+            redis.wait(10)
+    med = {
+        n: {k: statistics.median(row[k] for row in rows[n]) for k in ("rate", "p50_ms", "p99_ms")}
+        for n in rows
+    }
+    print("\nmedian over rounds:")
+    for n, m in med.items():
+        print(
+            f"  {n:<6} {m['rate']:>9.0f} deliveries/s  p50 {m['p50_ms']:.1f} ms  "
+            f"p99 {m['p99_ms']:.1f} ms"
+        )
+    ratio = med["redis"]["rate"] / med["one"]["rate"]
+    complete = all(row["received"] == row["expected"] for rs in rows.values() for row in rs)
+    print(f"  redis / one: {ratio:.2f}x deliveries/s")
+    print(f"  all delivered: {'yes' if complete else 'NO'}")
+    ok = complete and ratio >= 0.8
+    print(f"  redis >= 0.8x one: {'yes' if ok else 'NO'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    socket.setdefaulttimeout(None)
+    sys.exit(main())

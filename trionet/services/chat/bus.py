@@ -1,0 +1,619 @@
+"""One chat room across processes: the room's events through a Redis Stream.
+
+With ``--redis URL`` every process keeps its own :class:`~.room.Room` for
+the members it serves and mirrors the others' members as *ghosts* (see the
+room's docstring). This module moves what happens between the processes;
+the room stays synchronous, so every rule of the protocol is still decided
+in one step, locally.
+
+**The stream** (``trionet:chat:stream``). Every event of this process's
+members (``JOIN``, ``NICK``, ``MSG``, ``ACTION``, ``PRIV``, ``LEAVE``) is
+applied to the local room at once and queued; a flusher appends everything
+queued in one call (one Lua script: a batch of ``XADD ... MAXLEN ~``, with
+the nick bookkeeping of the same events, atomically). Each process reads
+the stream with ``XREAD BLOCK`` from the last id it has seen and applies the
+other processes' events to its room (its own are skipped: they were applied
+already). One stream, one writer per process writing in order, one reader
+per process reading in order: each sender's order is kept everywhere, and a
+member's ``JOIN`` is always before its ``MSG``. Why a stream and not
+pub/sub: a reader that reconnects continues from its last id and loses
+nothing, and the stream is the history too (docs/protocol/chat.md has the
+measurements).
+
+**Nicks** (the hash ``trionet:chat:nicks``: nick key → ``"<token> <nick>"``,
+the token being ``<process>/<n>``). ``/nick`` first *claims* the nick in
+Redis (set if free, atomically; :meth:`RoomBus.claim`), and only then joins
+the local room; a leave or rename releases the claim in the flush that
+publishes it, and only if the token still matches, so a quick re-claim of
+the same nick is never undone.
+
+**Liveness**. Every 2 s each process refreshes its key
+``trionet:chat:alive:<process>`` (6 s to live) and runs the *sync* script,
+which in one atomic step: makes sure each of its members' claims is there
+(re-claiming after an outage, announcing ``JOIN`` for any the others could
+not know), drops its own claims no member holds any more (announcing
+``LEAVE``), and removes the claims of every process whose key has expired,
+announcing each of their members' ``LEAVE`` once (the script is atomic, so
+exactly one process does it). A process killed with ``kill -9`` has its
+members announced within about 8 s.
+
+**Outages**. While Redis is unreachable each process serves its own members
+(the local room works: nicks are checked locally only), logs the outage
+once, and reconnects with a back-off (:class:`~trionet._redis.RedisLink`).
+What its members say meanwhile is not published; what others said is not
+received. When Redis is back the sync script re-claims this process's
+nicks; a nick another process took meanwhile is a clash: the member of the
+process that finds it taken is renamed ``nick-2`` (``NICK old new`` to
+everyone, that member included). If the stream still holds the last event
+this process read, reading continues from there; if not (Redis restarted
+empty, or this process fell further behind than the stream keeps), the
+ghosts are replaced by a fresh snapshot of the nicks, the differences
+announced to local members as ``JOIN``/``LEAVE``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from ..._redis import RedisLink, redis_errors
+from .room import ChatError, Ghost, Room, RoomEvent
+from .text import MAX_NICK, nick_key, valid_nick
+
+if TYPE_CHECKING:
+    import coredis
+
+__all__ = ["STREAM_MAXLEN", "RoomBus", "rename_candidate"]
+
+log = logging.getLogger("trionet.chat")
+
+#: Events the stream keeps (``MAXLEN ~``: Redis trims whole blocks, so a bit more).
+STREAM_MAXLEN: Final = 10_000
+#: Events one ``XREAD`` returns at most; below the cap, so a full batch is
+#: the only sign that the reader may have fallen behind what the stream keeps.
+READ_COUNT: Final = 1_000
+#: Events one flush appends at most.
+FLUSH_BATCH: Final = 500
+#: Bytes of unpublished events held while Redis is slow; over it, messages are
+#: dropped (nick changes never: the sync repairs them anyway).
+MAX_QUEUED: Final = 8 << 20
+#: How long an ``XREAD`` blocks, in ms; also how soon a dead link is noticed.
+BLOCK_MS: Final = 2_000
+#: Seconds between syncs (liveness key refreshed, dead processes reaped).
+TICK: Final = 2.0
+#: Milliseconds a process's liveness key lives without being refreshed.
+ALIVE_TTL_MS: Final = 6_000
+#: Seconds one Redis call may take before the link counts as failed.
+CALL_TIMEOUT: Final = 5.0
+#: Seconds a ``/nick`` waits for its claim before it goes ahead locally.
+CLAIM_TIMEOUT: Final = 2.0
+
+# Nick values in the hash are "<process>/<n> <nick>"; these Lua helpers read them.
+_LUA_HELPERS: Final = """
+local function owner(v) return string.match(v, '^([^/]*)/') end
+local function token(v) return string.match(v, '^(%S*)') end
+local function nick(v) return string.match(v, ' (.*)$') end
+"""
+
+# KEYS: nicks. ARGV: nick key, value, this process.
+# Set the nick if it is free or already this process's; 1 if set.
+_CLAIM: Final = (
+    _LUA_HELPERS
+    + """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and owner(cur) ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+)
+
+# KEYS: stream, nicks. ARGV: process, maxlen, then per event six values:
+# line, ms ('' if none), to ('' if none), op ('', 'D' release, 'U' update),
+# nick key, value ("<token>" or "<token> <nick>"). The op applies only if the
+# hash still holds that token.
+_PUBLISH: Final = (
+    _LUA_HELPERS
+    + """
+for i = 3, #ARGV, 6 do
+  local op = ARGV[i + 3]
+  if op ~= '' then
+    local key, val = ARGV[i + 4], ARGV[i + 5]
+    local cur = redis.call('HGET', KEYS[2], key)
+    if cur and token(cur) == token(val) then
+      if op == 'D' then redis.call('HDEL', KEYS[2], key)
+      else redis.call('HSET', KEYS[2], key, val) end
+    end
+  end
+  local fields = {'p', ARGV[1], 'e', ARGV[i]}
+  if ARGV[i + 1] ~= '' then table.insert(fields, 'ms'); table.insert(fields, ARGV[i + 1]) end
+  if ARGV[i + 2] ~= '' then table.insert(fields, 'to'); table.insert(fields, ARGV[i + 2]) end
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+end
+return 1
+"""
+)
+
+# KEYS: nicks, stream. ARGV: process, maxlen, alive ttl (ms), alive key
+# prefix, last id read ('' if none), '1' to return the hash, then triples:
+# mode ('E' ensure / 'K' keep), nick key, value ("<token> <nick>" / "<token>").
+# Returns {stream still holds the last id (0/1), clashes (key, value, ...),
+# the hash if asked (key, value, ...), the newest stream id}.
+_SYNC: Final = (
+    _LUA_HELPERS
+    + """
+local me = ARGV[1]
+local function xadd(who, line)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'p', who, 'e', line)
+end
+redis.call('SET', ARGV[4] .. me, '1', 'PX', ARGV[3])
+local continuous = 0
+if ARGV[5] ~= '' and #redis.call('XRANGE', KEYS[2], ARGV[5], ARGV[5]) == 1 then
+  continuous = 1
+end
+local mine, clashes = {}, {}
+for i = 7, #ARGV, 3 do
+  local mode, key, val = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  mine[key] = true
+  if mode == 'E' then
+    local cur = redis.call('HGET', KEYS[1], key)
+    if not cur then
+      redis.call('HSET', KEYS[1], key, val)
+      xadd(me, 'JOIN ' .. nick(val))
+    elseif owner(cur) == me then
+      if cur ~= val then redis.call('HSET', KEYS[1], key, val) end
+    else
+      table.insert(clashes, key); table.insert(clashes, cur)
+    end
+  end
+end
+local all = redis.call('HGETALL', KEYS[1])
+local alive = {[me] = true}
+local snapshot = {}
+for i = 1, #all, 2 do
+  local key, val = all[i], all[i + 1]
+  local who = owner(val) or ''
+  local gone
+  if who == me then
+    gone = not mine[key]
+  else
+    if alive[who] == nil then alive[who] = redis.call('EXISTS', ARGV[4] .. who) == 1 end
+    gone = not alive[who]
+  end
+  if gone then
+    redis.call('HDEL', KEYS[1], key)
+    xadd(who, 'LEAVE ' .. (nick(val) or key))
+  elseif ARGV[6] == '1' then
+    table.insert(snapshot, key); table.insert(snapshot, val)
+  end
+end
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local last
+if #newest == 1 then
+  last = newest[1][1]
+else  -- an empty stream: an entry to hold a position by
+  last = redis.call('XADD', KEYS[2], '*', 'p', me, 'e', 'HELLO')
+end
+return {continuous, clashes, snapshot, last}
+"""
+)
+
+
+def rename_candidate(nick: str, n: int) -> str:
+    """The ``n``-th name tried for a member whose nick clashed: ``nick-n``, within 32 chars."""
+    suffix = f"-{n}"
+    return nick[: MAX_NICK - len(suffix)] + suffix
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """Is ``exc`` (or any exception in the group) a cancellation?"""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[0] is not None
+    return isinstance(exc, trio.Cancelled)
+
+
+def _split_value(value: str) -> tuple[str, str, str]:
+    """``"<process>/<n> <nick>"`` → (process, token, nick)."""
+    token, _, nick = value.partition(" ")
+    return token.partition("/")[0], token, nick
+
+
+# A queued stream entry: line, ms, to, op, nick key, value (see _PUBLISH).
+_Entry = tuple[str, str, str, str, str, str]
+
+
+class RoomBus:
+    """Connects a :class:`Room` to the other processes serving the same room through Redis.
+
+    Create it with the room (it sets ``room.on_event``), run :meth:`run` as
+    the service's background task, and call :meth:`claim` /
+    :meth:`settle` around a ``/nick`` (see ``ChatService._read``).
+
+    Args:
+      room: this process's room.
+      url: ``redis://HOST:PORT[/DB]``.
+      history: public messages to load into the room's history at start.
+      maxlen: events the stream keeps (tests lower it).
+      prefix: the keys' prefix (rooms on one Redis need different ones, or DBs).
+    """
+
+    def __init__(
+        self,
+        room: Room,
+        url: str,
+        *,
+        history: int = 0,
+        maxlen: int = STREAM_MAXLEN,
+        prefix: str = "trionet:chat",
+    ) -> None:
+        self.room = room
+        room.on_event = self._on_event
+        self.link = RedisLink(url, "chat")
+        #: This process's id in Redis (random: pids repeat across hosts).
+        self.process = secrets.token_hex(6)
+        self.history = history
+        self.maxlen = maxlen
+        self._stream = f"{prefix}:stream"
+        self._nicks = f"{prefix}:nicks"
+        self._alive = f"{prefix}:alive:"
+        self._client: coredis.Redis[str] | None = None
+        self._up = False  # publishing: a session is running
+        self._queue: list[_Entry] = []
+        self._queued_bytes = 0
+        self._wake = trio.Event()
+        self._tokens = itertools.count(1)
+        # Nick key → token: claims of this process's members; claims awaited
+        # by a /nick in progress; claims released but not yet flushed.
+        self._claims: dict[str, str] = {}
+        self._claiming: dict[str, str] = {}
+        self._releasing: dict[str, str] = {}
+        self._last_id: str | None = None
+        self._synced = False  # reached Redis at least once
+        self._history_loaded = False
+        #: Events of this process's members not published (outage, or Redis too slow).
+        self.unpublished = 0
+        self._slow_logged = False
+
+    # -- the room's side (synchronous) ---------------------------------------------
+
+    def _token(self) -> str:
+        return f"{self.process}/{next(self._tokens)}"
+
+    def _on_event(self, event: RoomEvent) -> None:
+        """A local member did something: keep the claims straight, queue it for the others."""
+        kind = event.kind
+        op = key = value = ""
+        if kind == "JOIN":
+            nkey = nick_key(event.nick)
+            self._claims[nkey] = self._claiming.pop(nkey, "") or self._token()
+            line = f"JOIN {event.nick}"
+        elif kind == "NICK":
+            okey, nkey = nick_key(event.nick), nick_key(event.arg)
+            line = f"NICK {event.nick} {event.arg}"
+            token = self._claims.pop(okey, None) or self._token()
+            if okey == nkey:  # only the case changed: same claim, new spelling
+                self._claims[nkey] = token
+                op, key, value = "U", nkey, f"{token} {event.arg}"
+            else:
+                self._claims[nkey] = self._claiming.pop(nkey, "") or self._token()
+                op, key, value = "D", okey, token
+        elif kind == "LEAVE":
+            key = nick_key(event.nick)
+            token = self._claims.pop(key, "")
+            line = f"LEAVE {event.nick} {event.arg}" if event.arg else f"LEAVE {event.nick}"
+            op, value = ("D", token) if token else ("", "")
+        elif kind == "PRIV":
+            line = f"PRIV {event.nick} {event.target} {event.arg}"
+        else:  # MSG, ACTION
+            line = f"{kind} {event.nick} {event.arg}"
+        if not self._up:
+            # Not published: the sync after the outage repairs the nicks;
+            # messages are lost to the other processes.
+            self.unpublished += 1
+            return
+        size = len(line)
+        if op == "D":
+            self._releasing[key] = value
+        elif kind in ("MSG", "ACTION", "PRIV") and self._queued_bytes + size > MAX_QUEUED:
+            self.unpublished += 1
+            if not self._slow_logged:
+                self._slow_logged = True
+                log.warning("chat: Redis is not keeping up: messages not published to others")
+            return
+        ms = str(event.ms) if event.ms else ""
+        self._queue.append((line, ms, event.origin, op, key, value))
+        self._queued_bytes += size
+        self._wake.set()
+
+    def _release(self, key: str, token: str) -> None:
+        """Give back a claim no member took (a ``/nick`` that did not happen)."""
+        if self._up:
+            self._releasing[key] = token
+            self._queue.append(("", "", "", "D", key, token))
+            self._wake.set()
+
+    # -- claims (awaited by a /nick) -------------------------------------------------
+
+    async def claim(self, name: str) -> str | None:
+        """Claim ``name`` across processes for a ``/nick``; its token, or ``None`` if taken.
+
+        The caller has checked the nick locally (:meth:`Room.check_nick`);
+        after the room has taken it (or refused), it calls :meth:`settle`.
+        While Redis is unreachable the claim is local only: the sync makes it
+        (or finds the clash) once Redis is back.
+        """
+        key = nick_key(name)
+        if key in self._claiming:  # another member of ours is claiming it right now
+            return None
+        token = self._token()
+        self._claiming[key] = token
+        client = self._client
+        if client is None or not self._up:
+            return token
+        try:
+            with trio.fail_after(CLAIM_TIMEOUT):
+                ok: Any = await client.register_script(_CLAIM)(
+                    keys=[self._nicks], args=[key, f"{token} {name}", self.process]
+                )
+        except Exception:
+            # The link is failing (or closing under us): local for now, the
+            # sync claims it (or finds the clash) when Redis is back.
+            return token
+        except BaseException:
+            if self._claiming.get(key) == token:
+                del self._claiming[key]
+            raise
+        if not ok:
+            if self._claiming.get(key) == token:
+                del self._claiming[key]
+            return None
+        return token
+
+    def settle(self, name: str, token: str) -> None:
+        """After the room took (or refused) a claimed nick: release it if unused."""
+        key = nick_key(name)
+        if self._claiming.get(key) == token:
+            del self._claiming[key]
+            self._release(key, token)
+
+    # -- the background task --------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The link to Redis, for the life of the service (its ``run_background``).
+
+        On cancellation (the server stopped after its last connection ended)
+        the events still queued (those members' ``LEAVE``) are published on a
+        fresh connection within 2 s, and this process's liveness key removed.
+        """
+        log.info("chat: sharing the room through Redis at %s as %s", self.link.url, self.process)
+        try:
+            await self.link.run(self._session, task_status=task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._last_flush()
+
+    async def _last_flush(self) -> None:
+        queue, self._queue = self._queue, []
+        if not self._synced:
+            return
+        self._up = False
+        with trio.move_on_after(2.0):
+            try:
+                async with self.link.client() as client:
+                    for start in range(0, len(queue), FLUSH_BATCH):
+                        await self._publish(client, queue[start : start + FLUSH_BATCH])
+                    await client.delete([self._alive + self.process])
+            except redis_errors() as exc:
+                log.warning("chat: could not publish the last leaves to Redis: %s", exc)
+
+    async def _session(self, client: coredis.Redis[str], ready: Callable[[], None]) -> None:
+        self._client = client
+        self._up = True
+        try:
+            with trio.fail_after(CALL_TIMEOUT):
+                for script in (_CLAIM, _PUBLISH, _SYNC):  # (EVALSHA from here on)
+                    await client.script_load(script)
+            await self._sync(client, first=True)
+            if not self._history_loaded:
+                await self._load_history(client)
+            if self.unpublished:
+                log.info(
+                    "chat: %d event(s) of this process's members were not published to "
+                    "the other processes",
+                    self.unpublished,
+                )
+                self.unpublished = 0
+            self._slow_logged = False
+            ready()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_loop, client)
+                nursery.start_soon(self._flush_loop, client)
+                nursery.start_soon(self._tick_loop, client)
+        except BaseException as exc:
+            if not _cancelled(exc):
+                # Redis failed: what was queued will not be published (the
+                # next sync repairs the nicks; the messages are lost to the
+                # others). On cancellation the last flush publishes it.
+                self.unpublished += sum(1 for e in self._queue if e[0])
+                self._queue.clear()
+                self._queued_bytes = 0
+                self._releasing.clear()
+            raise
+        finally:
+            self._up = False
+            self._client = None
+
+    async def _sync(self, client: coredis.Redis[str], *, first: bool = False) -> None:
+        """Run the sync script; on a first sync or a lost position, re-read the ghosts."""
+        want_snapshot = first or self._last_id is None
+        entries: list[str] = []
+        for key, nick in self.room.local_nicks().items():
+            token = self._claims.get(key) or self._claims.setdefault(key, self._token())
+            entries += ["E", key, f"{token} {nick}"]
+        for pending in (self._claiming, self._releasing):
+            for key, token in pending.items():
+                entries += ["K", key, token]
+        args = [
+            self.process,
+            self.maxlen,
+            ALIVE_TTL_MS,
+            self._alive,
+            self._last_id or "",
+            "1" if want_snapshot else "0",
+            *entries,
+        ]
+        with trio.fail_after(CALL_TIMEOUT):
+            reply: Any = await client.register_script(_SYNC)(
+                keys=[self._nicks, self._stream], args=args
+            )
+        self._synced = True
+        continuous, clashes, snapshot, newest = reply
+        if want_snapshot and not (continuous and self._last_id is not None):
+            # No position to continue from: the picture of the others is
+            # the snapshot, and reading starts after it.
+            if self._last_id is not None:
+                log.warning("chat: lost the room's stream position: re-read the nicks")
+            self._last_id = str(newest)
+            ghosts = {}
+            for key, value in zip(snapshot[::2], snapshot[1::2], strict=True):
+                origin, _, nick = _split_value(str(value))
+                if origin != self.process and valid_nick(nick):
+                    ghosts[str(key)] = Ghost(nick, origin)
+            self.room.set_ghosts(ghosts)
+        if clashes:
+            await self._resolve(client, [str(c) for c in clashes])
+
+    async def _resolve(self, client: coredis.Redis[str], clashes: list[str]) -> None:
+        """Rename each of our members whose nick another process holds."""
+        for key, value in zip(clashes[::2], clashes[1::2], strict=True):
+            member = self.room.member(key)
+            if member is None or member.nick is None:
+                continue
+            old = member.nick
+            for n in range(2, 1000):
+                candidate = rename_candidate(old, n)
+                try:
+                    self.room.check_nick(member, candidate)
+                except ChatError:
+                    continue
+                token = await self.claim(candidate)
+                if token is None:
+                    continue
+                try:
+                    if self.room.member(key) is member:
+                        log.info("chat: %s was taken on another process: now %s", old, candidate)
+                        self.room.force_rename(member, candidate)
+                finally:
+                    self.settle(candidate, token)
+                break
+            origin, _, nick = _split_value(value)
+            self.room.remote_join(origin, nick)
+
+    async def _load_history(self, client: coredis.Redis[str]) -> None:
+        """Fill the room's history from the stream's last public messages."""
+        entries: list[tuple[int, str, str, str]] = []
+        end = "+"
+        while len(entries) < self.history:
+            with trio.fail_after(CALL_TIMEOUT):
+                page = await client.xrevrange(self._stream, end=end, start="-", count=500)
+            for entry in page:
+                fields = entry.field_values
+                kind, _, rest = str(fields.get("e", "")).partition(" ")
+                if kind in ("MSG", "ACTION") and fields.get("p") != self.process:
+                    nick, _, text = rest.partition(" ")
+                    entries.append((int(fields.get("ms") or 0), kind, nick, text))
+            if len(page) < 500:
+                break
+            end = "(" + str(page[-1].identifier)
+        entries.reverse()
+        self.room.load_history(entries[-self.history :] if self.history else [])
+        self._history_loaded = True
+
+    async def _flush_loop(self, client: coredis.Redis[str]) -> None:
+        """Publish what is queued, everything at once, as soon as the last batch is in."""
+        while True:
+            if not self._queue:
+                self._wake = trio.Event()
+                await self._wake.wait()
+            batch = self._queue[:FLUSH_BATCH]
+            del self._queue[:FLUSH_BATCH]
+            self._queued_bytes -= sum(len(e[0]) for e in batch)
+            await self._publish(client, batch)
+            for _, _, _, op, key, value in batch:
+                if op == "D" and self._releasing.get(key) == value:
+                    del self._releasing[key]
+
+    async def _publish(self, client: coredis.Redis[str], batch: list[_Entry]) -> None:
+        args: list[str | int] = [self.process, self.maxlen]
+        for entry in batch:
+            args.extend(entry)
+        with trio.fail_after(CALL_TIMEOUT):
+            # EVALSHA (the script is loaded once per Redis, again after a restart).
+            await client.register_script(_PUBLISH)(keys=[self._stream, self._nicks], args=args)
+
+    async def _tick_loop(self, client: coredis.Redis[str]) -> None:
+        while True:
+            await trio.sleep(TICK)
+            await self._sync(client)
+
+    async def _read_loop(self, client: coredis.Redis[str]) -> None:
+        """Apply the other processes' events, in stream order."""
+        stream = self._stream
+        # At most what the stream keeps: then a batch that is not full proves
+        # nothing was trimmed between our last event and it.
+        count = min(READ_COUNT, self.maxlen)
+        while True:
+            last = self._last_id or "$"
+            with trio.fail_after(BLOCK_MS / 1000 + CALL_TIMEOUT):
+                reply = await client.xread({stream: last}, count=count, block=BLOCK_MS)
+            entries = reply.get(stream) if reply else None
+            if not entries:
+                continue
+            if len(entries) == count and self._last_id is not None:
+                # A full batch: we may be further behind than the stream
+                # keeps. If our last event is gone, events after it may be too.
+                with trio.fail_after(CALL_TIMEOUT):
+                    kept = await client.xrange(stream, last, last)
+                if not kept:
+                    log.warning(
+                        "chat: fell more than %d events behind the room: skipping ahead",
+                        self.maxlen,
+                    )
+                    self._last_id = None
+                    await self._sync(client, first=True)
+                    continue
+            for entry in entries:
+                self._apply(entry.field_values)
+            self._last_id = str(entries[-1].identifier)
+
+    def _apply(self, fields: Any) -> None:
+        """One event of the stream, applied to the local room (ours are skipped)."""
+        origin = fields.get("p")
+        if origin == self.process or origin is None:
+            return
+        kind, _, rest = str(fields.get("e", "")).partition(" ")
+        room = self.room
+        if kind in ("MSG", "ACTION"):
+            nick, _, text = rest.partition(" ")
+            try:
+                ms = int(fields.get("ms") or 0)
+            except ValueError:
+                ms = 0
+            room.remote_relay(origin, kind, nick, text, ms)
+        elif kind == "JOIN":
+            room.remote_join(origin, rest)
+        elif kind == "NICK":
+            old, _, new = rest.partition(" ")
+            room.remote_nick(origin, old, new)
+        elif kind == "LEAVE":
+            nick, _, reason = rest.partition(" ")
+            room.remote_leave(origin, nick, reason)
+        elif kind == "PRIV" and fields.get("to") == self.process:
+            sender, _, rest = rest.partition(" ")
+            target, _, text = rest.partition(" ")
+            room.remote_whisper(sender, target, text)
+        # Anything else (HELLO, the stream's first entry) is not for the room.
