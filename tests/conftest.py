@@ -172,7 +172,10 @@ class Serve:
         """SIGTERM and wait: the exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        status = self.proc.wait(timeout)
+        if status:  # say why, in the test's output
+            print("\n".join(self.lines[-30:]), file=sys.stderr)
+        return status
 
 
 @pytest.fixture

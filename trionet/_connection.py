@@ -405,28 +405,42 @@ class Connection:
         in a server: reply ``ERR line-too-long N`` / ``ERR bad-encoding``)
         and reading carries on with the next line. A final line not ended
         by LF before EOF is still returned. The quit command, when set, is
-        answered through ``on_quit`` and ends the input.
+        answered through ``on_quit`` and ends the input. ``async for line in
+        conn`` is the same, one coroutine layer cheaper.
         """
+        try:
+            return await self.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    # The connection is its own line iterator. (Not an async generator:
+    # those cost more per item, and one left suspended at the end of a
+    # handler would need finalizing.) The line logic lives here rather than
+    # in receive_line so that `async for` pays one coroutine layer less.
+    def __aiter__(self) -> Connection:
+        return self
+
+    async def __anext__(self) -> str:
         lines = self._lines
         while True:
             event = lines.next_event()
             if type(event) is str:
-                self._line_since = math.inf
+                self._line_since = _INF
                 if event[:1] in self._quit_first and self._is_quit(event):
                     await self._quit(event)
-                    return None
+                    raise StopAsyncIteration
                 if time.perf_counter() - self._ran_since > _RUN_BUDGET:
                     await self._yield_after_work()
                 return event
             if event is None:
                 if self._input_closed:
-                    return None
+                    raise StopAsyncIteration
                 if lines.at_eof:
                     # Replies to the last lines must not wait for a read
                     # that will never come.
                     await self._flush(checkpoint=True)
-                    return None
-                if self._line_since == math.inf and lines.partial:
+                    raise StopAsyncIteration
+                if self._line_since == _INF and lines.partial:
                     # A line has begun: it must end within the line timeout,
                     # however slowly its bytes trickle in (each byte would
                     # restart the idle clock).
@@ -469,18 +483,6 @@ class Connection:
         else:
             self.write_line("BYE")
             await self._flush(checkpoint=True)
-
-    # The connection is its own line iterator. (Not an async generator:
-    # those cost more per item, and one left suspended at the end of a
-    # handler would need finalizing.)
-    def __aiter__(self) -> Connection:
-        return self
-
-    async def __anext__(self) -> str:
-        line = await self.receive_line()
-        if line is None:
-            raise StopAsyncIteration
-        return line
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """Receive raw bytes; bytes already read past the last line come first."""

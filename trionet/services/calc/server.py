@@ -69,6 +69,6 @@ class CalcService(Service):
         # already holds, so a hostile client cannot hold the server.
         ans: Number = 0
         # (QUIT never gets here: the connection answers it with BYE.)
-        while (line := await conn.receive_line()) is not None:
+        async for line in conn:
             reply, ans = answer_line(line, ans)
             conn.write_line(reply)

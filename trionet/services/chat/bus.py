@@ -387,7 +387,7 @@ class RoomBus:
 
         On cancellation (the server stopped after its last connection ended)
         the events still queued (those members' ``LEAVE``) are published on a
-        fresh connection within 2 s, and this process's liveness key removed.
+        fresh connection within 5 s, and this process's liveness key removed.
         """
         log.info("chat: sharing the room through Redis at %s as %s", self.link.url, self.process)
         try:
@@ -401,7 +401,7 @@ class RoomBus:
         if not self._synced:
             return
         self._up = False
-        with trio.move_on_after(2.0):
+        with trio.move_on_after(5.0):
             try:
                 async with self.link.client() as client:
                     for start in range(0, len(queue), FLUSH_BATCH):
@@ -540,9 +540,12 @@ class RoomBus:
                 self._wake = trio.Event()
                 await self._wake.wait()
             batch = self._queue[:FLUSH_BATCH]
-            del self._queue[:FLUSH_BATCH]
-            self._queued_bytes -= sum(len(e[0]) for e in batch)
+            # The batch leaves the queue only once it is published: if the
+            # service stops meanwhile (its members' LEAVEs are in it), the
+            # last flush still has it, rather than losing it half-way.
             await self._publish(client, batch)
+            del self._queue[: len(batch)]
+            self._queued_bytes -= sum(len(e[0]) for e in batch)
             for _, _, _, op, key, value in batch:
                 if op == "D" and self._releasing.get(key) == value:
                     del self._releasing[key]

@@ -170,7 +170,7 @@ class ChatService(Service):
         """Map each line to a room operation until ``/quit`` or end of input."""
         room = self.room
         bucket = TokenBucket(self.rate, self.burst, trio.current_time())
-        while (line := await conn.receive_line()) is not None:
+        async for line in conn:
             cmd = parse_line(line)
             if cmd is None:
                 continue
