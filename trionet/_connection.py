@@ -327,17 +327,6 @@ class Connection:
         if self._waiting:
             self._scope.cancel()
 
-    def _begin_wait(self) -> None:
-        if self._shutdown_requested:
-            self._scope.cancel()
-        if not self._busy:
-            self._wait_since = trio.current_time()
-        self._waiting = True
-
-    def _end_wait(self) -> None:
-        self._waiting = False
-        self._wait_since = math.inf
-
     # -- receiving ----------------------------------------------------------------
 
     async def _receive(self, max_bytes: int) -> bytes | bytearray:

@@ -98,7 +98,17 @@ def start_servers(names: list[str]) -> dict[str, tuple[subprocess.Popen[bytes], 
     return servers
 
 
-def run_round(pid: int, port: int, a: argparse.Namespace, tmp: str) -> dict[str, float]:
+def run_round(
+    servers: list[tuple[int, int]],
+    a: argparse.Namespace,
+    tmp: str,
+    *,
+    settle: float = 0.5,
+    after: float = 0.3,
+) -> dict[str, float]:
+    """One run of the load against ``servers`` (pid, port): load process k talks to
+    server k (modulo their number). ``settle``: seconds for the JOINs to spread
+    before the clock starts; ``after``: for the leaves, before the next run."""
     per = a.clients // a.load_procs
     senders_per = a.senders // a.load_procs
     procs = []
@@ -108,6 +118,7 @@ def run_round(pid: int, port: int, a: argparse.Namespace, tmp: str) -> dict[str,
         senders = [first + j for j in range(senders_per)]
         if k == a.load_procs - 1:
             senders = [first + j for j in range(a.senders - senders_per * k)]
+        port = servers[k % len(servers)][1]
         cmd = [
             sys.executable, str(HERE / "chat_load.py"), "--port", str(port),
             "--first", str(first), "--count", str(count), "--all-senders", str(a.senders),
@@ -121,8 +132,8 @@ def run_round(pid: int, port: int, a: argparse.Namespace, tmp: str) -> dict[str,
         assert p.stdout is not None
         if p.stdout.readline().strip() != "ready":
             raise SystemExit("a load process failed to join")
-    time.sleep(0.5)  # let the JOIN announcements settle
-    cpu0 = cpu_seconds(pid)
+    time.sleep(settle)  # let the JOIN announcements settle
+    cpu0 = sum(cpu_seconds(pid) for pid, _ in servers)
     for p in procs:
         assert p.stdin is not None
         p.stdin.write("go\n")
@@ -132,7 +143,7 @@ def run_round(pid: int, port: int, a: argparse.Namespace, tmp: str) -> dict[str,
         assert p.stdout is not None
         results.append(json.loads(p.stdout.readline()))
         p.wait()
-    cpu = cpu_seconds(pid) - cpu0
+    cpu = sum(cpu_seconds(pid) for pid, _ in servers) - cpu0
     lat = array.array("q")
     for k in range(a.load_procs):
         with open(f"{tmp}/lat{k}", "rb") as f:
@@ -141,7 +152,7 @@ def run_round(pid: int, port: int, a: argparse.Namespace, tmp: str) -> dict[str,
     expected = sum(r["expected"] for r in results)
     duration = (max(r["last_ns"] for r in results) - min(r["start_ns"] for r in results)) / 1e9
     q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [0.0] * 99
-    time.sleep(0.3)  # let the disconnects settle before the next run
+    time.sleep(after)  # let the disconnects settle before the next run
     return {
         "received": received,
         "expected": expected,
@@ -206,7 +217,7 @@ def main() -> int:
                     proc, port = servers[name]
                     if proc.poll() is not None:
                         raise SystemExit(f"the {name} server died (exit {proc.returncode})")
-                    res = run_round(proc.pid, port, a, tmp)
+                    res = run_round([(proc.pid, port)], a, tmp)
                     rows[name].append(res)
                     print(
                         f"{r + 1:>5} {name:<10} {res['rate']:>9.0f} {res['p50_ms']:>7.1f} "

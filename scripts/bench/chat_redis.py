@@ -27,8 +27,6 @@ Usage: python scripts/bench/chat_redis.py [--rounds 5] [--micro]
 from __future__ import annotations
 
 import argparse
-import array
-import json
 import os
 import shutil
 import socket
@@ -43,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from chat import cpu_seconds, free_port, wait_listening  # noqa: E402  (scripts/bench/chat.py)
+from chat import free_port, run_round, wait_listening  # noqa: E402  (scripts/bench/chat.py)
 
 
 def start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -71,64 +69,6 @@ def start_chat(redis_port: int | None) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
     wait_listening(port, proc)
     return proc, port
-
-
-def run_round(
-    servers: list[tuple[subprocess.Popen[bytes], int]], a: argparse.Namespace, tmp: str
-) -> dict[str, float]:
-    """One run of the load; load process k talks to server k (modulo their number)."""
-    per = a.clients // a.load_procs
-    senders_per = a.senders // a.load_procs
-    procs = []
-    for k in range(a.load_procs):
-        first = k * per
-        count = per if k < a.load_procs - 1 else a.clients - first
-        senders = [first + j for j in range(senders_per)]
-        if k == a.load_procs - 1:
-            senders = [first + j for j in range(a.senders - senders_per * k)]
-        port = servers[k % len(servers)][1]
-        cmd = [
-            sys.executable, str(HERE / "chat_load.py"), "--port", str(port),
-            "--first", str(first), "--count", str(count), "--all-senders", str(a.senders),
-            "--messages", str(a.messages), "--window", str(a.window),
-            "--latencies", f"{tmp}/lat{k}", "--senders", *map(str, senders),
-        ]  # fmt: skip
-        procs.append(
-            subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        )
-    for p in procs:
-        assert p.stdout is not None
-        if p.stdout.readline().strip() != "ready":
-            raise SystemExit("a load process failed to join")
-    time.sleep(1.0)  # let the JOIN announcements settle (across processes too)
-    cpu0 = sum(cpu_seconds(proc.pid) for proc, _ in servers)
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    results = []
-    for p in procs:
-        assert p.stdout is not None
-        results.append(json.loads(p.stdout.readline()))
-        p.wait()
-    cpu = sum(cpu_seconds(proc.pid) for proc, _ in servers) - cpu0
-    lat = array.array("q")
-    for k in range(a.load_procs):
-        with open(f"{tmp}/lat{k}", "rb") as f:
-            lat.frombytes(f.read())
-    received = sum(r["received"] for r in results)
-    expected = sum(r["expected"] for r in results)
-    duration = (max(r["last_ns"] for r in results) - min(r["start_ns"] for r in results)) / 1e9
-    q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [0.0] * 99
-    time.sleep(0.5)  # let the leaves settle (and be published) before the next run
-    return {
-        "received": received,
-        "expected": expected,
-        "rate": received / duration,
-        "p50_ms": q[49] / 1e6,
-        "p99_ms": q[98] / 1e6,
-        "server_cpu": cpu / duration,
-    }
 
 
 # -- micro: what the design rests on --------------------------------------------------
@@ -247,7 +187,13 @@ def main() -> int:
                     for proc, _ in setups[name]:
                         if proc.poll() is not None:
                             raise SystemExit(f"a {name} server died (exit {proc.returncode})")
-                    res = run_round(setups[name], a, tmp)
+                    res = run_round(
+                        [(proc.pid, port) for proc, port in setups[name]],
+                        a,
+                        tmp,
+                        settle=1.0,  # (across processes too)
+                        after=0.5,  # the leaves are published too
+                    )
                     rows[name].append(res)
                     print(
                         f"{r + 1:>5} {name:<6} {res['rate']:>9.0f} {res['p50_ms']:>7.1f} "
