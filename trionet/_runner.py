@@ -15,11 +15,19 @@ With ``argv`` it also reads the command line and, with ``--config FILE``,
 a TOML file. Options are layered, each layer overriding the one before:
 built-in defaults, the file's ``[common]`` table, the file's table for the
 service, then the flags actually given on the command line.
+
+Operating it (see docs/deploy.md): SIGHUP reloads (the file and the TLS
+files are read again: limits, timeouts and certificates apply to new
+connections; with workers, a new generation takes over), sockets passed by
+systemd are used (socket activation), systemd is told when the process is
+ready, reloading or stopping (``NOTIFY_SOCKET``), and ``--user`` drops root
+once the sockets are open and the TLS key read.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import os
@@ -27,7 +35,7 @@ import re
 import signal
 import sys
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -35,16 +43,27 @@ import trio
 
 from ._framing import DEFAULT_MAX_LINE
 from ._plugins import PluginError, builtin_names, load_service, service_names
+from ._privileges import Identity, PrivilegeError, drop_privileges, resolve_identity
 from ._server import Server, StartupError
-from ._service import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Service
-from ._workers import inherited_listeners, run_workers, watch_parent, worker_index
+from ._service import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, RELOADABLE, Service
+from ._systemd import ActivationError, Notifier, activated_sockets, assign_sockets
+from ._tls import server_context
+from ._workers import (
+    ParentLink,
+    inherited_config,
+    inherited_listeners,
+    run_workers,
+    worker_index,
+)
 
 __all__ = ["ConfigError", "build_parser", "build_services", "run", "serve_forever"]
 
 log = logging.getLogger("trionet")
 
 #: Options of the server as a whole (one value for the process).
-_SERVER_DESTS: Final = ("grace", "log_level", "workers")
+_SERVER_DESTS: Final = ("grace", "log_level", "workers", "reload_grace", "user", "group")
+#: Seconds the previous generation of workers may keep its connections on reload.
+DEFAULT_RELOAD_GRACE: Final = 30.0
 #: Options every service has (``Service`` fields), by argparse dest.
 _SERVICE_DESTS: Final = (
     "host",
@@ -172,7 +191,9 @@ def build_parser(
             "Run trionet services. With no SERVICE, every built-in runs, each on its\n"
             "default port. SERVICE is a name below, an installed plugin's name, or\n"
             "package.module:ClassName. SIGINT/SIGTERM shut down gracefully (exit 0;\n"
-            "a second signal stops at once); a service that cannot start exits 1.\n\n"
+            "a second signal stops at once); SIGHUP reloads (--config and the TLS\n"
+            "files are read again; new limits, timeouts and certificates apply to new\n"
+            "connections); a service that cannot start exits 1.\n\n"
             f"services:\n{table}"
         ),
         epilog=(
@@ -208,6 +229,27 @@ def build_parser(
         metavar="N",
         help="worker processes sharing the listening sockets; 'auto' is one per core "
         "(default: %(default)s)",
+    )
+    server.add_argument(
+        "--reload-grace",
+        type=_non_negative,
+        default=DEFAULT_RELOAD_GRACE,
+        metavar="SECONDS",
+        help="with --workers, on SIGHUP: how long the previous workers may keep their "
+        "connections before those are sent 'BYE shutdown' (default: %(default)s)",
+    )
+    server.add_argument(
+        "--user",
+        metavar="NAME",
+        default=None,
+        help="once the sockets are open and the TLS files read, run as this user "
+        "(start as root to bind ports below 1024; workers run as it too)",
+    )
+    server.add_argument(
+        "--group",
+        metavar="NAME",
+        default=None,
+        help="with --user: the group to run as (default: the user's own)",
     )
     server.add_argument(
         "--log-level",
@@ -306,12 +348,17 @@ def _explicit(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str,
 # -- the config file ---------------------------------------------------------------------
 
 
-def _read_config(path: str) -> dict[str, Any]:
+def _read_config(path: str, data: bytes | None = None) -> tuple[dict[str, Any], bytes]:
+    """The file's tables, and its bytes (``data``: the bytes read already)."""
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        if data is None:
+            with open(path, "rb") as f:
+                data = f.read()
+        return tomllib.loads(data.decode()), data
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
 
@@ -351,6 +398,8 @@ class _Plan:
     classes: dict[str, type[Service]]
     options: dict[str, argparse.Namespace]
     server: argparse.Namespace
+    #: The config file's bytes as read (workers get this very copy).
+    config: bytes | None = None
 
 
 def _by_flag(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -363,9 +412,15 @@ def _by_flag(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def _plan(
-    given: Sequence[Service | type[Service]] | None, argv: Sequence[str]
+    given: Sequence[Service | type[Service]] | None,
+    argv: Sequence[str],
+    config_data: bytes | None = None,
 ) -> tuple[_Plan, dict[str, Service]]:
-    """Parse ``argv`` (and the config file it names) into what to run."""
+    """Parse ``argv`` (and the config file it names) into what to run.
+
+    ``config_data``: the config file's contents, read already (a worker
+    gets the copy its parent checked, not whatever the file holds now).
+    """
     instances = {s.name: s for s in given or [] if isinstance(s, Service)}
     available: dict[str, type[Service]] = {
         s.name: (type(s) if isinstance(s, Service) else s) for s in given or []
@@ -376,7 +431,7 @@ def _plan(
     # module:Class services named on the command line or in the config file
     # must be known before the parser is built (their options join it).
     config_path = _config_path(argv)
-    config = _read_config(config_path) if config_path else {}
+    config, raw = _read_config(config_path, config_data) if config_path else ({}, None)
     common_table = config.get("common", {})
     if not isinstance(common_table, dict):
         raise ConfigError(f"config file {config_path}: 'common' must be a table")
@@ -446,7 +501,8 @@ def _plan(
         if name in ports:
             ns.port_number = ports[name]
         options[name] = ns
-    return _Plan({n: available[n] for n in names}, options, server_ns), instances
+    plan = _Plan({n: available[n] for n in names}, options, server_ns, raw)
+    return plan, instances
 
 
 _PORT_ACTION = argparse.Action(["--port"], "port", type=_port_number)
@@ -509,31 +565,166 @@ def _build(plan: _Plan, instances: dict[str, Service]) -> list[Service]:
 # -- running -------------------------------------------------------------------------------
 
 
+class ReloadError(Exception):
+    """The configuration read on SIGHUP cannot be used: the message says why."""
+
+
+@attrs.define
+class _Reloader:
+    """Reads the configuration again on SIGHUP (blocking: run it in a thread).
+
+    With ``argv`` the whole plan is made again (the config file is read
+    again; the flags, unchanged, still win) and the services built (which
+    reads the TLS files and checks every option) but only to take their
+    :data:`~trionet._service.RELOADABLE` settings. Without ``argv``
+    (``run(services)``), the TLS files are read again.
+    """
+
+    given: Sequence[Service | type[Service]] | None
+    argv: list[str] | None
+    running: list[Service]
+    plan: _Plan | None = None
+
+    def settings(self, *, all_options: bool = False) -> tuple[dict[str, dict[str, Any]], Any]:
+        """The new settings per service, and the new server options (or ``None``).
+
+        ``all_options``: everything will apply (a new generation of workers
+        starts from the new configuration), so only what cannot change (the
+        sockets' hosts and ports) is warned about.
+        """
+        if self.argv is None:
+            return {
+                s.name: {"tls_context": server_context(s.tls_cert, s.tls_key)}
+                for s in self.running
+                if s.tls_cert is not None and s.tls_key is not None
+            }, None
+        try:
+            plan, instances = _plan(self.given, self.argv)
+            built = _build(plan, instances)
+        except (ConfigError, PluginError) as exc:
+            raise ReloadError(str(exc)) from None
+        except StartupError as exc:
+            raise ReloadError(f"{exc.service}: {exc.reason}") from None
+        except SystemExit:  # argparse (the argv is the one that worked at start)
+            raise ReloadError("the command line no longer parses") from None
+        names = [s.name for s in self.running]
+        if [s.name for s in built] != names:
+            raise ReloadError(
+                f"the services to run changed ({', '.join(names)} -> "
+                f"{', '.join(s.name for s in built)}): that needs a restart"
+            )
+        for old, new in zip(self.running, built, strict=True):
+            if (old.host, old.effective_port) != (new.host, new.effective_port):
+                log.warning(
+                    "reload: %s keeps its address; a new host or port needs a restart", old.name
+                )
+            if not all_options and self.plan is not None:
+                self._warn_unapplied(old.name, self.plan.options[old.name], plan.options[old.name])
+        self.plan = plan
+        settings = {s.name: {f: getattr(s, f) for f in RELOADABLE} for s in built}
+        return settings, plan.server
+
+    def check(self) -> bytes | None:
+        """For a new generation of workers: raise if the configuration cannot be used.
+
+        Returns the config file's bytes as read and checked: the new workers
+        build their services from that very copy.
+        """
+        self.settings(all_options=True)
+        return self.plan.config if self.plan is not None else None
+
+    @staticmethod
+    def _warn_unapplied(name: str, before: argparse.Namespace, after: argparse.Namespace) -> None:
+        applied = {*RELOADABLE, *_SERVER_DESTS, "given", "services", "port", "port_number", "host"}
+        changed = sorted(
+            d for d, v in vars(after).items() if d not in applied and vars(before).get(d) != v
+        )
+        if changed:
+            log.warning(
+                "reload: %s: %s changed but applies only after a restart",
+                name,
+                ", ".join("--" + d.replace("_", "-") for d in changed),
+            )
+
+
+def _status(server: Server) -> str:
+    counts = server.connection_counts()
+    detail = ", ".join(f"{name} {n}" for name, n in counts.items())
+    return f"{sum(counts.values())} connection(s) open ({detail})"
+
+
+async def _reload(server: Server, reloader: _Reloader, notifier: Notifier, lock: trio.Lock) -> None:
+    async with lock:
+        notifier.reloading()
+        try:
+            settings, options = await trio.to_thread.run_sync(reloader.settings)
+        except (ReloadError, ValueError) as exc:
+            log.error("reload failed: %s; the running configuration stays", exc)
+        else:
+            server.reload(settings)
+            if options is not None:
+                server.grace = options.grace
+            log.info("reloaded: new connections get the new settings")
+        notifier.ready(_status(server))
+
+
 async def _watch_signals(
-    server: Server, cancel: trio.CancelScope, *, task_status: trio.TaskStatus[None]
+    server: Server,
+    nursery: trio.Nursery,
+    reloader: _Reloader | None,
+    notifier: Notifier,
+    *,
+    task_status: trio.TaskStatus[None],
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    lock = trio.Lock()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
-            if not server.shutting_down:
-                log.info("%s received: shutting down gracefully", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                if reloader is None:
+                    log.info(
+                        "SIGHUP ignored: a worker reloads when its parent (pid %d) does",
+                        os.getppid(),
+                    )
+                elif not server.shutting_down:
+                    log.info("SIGHUP received: reloading")
+                    nursery.start_soon(_reload, server, reloader, notifier, lock)
+            elif not server.shutting_down:
+                log.info("%s received: shutting down gracefully", name)
+                notifier.stopping()
                 server.shutdown()
             else:
-                log.warning("%s received again: stopping now", signal.Signals(signum).name)
-                cancel.cancel()
+                log.warning("%s received again: stopping now", name)
+                nursery.cancel_scope.cancel()
 
 
-async def _serve_until_signalled(server: Server, parent_fd: int | None) -> None:
+async def _serve_until_signalled(
+    server: Server,
+    link: ParentLink | None,
+    reloader: _Reloader | None,
+    notifier: Notifier,
+    reload_grace: float,
+) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, server, nursery.cancel_scope)
-        if parent_fd is not None:
-            nursery.start_soon(watch_parent, parent_fd, server)
-        await server.run()
-        nursery.cancel_scope.cancel()
+        await nursery.start(_watch_signals, server, nursery, reloader, notifier)
+        if link is not None:
+            nursery.start_soon(link.watch, server, reload_grace)
+
+        async def serve(*, task_status: trio.TaskStatus[None]) -> None:
+            await server.run(task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        await nursery.start(serve)
+        if link is not None:
+            await link.ready()
+            nursery.start_soon(link.report, server)
+        notifier.ready(_status(server))
+        nursery.start_soon(notifier.keep_alive, lambda: _status(server))
 
 
-def _startup_error(exc: BaseException) -> StartupError | None:
-    if isinstance(exc, StartupError):
+def _startup_error(exc: BaseException) -> StartupError | PrivilegeError | None:
+    if isinstance(exc, StartupError | PrivilegeError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
@@ -620,22 +811,35 @@ def run(
     Logging is set up on stderr unless the program configured it already.
     SIGINT or SIGTERM starts a graceful shutdown (listeners close, work in
     flight gets ``grace`` seconds, clients get ``BYE shutdown``); a second
-    signal stops at once. A service that cannot start (address in use, a
-    bad option) is reported in one line and the status is 1.
+    signal stops at once. SIGHUP reloads (see :class:`_Reloader`). A
+    service that cannot start (address in use, a bad option) is reported
+    in one line and the status is 1.
     """
+    _ignore_hangups_until_ready()
+    reload_grace, user, group = DEFAULT_RELOAD_GRACE, None, None
     try:
         if argv is None:
             items = list(services or [])
             built = [s if isinstance(s, Service) else s() for s in items]
             level, workers = log_level, 1
+            reloader = _Reloader(None, None, built)
         else:
-            plan, instances = _plan(services, list(argv))
+            plan, instances = _plan(services, list(argv), inherited_config())
             host = plan.server.host
             grace = plan.server.grace
             level, workers = plan.server.log_level, plan.server.workers
+            reload_grace, user, group = (
+                plan.server.reload_grace,
+                plan.server.user,
+                plan.server.group,
+            )
             _setup_logging(level)
             built = _build(plan, instances)
-    except (ConfigError, PluginError) as exc:
+            reloader = _Reloader(services, list(argv), built, plan)
+        if group is not None and user is None:
+            raise ConfigError("--group needs --user")
+        identity = resolve_identity(user, group) if user is not None else None
+    except (ConfigError, PluginError, PrivilegeError) as exc:
         print(f"trionet: error: {exc}", file=sys.stderr)
         return 1
     except StartupError as exc:
@@ -645,13 +849,78 @@ def run(
     _setup_logging(level)
     worker = inherited_listeners()
     if worker is not None:  # started by a parent with --workers: serve its sockets
-        listeners, parent_fd = worker
+        listeners, link = worker
+        if identity is not None:  # the TLS files were read (the services are built)
+            try:
+                _drop(identity)
+            except PrivilegeError as exc:
+                log.error("%s", exc)
+                return 1
         return serve_forever(
-            built, host=host, grace=grace, listeners=listeners, parent_fd=parent_fd
+            built,
+            host=host,
+            grace=grace,
+            listeners=listeners,
+            link_fd=link,
+            reload_grace=reload_grace,
         )
+    notifier = Notifier.from_environ()
+    try:
+        passed = assign_sockets(activated_sockets(), [s.name for s in built])
+    except ActivationError as exc:
+        log.error("socket activation: %s", exc)
+        return 1
     if workers > 1:
-        return run_workers(built, host=host, grace=grace, workers=workers)
-    return serve_forever(built, host=host, grace=grace)
+        # The parent stays root (it reads no client's byte, and starts the
+        # workers of the next reload, which read the TLS key again); each
+        # worker drops by itself.
+        return run_workers(
+            built,
+            host=host,
+            grace=grace,
+            workers=workers,
+            reload_grace=reload_grace,
+            config=reloader.plan.config if reloader.plan is not None else None,
+            check_reload=reloader.check,
+            given_sockets=passed,
+            notifier=notifier,
+        )
+    listeners = {
+        name: [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in socks]
+        for name, socks in passed.items()
+    }
+    return serve_forever(
+        built,
+        host=host,
+        grace=grace,
+        listeners=listeners or None,
+        announce=True,
+        reloader=reloader,
+        notifier=notifier,
+        identity=identity,
+    )
+
+
+def _ignore_hangups_until_ready() -> None:
+    """SIGHUP never kills the server: ignored until the reload handler is in place.
+
+    (Its default action ends the process; a ``systemctl reload`` or a
+    closing terminal can come at any moment, startup included.)
+    """
+    # ValueError: not the main thread (then not ours to set either).
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _drop(identity: Identity) -> None:
+    if drop_privileges(identity):
+        log.info(
+            "running as user %s (uid %d), group %s (gid %d)",
+            identity.user,
+            identity.uid,
+            identity.group,
+            identity.gid,
+        )
 
 
 def serve_forever(
@@ -659,20 +928,36 @@ def serve_forever(
     *,
     host: str = "127.0.0.1",
     grace: float = 5.0,
-    listeners: dict[str, list[trio.SocketListener]] | None = None,
-    parent_fd: int | None = None,
+    listeners: Mapping[str, Sequence[trio.SocketListener]] | None = None,
+    link_fd: int | None = None,
+    announce: bool | None = None,
+    reloader: _Reloader | None = None,
+    notifier: Notifier | None = None,
+    identity: Identity | None = None,
+    reload_grace: float = DEFAULT_RELOAD_GRACE,
 ) -> int:
     """Run ready ``services`` in this process until a signal; return the exit status.
 
-    ``listeners`` and ``parent_fd`` are a worker's: the parent's sockets, and
-    the pipe that reports the parent's death (see :mod:`trionet._workers`).
+    ``listeners`` are sockets opened already (a worker's, from its parent,
+    or systemd's); ``link_fd`` is a worker's link to its parent (see
+    :mod:`trionet._workers`). ``reloader`` answers SIGHUP (a worker has
+    none: its parent reloads), ``notifier`` tells systemd, and
+    ``identity`` is who to become once every listener is open.
     """
     _raise_fd_limit(services)
     server = Server(
-        services, host=host, grace=grace, listeners=listeners, announce=listeners is None
+        services,
+        host=host,
+        grace=grace,
+        listeners=listeners,
+        announce=listeners is None if announce is None else announce,
+        on_listening=None if identity is None else lambda: _drop(identity),
     )
+    link = ParentLink(link_fd) if link_fd is not None else None
     try:
-        trio.run(_serve_until_signalled, server, parent_fd)
+        trio.run(
+            _serve_until_signalled, server, link, reloader, notifier or Notifier(), reload_grace
+        )
     except KeyboardInterrupt:
         # Ctrl-C before the signal handler was installed, or after it was
         # removed: nothing was serving, so there is nothing to report.

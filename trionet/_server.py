@@ -24,7 +24,7 @@ import errno
 import logging
 import os
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -56,6 +56,7 @@ class StartupError(OSError):
         shown = f"[{host}]" if ":" in host else host
         super().__init__(f"cannot start {service} on {shown}:{port}: {reason}")
         self.service = service
+        self.reason = reason
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -128,9 +129,13 @@ class Server:
         none get TCP listeners on their host and port.
       announce: log each ``listening on`` line at INFO (a worker process,
         whose parent announced the sockets, logs them at DEBUG).
+      on_listening: called once every listener is open, before anything is
+        served (the runner drops root privileges there).
 
     Use :meth:`run` with ``nursery.start`` (it returns :attr:`addresses`)
-    and :meth:`shutdown` to stop gracefully.
+    and :meth:`shutdown` to stop gracefully. :meth:`reload` changes the
+    settings new connections get; :meth:`retire` stops accepting but lets
+    the open connections run on for a while (a worker replaced on reload).
     """
 
     def __init__(
@@ -141,6 +146,7 @@ class Server:
         grace: float = 5.0,
         listeners: Mapping[str, Sequence[trio.abc.Listener[Any]]] | None = None,
         announce: bool = True,
+        on_listening: Callable[[], object] | None = None,
     ) -> None:
         names = [s.name for s in services]
         if len(set(names)) != len(names):
@@ -155,17 +161,28 @@ class Server:
         self._given_listeners = dict(listeners or {})
         self._extra: set[int] = set()  # ids of listeners from open_extra_listeners
         self._announce = announce
+        self._on_listening = on_listening
         self._connections: set[Connection] = set()
         self._by_service: dict[str, set[Connection]] = {s.name: set() for s in services}
         self._active: dict[str, int] = {s.name: 0 for s in services}
         self._per_address: dict[str, dict[str, int]] = {s.name: {} for s in services}
         self._shutdown = trio.Event()
         self._all_closed = trio.Event()
+        # Set by shutdown() and retire(): the accept loops stop.
+        self._stop_accepting = trio.Event()
+        self._retire_grace = 0.0
+        # Set when retiring may end: the last connection closed, or shutdown().
+        self._retired = trio.Event()
+        self._reapers: trio.Nursery | None = None
 
     @property
     def connection_count(self) -> int:
         """Connections currently being served (all services)."""
         return len(self._connections)
+
+    def connection_counts(self) -> dict[str, int]:
+        """Clients each service holds a slot for (TLS handshakes under way included)."""
+        return dict(self._active)
 
     @property
     def shutting_down(self) -> bool:
@@ -175,6 +192,42 @@ class Server:
     def shutdown(self) -> None:
         """Begin a graceful shutdown; :meth:`run` returns when it is complete."""
         self._shutdown.set()
+        self._stop_accepting.set()
+        self._retired.set()
+
+    def retire(self, grace: float) -> None:
+        """Stop accepting; let open connections run on for up to ``grace`` seconds.
+
+        Once the last one has ended, or ``grace`` has passed, the rest goes
+        as in :meth:`shutdown` (busy work gets ``grace`` of the server, then
+        ``BYE shutdown``). A worker of the previous generation does this on
+        reload: the listening sockets stay open in the new workers, so no
+        client is refused, and nobody connected is cut off at once.
+        """
+        if not self._stop_accepting.is_set():
+            self._retire_grace = grace
+            self._stop_accepting.set()
+
+    def reload(self, settings: Mapping[str, Mapping[str, Any]]) -> None:
+        """Apply new settings (service name -> ``Service`` field -> value) to new connections.
+
+        Meant for the common options (:data:`RELOADABLE`): limits apply from
+        the next accept on; TLS settings to the next handshake; ``max_line``
+        and the timeouts to connections accepted from now on (the ones
+        already open keep the timeouts they started with: a new reaper
+        watches the new ones).
+        """
+        by_name = {s.name: s for s in self.services}
+        for name, changes in settings.items():
+            service = by_name[name]
+            for field, value in changes.items():
+                setattr(service, field, value)
+            # A fresh set of connections, with its own reaper and timeouts;
+            # the old reaper keeps the old ones until they are all gone.
+            fresh: set[Connection] = set()
+            self._by_service[name] = fresh
+            if self._reapers is not None:
+                self._reapers.start_soon(self._reap, service, fresh)
 
     async def _open_listeners(self, service: Service) -> list[trio.abc.Listener[Any]]:
         given = self._given_listeners.get(service.name)
@@ -216,6 +269,13 @@ class Server:
             for _, listener in opened:
                 await listener.aclose()
             raise
+        if self._on_listening is not None:
+            try:
+                self._on_listening()
+            except BaseException:
+                for _, listener in opened:
+                    await listener.aclose()
+                raise
         for service, listener in opened:
             sock = getattr(listener, "socket", None)
             # An extra listener (chat's web page) names itself: "chat web".
@@ -255,29 +315,45 @@ class Server:
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         async with trio.open_nursery() as connections:
-            async with trio.open_nursery() as accepting:
-                for service, listener in opened:
-                    accepting.start_soon(self._accept_loop, service, listener, connections)
+            async with trio.open_nursery() as reapers:
+                self._reapers = reapers
                 for service in self.services:
-                    # Like the accept loops, reapers stop when shutdown begins:
-                    # from then on every waiting connection is ended anyway.
-                    accepting.start_soon(self._reap, service)
-                task_status.started(self.addresses)
-                await self._shutdown.wait()
+                    reapers.start_soon(self._reap, service, self._by_service[service.name])
+                async with trio.open_nursery() as accepting:
+                    for service, listener in opened:
+                        accepting.start_soon(self._accept_loop, service, listener, connections)
+                    task_status.started(self.addresses)
+                    await self._stop_accepting.wait()
+                    accepting.cancel_scope.cancel()
+                if not self._shutdown.is_set():
+                    log.info(
+                        "retiring: listeners closed here, %d connection(s) may run on for %gs",
+                        self.connection_count,
+                        self._retire_grace,
+                    )
+                    if self._connections:
+                        with trio.move_on_after(self._retire_grace):
+                            await self._retired.wait()
+                    self._shutdown.set()  # the rest is an ordinary shutdown
                 log.info(
                     "shutting down: listeners closed, %d connection(s) open", self.connection_count
                 )
-                accepting.cancel_scope.cancel()
+                # Reapers stop when the drain begins: from then on every
+                # waiting connection is ended anyway.
+                reapers.cancel_scope.cancel()
+                self._reapers = None
             await self._drain()
 
-    async def _reap(self, service: Service) -> None:
-        """End ``service``'s connections whose wait or line has lasted too long.
+    async def _reap(self, service: Service, mine: set[Connection]) -> None:
+        """End the connections in ``mine`` whose wait or line has lasted too long.
 
         One task per service instead of a deadline per connection: waits
         stay as cheap as a float store, and idle connections cost no timer
         memory. It wakes at the next due expiry, but at most once per
         1/1000 of the shorter timeout, so a scan over many connections
-        stays rare.
+        stays rare. The timeouts are the service's when the reaper starts;
+        after a reload a new reaper watches the new connections and this one
+        returns once its last connection is gone.
         """
         idle = service.effective_idle_timeout
         line = service.effective_line_timeout
@@ -285,9 +361,8 @@ class Server:
             return
         idle_after = idle if idle is not None else float("inf")
         line_after = line if line is not None else float("inf")
-        mine = self._by_service[service.name]
         granularity = min(idle_after, line_after) / 1000
-        while True:
+        while mine or mine is self._by_service[service.name]:
             now = trio.current_time()
             next_due = now + min(idle_after, line_after)
             for conn in mine:
@@ -320,7 +395,7 @@ class Server:
     ) -> None:
         errors = _AcceptErrors(service.name)
         per_address = self._per_address[service.name]
-        tls = None if id(listener) in self._extra else service.tls_context
+        extra = id(listener) in self._extra
         async with listener:
             while True:
                 try:
@@ -332,6 +407,8 @@ class Server:
                         continue
                     raise
                 errors.succeeded()
+                # Read each time: a reload may bring a new certificate.
+                tls = None if extra else service.tls_context
                 peer = format_peer(stream)
                 key = _address_key(peer)
                 if self._active[service.name] >= service.max_connections:
@@ -403,7 +480,8 @@ class Server:
         )
         conn._peer = peer
         self._connections.add(conn)
-        self._by_service[service.name].add(conn)
+        mine = self._by_service[service.name]
+        mine.add(conn)
         started = trio.current_time()
         end = "closed"
         try:
@@ -443,10 +521,13 @@ class Server:
             with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT):
                 await conn.stream.aclose()  # bounded above; for TLS, sends close_notify
             self._connections.discard(conn)
-            self._by_service[service.name].discard(conn)
+            mine.discard(conn)
             self._release(service, key)
-            if not self._connections and self._shutdown.is_set():
-                self._all_closed.set()
+            if not self._connections:
+                if self._shutdown.is_set():
+                    self._all_closed.set()
+                if self._stop_accepting.is_set():
+                    self._retired.set()
             access_log.info(
                 "%s %s #%d end=%s duration=%.3fs in=%d out=%d%s",
                 service.name,

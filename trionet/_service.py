@@ -27,13 +27,27 @@ from ._connection import Connection
 from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineTooLong
 from ._tls import server_context
 
-__all__ = ["DEFAULT_LINE_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "Service"]
+__all__ = ["DEFAULT_LINE_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "RELOADABLE", "Service"]
 
 DEFAULT_MAX_CONNECTIONS = 1000
 #: Seconds a line may take from its first byte to its end. Real clients send
 #: a line in one go (terminals and netcat send it on Enter); only a slowloris
 #: attacker, or a person typing in a raw character-mode telnet, comes near.
 DEFAULT_LINE_TIMEOUT = 60.0
+
+#: The ``Service`` fields a reload (SIGHUP) changes in a running process:
+#: limits, timeouts and TLS. Other options (a service's own, host, port)
+#: need a restart, or a new generation of workers.
+RELOADABLE = (
+    "max_line",
+    "idle_timeout",
+    "line_timeout",
+    "max_connections",
+    "max_per_address",
+    "tls_cert",
+    "tls_key",
+    "tls_context",
+)
 
 
 def _positive(inst: Any, attr: attrs.Attribute[int], value: int) -> None:

@@ -8,6 +8,11 @@ the same program started again (``sys.orig_argv``) with the descriptors
 named in the environment, so it builds exactly the services the parent
 did and serves them with the ordinary runner.
 
+Each worker also gets one end of a socket pair, its *link* to the parent.
+The worker says ``ready`` on it once it serves and ``open N`` when its
+count of connections changes; the parent says ``retire`` on it. Either
+side sees end-of-file when the other is gone.
+
 The parent:
 
 * restarts a worker that dies (logged; a worker that keeps dying right
@@ -15,9 +20,15 @@ The parent:
 * forwards SIGINT/SIGTERM once to every worker, which then shuts down
   gracefully (``BYE shutdown`` within ``--grace``), and exits 0 when all
   have; a second signal kills them at once,
-* holds the write end of a pipe whose read end every worker watches: if
-  the parent dies, even by ``kill -9``, the pipe reports end-of-file and
-  each worker shuts down by itself. No worker outlives its parent.
+* on SIGHUP, checks the configuration again and starts a new *generation*
+  of workers on the same sockets; once all of them are ready it retires
+  the old ones, which stop accepting and finish their connections (for up
+  to ``--reload-grace`` seconds, then ``BYE shutdown``). The sockets never
+  close, so no client is refused; a generation that fails to start is
+  retired in turn and the old one carries on.
+* keeps its end of every link open for its whole life: if the parent
+  dies, even by ``kill -9``, each worker's link reports end-of-file and the
+  worker shuts down by itself. No worker outlives its parent.
 
 Workers run in their own process group, so a Ctrl-C on the terminal
 reaches only the parent, which forwards it once.
@@ -25,26 +36,37 @@ reaches only the parent, which forwards it once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
+import attrs
 import trio
 
 from ._server import Server, StartupError, _reason
 from ._service import Service
+from ._systemd import Notifier
 
-__all__ = ["WORKER_ENV", "inherited_listeners", "run_workers", "watch_parent", "worker_index"]
+__all__ = [
+    "WORKER_ENV",
+    "ParentLink",
+    "inherited_config",
+    "inherited_listeners",
+    "open_sockets",
+    "run_workers",
+    "worker_index",
+]
 
 log = logging.getLogger("trionet")
 
 #: The environment variable that makes a process a worker: JSON
-#: ``{"fds": {service: [fd, ...]}, "parent": fd, "index": i}``.
+#: ``{"fds": {service: [fd, ...]}, "link": fd, "index": i, "generation": g}``.
 WORKER_ENV: Final = "TRIONET_WORKER"
 
 #: A worker that dies sooner than this after starting is restarted after a
@@ -52,9 +74,13 @@ WORKER_ENV: Final = "TRIONET_WORKER"
 _HEALTHY_AFTER: Final = 2.0
 _BACKOFF_FIRST: Final = 0.1
 _BACKOFF_MAX: Final = 10.0
+#: Seconds a new generation has to get ready on reload before it is given up.
+_READY_TIMEOUT: Final = 60.0
+#: The longest message on a link (they are a few bytes).
+_MAX_MESSAGE: Final = 256
 
 
-def _open_sockets(service: Service, host: str) -> list[socket.socket]:
+def open_sockets(service: Service, host: str) -> list[socket.socket]:
     """Bind and listen on every address ``host`` resolves to, as Trio would."""
     host = service.host or host
     port = service.effective_port
@@ -86,41 +112,107 @@ def worker_index() -> int | None:
     return int(json.loads(spec)["index"]) if spec else None
 
 
+def inherited_config() -> bytes | None:
+    """In a worker: the config file's contents as the parent read and checked them."""
+    spec = os.environ.get(WORKER_ENV)
+    fd = json.loads(spec).get("config") if spec else None
+    if fd is None:
+        return None
+    # pread at offset 0: the descriptor (and its offset) is shared by every
+    # worker of the generation.
+    return os.pread(fd, os.fstat(fd).st_size, 0)
+
+
+def _snapshot(data: bytes | None) -> int | None:
+    """A descriptor holding ``data`` for workers to read (an anonymous memory file)."""
+    if data is None:
+        return None
+    fd = os.memfd_create("trionet-config", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
 def inherited_listeners() -> tuple[dict[str, list[trio.SocketListener]], int] | None:
-    """In a worker: the listeners the parent opened, and the parent-watch descriptor."""
+    """In a worker: the listeners the parent opened, and the link's descriptor."""
     spec = os.environ.get(WORKER_ENV)
     if not spec:
         return None
     info = json.loads(spec)
     listeners = {
-        name: [trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))]
+        name: [
+            trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
+            for fd in fds
+        ]
         for name, fds in info["fds"].items()
-        for fd in fds[:1]
     }
-    for name, fds in info["fds"].items():
-        for fd in fds[1:]:
-            sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
-            listeners[name].append(trio.SocketListener(sock))
-    return listeners, int(info["parent"])
+    return listeners, int(info["link"])
 
 
-async def watch_parent(fd: int, server: Server) -> None:
-    """Shut ``server`` down gracefully once the parent is gone (its pipe says EOF)."""
-    os.set_blocking(fd, False)
-    while True:
-        await trio.lowlevel.wait_readable(fd)
-        try:
-            if not os.read(fd, 64):
+class ParentLink:
+    """A worker's end of its link to the parent (see the module's docstring)."""
+
+    def __init__(self, fd: int) -> None:
+        self._sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+
+    async def _say(self, message: str) -> None:
+        # OSError: the parent is gone; watch() sees it and shuts down.
+        with contextlib.suppress(OSError):
+            await self._sock.send(f"{message}\n".encode())
+
+    async def ready(self) -> None:
+        """Tell the parent this worker serves."""
+        await self._say("ready")
+
+    async def report(self, server: Server) -> None:
+        """Tell the parent the number of open connections when it changes (once a second)."""
+        told = -1
+        while True:
+            count = server.connection_count
+            if count != told:
+                await self._say(f"open {count}")
+                told = count
+            await trio.sleep(1)
+
+    async def watch(self, server: Server, reload_grace: float) -> None:
+        """Retire ``server`` when the parent says so; shut it down once the parent is gone."""
+        while True:
+            try:
+                data = await self._sock.recv(_MAX_MESSAGE)
+            except OSError:
+                data = b""
+            if not data:
                 break
-        except BlockingIOError:
-            continue
-    if not server.shutting_down:
-        log.warning("the parent process is gone: shutting down")
-        server.shutdown()
+            if b"retire" in data and not server.shutting_down:
+                log.info("replaced by a new generation of workers: no longer accepting")
+                server.retire(reload_grace)
+        if not server.shutting_down:
+            log.warning("the parent process is gone: shutting down")
+            server.shutdown()
 
 
-def run_workers(services: Sequence[Service], *, host: str, grace: float, workers: int) -> int:
-    """Open the listeners, run ``workers`` processes on them, supervise; the exit status."""
+def run_workers(
+    services: Sequence[Service],
+    *,
+    host: str,
+    grace: float,
+    workers: int,
+    reload_grace: float = 30.0,
+    config: bytes | None = None,
+    check_reload: Callable[[], bytes | None] | None = None,
+    given_sockets: dict[str, list[socket.socket]] | None = None,
+    notifier: Notifier | None = None,
+) -> int:
+    """Open the listeners, run ``workers`` processes on them, supervise; the exit status.
+
+    ``config`` is the config file's contents (``None``: no file): workers
+    read this copy, not the file, so a worker restarted later runs what its
+    generation was checked with. ``check_reload`` (blocking; run in a
+    thread on SIGHUP) reads the configuration again and raises if it
+    cannot be used; the new generation starts only if it returns, with the
+    config it returned. ``given_sockets`` are listening
+    sockets opened already (socket activation): a service with some uses
+    them instead of opening its own.
+    """
     for service in services:
         problem = service.workers_problem(workers)
         if problem is not None:
@@ -132,7 +224,8 @@ def run_workers(services: Sequence[Service], *, host: str, grace: float, workers
     sockets: dict[str, list[socket.socket]] = {}
     try:
         for service in services:
-            sockets[service.name] = _open_sockets(service, host)
+            given = (given_sockets or {}).get(service.name)
+            sockets[service.name] = given or open_sockets(service, host)
     except StartupError as exc:
         log.error("%s", exc)
         for socks in sockets.values():
@@ -144,8 +237,10 @@ def run_workers(services: Sequence[Service], *, host: str, grace: float, workers
             bound_host, port = sock.getsockname()[:2]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
             log.info("%s listening on %s:%d", name, shown, port)
+    sup = _Supervisor(sockets, workers, reload_grace, check_reload, notifier or Notifier())
+    sup.configs[0] = _snapshot(config)
     try:
-        return trio.run(_supervise, sockets, workers, grace)
+        return trio.run(sup.run)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -154,90 +249,282 @@ def run_workers(services: Sequence[Service], *, host: str, grace: float, workers
                 sock.close()
 
 
+@attrs.define(eq=False)
+class _Worker:
+    index: int
+    generation: int
+    proc: trio.Process
+    link: trio.socket.SocketType
+    ready: trio.Event = attrs.Factory(trio.Event)
+    open: int = 0
+
+
+@attrs.define(eq=False)
+class _Launch:
+    """One generation starting up: done when all are ready, or one failed."""
+
+    count: int
+    ready: int = 0
+    failure: str | None = None
+    done: trio.Event = attrs.Factory(trio.Event)
+
+    def one_ready(self) -> None:
+        self.ready += 1
+        if self.ready == self.count:
+            self.done.set()
+
+    def fail(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = why
+        self.done.set()
+
+
 class _Supervisor:
-    def __init__(self, sockets: dict[str, list[socket.socket]], count: int, grace: float) -> None:
+    def __init__(
+        self,
+        sockets: dict[str, list[socket.socket]],
+        count: int,
+        reload_grace: float,
+        check_reload: Callable[[], bytes | None] | None,
+        notifier: Notifier,
+    ) -> None:
         self.sockets = sockets
         self.count = count
-        self.grace = grace
+        self.reload_grace = reload_grace
+        self.check_reload = check_reload
+        self.notifier = notifier
         self.stopping = False
-        self.procs: dict[int, trio.Process] = {}
-        # The pipe every worker watches: the parent keeps the write end
-        # open for its whole life and never writes.
-        self.watch_r, self.watch_w = os.pipe()
+        self.workers: set[_Worker] = set()
+        #: Generations whose workers are restarted when they die: the
+        #: current one, and during a reload the one starting up.
+        self.live: set[int] = set()
+        self.current = 0
+        self.newest = 0  # generation numbers are never reused
+        self.reloading = trio.Lock()
+        self._fds = [s.fileno() for socks in sockets.values() for s in socks]
+        #: Per generation: the descriptor of its config snapshot (or None).
+        self.configs: dict[int, int | None] = {}
 
-    def _env(self, index: int) -> dict[str, str]:
+    def _env(self, index: int, generation: int, link: int) -> dict[str, str]:
         spec = {
             "fds": {name: [s.fileno() for s in socks] for name, socks in self.sockets.items()},
-            "parent": self.watch_r,
+            "link": link,
             "index": index,
+            "generation": generation,
+            "config": self.configs.get(generation),
         }
         return {**os.environ, WORKER_ENV: json.dumps(spec)}
 
-    async def keep_running(self, index: int) -> None:
-        """Run worker ``index``; restart it whenever it dies, until we stop."""
-        backoff = _BACKOFF_FIRST
-        fds = [s.fileno() for socks in self.sockets.values() for s in socks]
-        while not self.stopping:
-            started = trio.current_time()
+    async def _spawn(self, index: int, generation: int) -> _Worker:
+        ours, theirs = socket.socketpair()
+        try:
             proc = await trio.lowlevel.open_process(
                 [sys.executable, *sys.orig_argv[1:]],
-                env=self._env(index),
-                pass_fds=[*fds, self.watch_r],
+                env=self._env(index, generation, theirs.fileno()),
+                pass_fds=[*self._fds, theirs.fileno(), *self._config_fds(generation)],
                 process_group=0,  # Ctrl-C on the terminal reaches the parent only
             )
-            self.procs[index] = proc
-            log.info("worker %d started (pid %d)", index, proc.pid)
-            code = await proc.wait()
-            del self.procs[index]
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return _Worker(index, generation, proc, trio.socket.from_stdlib_socket(ours))
+
+    def _config_fds(self, generation: int) -> list[int]:
+        fd = self.configs.get(generation)
+        return [] if fd is None else [fd]
+
+    def _forget_config(self, generation: int) -> None:
+        fd = self.configs.pop(generation, None)
+        if fd is not None:
+            os.close(fd)
+
+    async def _listen(self, worker: _Worker, launch: _Launch | None) -> None:
+        """Read what ``worker`` says on its link until it exits."""
+        pending = b""
+        while True:
+            try:
+                data = await worker.link.recv(_MAX_MESSAGE)
+            except OSError:
+                return
+            if not data:
+                return
+            *lines, pending = (pending + data).split(b"\n")
+            pending = pending[-_MAX_MESSAGE:]
+            for line in lines:
+                word, _, arg = line.decode(errors="replace").partition(" ")
+                if word == "ready" and not worker.ready.is_set():
+                    worker.ready.set()
+                    if launch is not None:
+                        launch.one_ready()
+                elif word == "open" and arg.isdigit():
+                    worker.open = int(arg)
+
+    async def keep_running(self, index: int, generation: int, launch: _Launch | None) -> None:
+        """Run worker ``index`` of ``generation``; restart it while that generation lives."""
+        backoff = _BACKOFF_FIRST
+        while not self.stopping and generation in self.live:
+            started = trio.current_time()
+            worker = await self._spawn(index, generation)
+            self.workers.add(worker)
+            log.info(
+                "worker %d started (pid %d%s)",
+                index,
+                worker.proc.pid,
+                f", generation {generation}" if generation else "",
+            )
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._listen, worker, launch)
+                    code = await worker.proc.wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                self.workers.discard(worker)
+                worker.link.close()
             if self.stopping:
-                log.info("worker %d (pid %d) stopped", index, proc.pid)
+                log.info("worker %d (pid %d) stopped", index, worker.proc.pid)
+                return
+            if generation not in self.live:
+                log.info(
+                    "worker %d (pid %d) of generation %d finished",
+                    index,
+                    worker.proc.pid,
+                    generation,
+                )
                 return
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+            if launch is not None and generation and not worker.ready.is_set():
+                # A new generation that cannot start: give the reload up
+                # rather than restart it (the old generation still serves).
+                launch.fail(f"worker {index} (pid {worker.proc.pid}) exited ({how}) at start")
+                return
             if trio.current_time() - started >= _HEALTHY_AFTER:
                 backoff = _BACKOFF_FIRST
             log.error(
-                "worker %d (pid %d) died (%s); restarting in %.1fs", index, proc.pid, how, backoff
+                "worker %d (pid %d) died (%s); restarting in %.1fs",
+                index,
+                worker.proc.pid,
+                how,
+                backoff,
             )
             await trio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
     def signal_all(self, signum: int) -> None:
-        for proc in list(self.procs.values()):
-            if proc.returncode is None:
-                proc.send_signal(signum)
+        for worker in list(self.workers):
+            if worker.proc.returncode is None:
+                worker.proc.send_signal(signum)
 
+    async def retire(self, generation: int) -> None:
+        """Tell every worker of ``generation`` to stop accepting and finish its connections."""
+        self.live.discard(generation)
+        self._forget_config(generation)  # none of its workers is started again
+        for worker in list(self.workers):
+            if worker.generation == generation:
+                with contextlib.suppress(OSError):  # it is exiting anyway
+                    await worker.link.send(b"retire\n")
 
-async def _supervise(sockets: dict[str, list[socket.socket]], count: int, grace: float) -> int:
-    sup = _Supervisor(sockets, count, grace)
-    try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as outer:
+    def status(self) -> str:
+        """One line for ``systemctl status``."""
+        serving = [w for w in self.workers if w.generation == self.current]
+        draining = [w for w in self.workers if w.generation != self.current]
+        text = (
+            f"{len(serving)} worker(s) serving, "
+            f"{sum(w.open for w in self.workers)} connection(s) open"
+        )
+        if draining:
+            text += f"; {len(draining)} old worker(s) finishing"
+        return text
 
-                async def forward() -> None:
-                    async for signum in signals:
-                        name = signal.Signals(signum).name
-                        if not sup.stopping:
-                            sup.stopping = True
-                            log.info("%s received: stopping %d worker(s) gracefully", name, count)
-                            # Nothing will accept from here on: close our copies
-                            # so new clients are refused, not queued.
-                            for socks in sup.sockets.values():
-                                for sock in socks:
-                                    sock.close()
-                            sup.signal_all(signal.SIGTERM)
-                        else:
-                            log.warning("%s received again: killing the workers", name)
-                            sup.signal_all(signal.SIGKILL)
+    async def reload(self, slots: trio.Nursery) -> None:
+        """SIGHUP: a new generation on the same sockets, then retire the old one."""
+        async with self.reloading:
+            if self.stopping:
+                return
+            self.notifier.reloading()
+            config = None
+            if self.check_reload is not None:
+                try:
+                    config = await trio.to_thread.run_sync(self.check_reload)
+                except Exception as exc:
+                    log.error("reload failed: %s; the running workers carry on", exc)
+                    self.notifier.ready(self.status())
+                    return
+            old, new = self.current, self.newest + 1
+            self.newest = new
+            launch = _Launch(self.count)
+            self.configs[new] = _snapshot(config)
+            self.live.add(new)
+            for index in range(self.count):
+                slots.start_soon(self.keep_running, index, new, launch)
+            with trio.move_on_after(_READY_TIMEOUT):
+                await launch.done.wait()
+            if self.stopping:
+                return
+            if launch.failure is not None or launch.ready < self.count:
+                why = launch.failure or f"not ready within {_READY_TIMEOUT:g}s"
+                log.error("reload failed: %s; the running workers carry on", why)
+                await self.retire(new)
+            else:
+                self.current = new
+                await self.retire(old)
+                log.info(
+                    "reloaded: generation %d serves; generation %d finishes its connections "
+                    "(up to %gs)",
+                    new,
+                    old,
+                    self.reload_grace,
+                )
+            self.notifier.ready(self.status())
 
-                outer.start_soon(forward)
-                # Each slot's task returns once we stop and its worker has exited.
-                async with trio.open_nursery() as slots:
-                    for index in range(count):
-                        slots.start_soon(sup.keep_running, index)
-                outer.cancel_scope.cancel()
-    finally:
-        sup.signal_all(signal.SIGKILL)
-        os.close(sup.watch_w)
-        os.close(sup.watch_r)
-    log.info("stopped")
-    return 0
+    async def run(self) -> int:
+        signals = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+        try:
+            with trio.open_signal_receiver(*signals) as received:
+                async with trio.open_nursery() as outer:
+                    # Each slot's task returns once we stop and its worker has exited.
+                    async with trio.open_nursery() as slots:
+
+                        async def forward() -> None:
+                            async for signum in received:
+                                name = signal.Signals(signum).name
+                                if signum == signal.SIGHUP:
+                                    if not self.stopping:
+                                        log.info("SIGHUP received: reloading")
+                                        outer.start_soon(self.reload, slots)
+                                elif not self.stopping:
+                                    self.stop(name)
+                                else:
+                                    log.warning("%s received again: killing the workers", name)
+                                    self.signal_all(signal.SIGKILL)
+
+                        outer.start_soon(forward)
+                        launch = _Launch(self.count)
+                        self.live.add(0)
+                        for index in range(self.count):
+                            slots.start_soon(self.keep_running, index, 0, launch)
+                        outer.start_soon(self._announce, launch)
+                    outer.cancel_scope.cancel()
+        finally:
+            self.signal_all(signal.SIGKILL)
+            for generation in list(self.configs):
+                self._forget_config(generation)
+        log.info("stopped")
+        return 0
+
+    async def _announce(self, launch: _Launch) -> None:
+        await launch.done.wait()
+        self.notifier.ready(self.status())
+        await self.notifier.keep_alive(self.status)
+
+    def stop(self, name: str) -> None:
+        self.stopping = True
+        self.notifier.stopping()
+        log.info("%s received: stopping %d worker(s) gracefully", name, len(self.workers))
+        # Nothing will accept from here on: close our copies so new clients
+        # are refused, not queued.
+        for socks in self.sockets.values():
+            for sock in socks:
+                sock.close()
+        self.signal_all(signal.SIGTERM)
