@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -120,14 +120,21 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 class Serve:
-    """``python -m trionet.serve ARGS`` with its log (stderr) read in a thread."""
+    """``python -m trionet.serve ARGS`` with its log (stderr) read in a thread.
 
-    def __init__(self, *args: str) -> None:
+    ``prefix`` runs it under another program (``systemd-socket-activate
+    ...``); ``env`` adds environment variables.
+    """
+
+    def __init__(
+        self, *args: str, prefix: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trionet.serve", *args],
+            [*prefix, sys.executable, "-m", "trionet.serve", *args],
             cwd=ROOT,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -183,8 +190,10 @@ def serve() -> Iterator[Callable[..., Serve]]:
     """Start ``python -m trionet.serve`` processes; every one is killed after the test."""
     started: list[Serve] = []
 
-    def start(*args: str) -> Serve:
-        process = Serve(*args)
+    def start(
+        *args: str, prefix: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> Serve:
+        process = Serve(*args, prefix=prefix, env=env)
         started.append(process)
         return process
 
