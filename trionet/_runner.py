@@ -44,8 +44,15 @@ import trio
 from ._framing import DEFAULT_MAX_LINE
 from ._plugins import PluginError, builtin_names, load_service, service_names
 from ._privileges import Identity, PrivilegeError, drop_privileges, resolve_identity
+from ._proxy import parse_networks
 from ._server import Server, StartupError
-from ._service import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, RELOADABLE, Service
+from ._service import (
+    DEFAULT_LINE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PROXY_FROM,
+    RELOADABLE,
+    Service,
+)
 from ._systemd import ActivationError, Notifier, activated_sockets, assign_sockets
 from ._tls import server_context
 from ._workers import (
@@ -74,6 +81,8 @@ _SERVICE_DESTS: Final = (
     "max_line",
     "tls_cert",
     "tls_key",
+    "proxy_protocol",
+    "proxy_from",
 )
 _CONFIG_EXAMPLE: Final = """\
 config file (--config FILE, TOML; command-line flags override it):
@@ -129,6 +138,14 @@ def _port_spec(text: str) -> tuple[str | None, int]:
         return (name if eq else None), _port_number(number)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected PORT or NAME=PORT, got {text!r}") from None
+
+
+def _networks(text: str) -> str:
+    try:
+        parse_networks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _workers(text: str) -> int:
@@ -322,6 +339,23 @@ def build_parser(
     )
     common.add_argument(
         "--tls-key", metavar="FILE", default=None, help="PEM private key for --tls-cert"
+    )
+    common.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="behind a load balancer (haproxy send-proxy / send-proxy-v2): every connection "
+        "starts with a PROXY protocol header, version 1 or 2, naming the real client; that "
+        "address counts for --max-per-address and the logs. A connection without a valid "
+        "header within a few seconds is closed",
+    )
+    common.add_argument(
+        "--proxy-from",
+        metavar="CIDR[,CIDR...]",
+        type=_networks,
+        default=DEFAULT_PROXY_FROM,
+        help="with --proxy-protocol: the balancers' addresses; a connection from anywhere "
+        "else is refused and logged (a client must not choose its own address) "
+        "(default: %(default)s)",
     )
     own: dict[str, set[str]] = {}
     for cls in classes.values():

@@ -30,6 +30,8 @@ from typing import Any
 import trio
 
 from ._connection import Connection, format_peer
+from ._proxy import ProxyProtocolError, address_allowed
+from ._proxy_stream import HEADER_TIMEOUT, read_proxy_header
 from ._service import Service
 from ._tls import accept_tls, transport_for
 
@@ -394,7 +396,6 @@ class Server:
         connections: trio.Nursery,
     ) -> None:
         errors = _AcceptErrors(service.name)
-        per_address = self._per_address[service.name]
         extra = id(listener) in self._extra
         async with listener:
             while True:
@@ -410,22 +411,74 @@ class Server:
                 # Read each time: a reload may bring a new certificate.
                 tls = None if extra else service.tls_context
                 peer = format_peer(stream)
-                key = _address_key(peer)
-                if self._active[service.name] >= service.max_connections:
+                if service.proxy_protocol and not extra:
+                    # The real peer is in the header: limits apply once it is read.
                     connections.start_soon(
-                        self._turn_away, service, stream, peer, "server full", tls
-                    )
-                elif key is not None and per_address.get(key, 0) >= (
-                    service.effective_max_per_address
-                ):
-                    connections.start_soon(
-                        self._turn_away, service, stream, peer, f"address limit for {key}", tls
+                        self._read_proxy_header, service, stream, peer, tls, connections
                     )
                 else:
-                    self._active[service.name] += 1
-                    if key is not None:
-                        per_address[key] = per_address.get(key, 0) + 1
-                    connections.start_soon(self._run_connection, service, stream, peer, key, tls)
+                    self._admit(service, stream, peer, tls, connections)
+
+    def _admit(
+        self,
+        service: Service,
+        stream: trio.abc.Stream,
+        peer: str,
+        tls: ssl.SSLContext | None,
+        connections: trio.Nursery,
+    ) -> None:
+        """Serve ``stream`` from ``peer``, or turn it away if a limit is reached."""
+        per_address = self._per_address[service.name]
+        key = _address_key(peer)
+        if self._active[service.name] >= service.max_connections:
+            connections.start_soon(self._turn_away, service, stream, peer, "server full", tls)
+        elif key is not None and per_address.get(key, 0) >= service.effective_max_per_address:
+            connections.start_soon(
+                self._turn_away, service, stream, peer, f"address limit for {key}", tls
+            )
+        else:
+            self._active[service.name] += 1
+            if key is not None:
+                per_address[key] = per_address.get(key, 0) + 1
+            connections.start_soon(self._run_connection, service, stream, peer, key, tls)
+
+    async def _read_proxy_header(
+        self,
+        service: Service,
+        stream: trio.abc.Stream,
+        peer: str,
+        tls: ssl.SSLContext | None,
+        connections: trio.Nursery,
+    ) -> None:
+        """Read the PROXY header (before TLS), then admit the client it names.
+
+        Only sources in ``proxy_from`` may send one: from anywhere else the
+        connection is closed unread, or any client could claim any address.
+        """
+        failure: str | None = "abandoned: the server is shutting down"
+        header = None
+        if not address_allowed(_address_key(peer), service.proxy_from):
+            failure = "not a --proxy-from address, so its PROXY header is not trusted"
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_when, self._shutdown, nursery.cancel_scope)
+                with trio.move_on_after(HEADER_TIMEOUT) as deadline:
+                    try:
+                        header, stream = await read_proxy_header(stream)
+                        failure = None
+                    except ProxyProtocolError as exc:
+                        failure = str(exc)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        failure = "connection lost before a complete PROXY header"
+                if deadline.cancelled_caught:
+                    failure = f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
+                nursery.cancel_scope.cancel()
+        if header is None:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            log.warning("%s %s refused: %s", service.name, peer, failure)
+            return
+        self._admit(service, stream, header.peer or peer, tls, connections)
 
     async def _turn_away(
         self,
@@ -566,6 +619,11 @@ class Server:
             if line is not None:
                 conn.write_line(line)
             await conn.flush()
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def serve(

@@ -25,6 +25,7 @@ import trio
 
 from ._connection import Connection
 from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineTooLong
+from ._proxy import Network, parse_networks
 from ._tls import server_context
 
 __all__ = ["DEFAULT_LINE_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "RELOADABLE", "Service"]
@@ -34,6 +35,8 @@ DEFAULT_MAX_CONNECTIONS = 1000
 #: a line in one go (terminals and netcat send it on Enter); only a slowloris
 #: attacker, or a person typing in a raw character-mode telnet, comes near.
 DEFAULT_LINE_TIMEOUT = 60.0
+#: Who may send a PROXY protocol header unless told otherwise: this host.
+DEFAULT_PROXY_FROM = "127.0.0.0/8,::1"
 
 #: The ``Service`` fields a reload (SIGHUP) changes in a running process:
 #: limits, timeouts and TLS. Other options (a service's own, host, port)
@@ -47,6 +50,8 @@ RELOADABLE = (
     "tls_cert",
     "tls_key",
     "tls_context",
+    "proxy_protocol",
+    "proxy_from",
 )
 
 
@@ -120,6 +125,13 @@ class Service:
       tls_context: the server's :class:`ssl.SSLContext`, built from those
         files when the service is created; pass one instead for settings of
         your own.
+      proxy_protocol: every connection on the service's own listeners
+        starts with a PROXY protocol header (v1 or v2) from a load
+        balancer; the client address in it is the connection's peer (for
+        ``max_per_address``, the logs). See :mod:`trionet._proxy`.
+      proxy_from: the addresses allowed to send that header (networks, or
+        text such as ``"10.0.0.0/8,127.0.0.1"``); a connection from
+        anywhere else is refused, so no client chooses its own address.
     """
 
     name: ClassVar[str] = "service"
@@ -141,6 +153,10 @@ class Service:
     tls_key: str | None = None
     tls_context: ssl.SSLContext | None = attrs.field(
         default=attrs.Factory(_load_tls, takes_self=True), repr=False
+    )
+    proxy_protocol: bool = False
+    proxy_from: tuple[Network, ...] = attrs.field(
+        default=DEFAULT_PROXY_FROM, converter=parse_networks
     )
 
     @property

@@ -1,0 +1,104 @@
+"""Reading a PROXY protocol header off an accepted stream, before anything else.
+
+The header is followed at once by the client's own bytes (a request line,
+or a TLS ClientHello), often in the same TCP segment. Whatever reads the
+header must leave those bytes for the next reader, and the next reader may
+be TLS, which wants the socket itself. So on a TCP socket the header is
+*peeked* (``MSG_PEEK``) and exactly its length taken off: the stream after
+is the untouched ``trio.SocketStream``, with every fast path under it. Any
+other stream (memory streams in tests) is read normally and, if it read
+past the header, wrapped in :class:`ReplayStream`, which hands those bytes
+out first.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Final
+
+import trio
+
+from ._proxy import MAX_HEADER, ProxyHeader, ProxyProtocolError, parse_proxy_header
+
+__all__ = ["HEADER_TIMEOUT", "ReplayStream", "read_proxy_header"]
+
+#: Seconds a connection has to deliver its PROXY header. A balancer sends
+#: it at once, as it connects; a client that got past --proxy-from and
+#: says nothing is holding a descriptor for free.
+HEADER_TIMEOUT: Final = 5.0
+
+
+async def read_proxy_header(stream: trio.abc.Stream) -> tuple[ProxyHeader, trio.abc.Stream]:
+    """Read the header at the start of ``stream``: the header, and the stream to go on with.
+
+    Raises :class:`~trionet._proxy.ProxyProtocolError` for a bad header or
+    a peer that closes first. No deadline of its own: the caller sets one.
+    """
+    if type(stream) is trio.SocketStream:
+        return await _peek_header(stream.socket), stream
+    buffer = bytearray()
+    while True:
+        data = await stream.receive_some(MAX_HEADER - len(buffer))
+        if not data:
+            raise ProxyProtocolError("closed before a complete PROXY header")
+        buffer += data
+        header = parse_proxy_header(buffer)
+        if header is not None:
+            rest = bytes(buffer[header.length :])
+            return header, (ReplayStream(stream, rest) if rest else stream)
+        if len(buffer) >= MAX_HEADER:  # (parse_proxy_header refuses sooner)
+            raise ProxyProtocolError("PROXY header too long")
+
+
+async def _peek_header(sock: trio.socket.SocketType) -> ProxyHeader:
+    taken = b""  # header bytes already taken off the socket
+    while True:
+        peeked = await sock.recv(MAX_HEADER - len(taken), socket.MSG_PEEK)
+        if not peeked:
+            raise ProxyProtocolError("closed before a complete PROXY header")
+        header = parse_proxy_header(taken + peeked)
+        # Complete: take exactly the rest of the header. Incomplete: all that
+        # is there is header, so take it (and the next peek waits for more
+        # instead of returning the same bytes again).
+        want = len(peeked) if header is None else header.length - len(taken)
+        while want:
+            got = await sock.recv(want)
+            if not got:
+                raise ProxyProtocolError("closed before a complete PROXY header")
+            taken += got
+            want -= len(got)
+        if header is not None:
+            return header
+
+
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """``stream``, with ``first`` handed out before anything it receives."""
+
+    def __init__(self, stream: trio.abc.Stream, first: bytes) -> None:
+        #: The stream underneath (``format_peer`` and TLS look through it).
+        self.transport_stream = stream
+        self._first = first
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._first:
+            await trio.lowlevel.checkpoint()
+            n = len(self._first) if max_bytes is None else max_bytes
+            data, self._first = self._first[:n], self._first[n:]
+            return data
+        return await self.transport_stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        inner: Any = self.transport_stream
+        if isinstance(inner, trio.abc.HalfCloseableStream):
+            await inner.send_eof()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
