@@ -181,14 +181,18 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
     return ProxyHeader(2, length, None, None)
 
 
-def parse_networks(text: str | Iterable[str]) -> tuple[Network, ...]:
-    """``"127.0.0.0/8,::1"`` (or a list of such) as networks; a bare address is a /32 or /128.
+def parse_networks(text: str | Iterable[str | Network]) -> tuple[Network, ...]:
+    """``"127.0.0.0/8,::1"`` (or a list of such, or of networks) as networks.
 
-    Raises :class:`ValueError` naming the entry that is not an address or network.
+    A bare address is a /32 or /128. Raises :class:`ValueError` naming the
+    entry that is not an address or network.
     """
     items = text.split(",") if isinstance(text, str) else list(text)
-    networks = []
+    networks: list[Network] = []
     for item in items:
+        if isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            networks.append(item)
+            continue
         item = item.strip()
         if not item:
             continue

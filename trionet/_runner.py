@@ -695,10 +695,14 @@ async def _reload(server: Server, reloader: _Reloader, notifier: Notifier, lock:
         except (ReloadError, ValueError) as exc:
             log.error("reload failed: %s; the running configuration stays", exc)
         else:
-            server.reload(settings)
-            if options is not None:
-                server.grace = options.grace
-            log.info("reloaded: new connections get the new settings")
+            try:
+                server.reload(settings)
+            except Exception:  # a bug of ours: say so, but SIGHUP never stops the server
+                log.exception("reload failed part way; some settings may be the new ones")
+            else:
+                if options is not None:
+                    server.grace = options.grace
+                log.info("reloaded: new connections get the new settings")
         notifier.ready(_status(server))
 
 

@@ -24,6 +24,7 @@ from conftest import Serve, TLSFiles, _free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import trionet
 from trionet import Connection, Server, Service
 from trionet._proxy import (
     MAX_HEADER,
@@ -403,3 +404,42 @@ def test_behind_haproxy_with_tls_passed_through(
         port = tls.getsockname()[1]
     p.wait_for(rf"calc 127\.0\.0\.4:{port} #\d+ end=\w+ .* tls")
     assert p.stop() == 0
+
+
+# -- options ------------------------------------------------------------------------------------
+
+
+async def test_a_reload_turns_the_proxy_protocol_on_for_new_connections(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    listener = MemoryListener()
+    server = Server([Whoami()], listeners={"whoami": [listener]})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        before = Client(await listener.connect("127.0.0.1:1"))
+        await before.send_line("who")
+        await before.expect("you are 127.0.0.1:1")
+        networks = parse_networks("127.0.0.1")
+        server.reload({"whoami": {"proxy_protocol": True, "proxy_from": networks}})
+        after = await listener.connect("127.0.0.1:2")
+        await after.send_all(v1("198.51.100.8", "192.0.2.1", 8, 7005) + b"who\n")
+        await Client(after).expect("you are 198.51.100.8:8")
+        await before.send_line("who")  # the open one is unchanged
+        await before.expect("you are 127.0.0.1:1")
+        server.shutdown()
+
+
+def test_options_on_the_command_line_and_in_the_config_file(tmp_path: Path) -> None:
+    (calc,) = trionet.build_services(["calc"])
+    assert (calc.proxy_protocol, calc.proxy_from) == (False, parse_networks("127.0.0.0/8,::1"))
+    config = tmp_path / "trionet.toml"
+    config.write_text('[common]\nproxy-protocol = true\n[calc]\nproxy-from = "10.0.0.0/8"\n')
+    (calc,) = trionet.build_services(["calc", "--config", str(config)])
+    assert (calc.proxy_protocol, calc.proxy_from) == (True, parse_networks("10.0.0.0/8"))
+    (calc,) = trionet.build_services(
+        ["calc", "--config", str(config), "--proxy-from", "192.0.2.1,192.0.2.0/30"]
+    )
+    assert calc.proxy_from == parse_networks(["192.0.2.1/32", "192.0.2.0/30"])
+    config.write_text('[calc]\nproxy-from = "10.0.0.0/8,nope"\n')
+    with pytest.raises(trionet.ConfigError, match="not an address or CIDR network: 'nope'"):
+        trionet.build_services(["calc", "--config", str(config)])
