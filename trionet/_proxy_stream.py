@@ -20,12 +20,16 @@ import trio
 
 from ._proxy import MAX_HEADER, ProxyHeader, ProxyProtocolError, parse_proxy_header
 
-__all__ = ["HEADER_TIMEOUT", "ReplayStream", "read_proxy_header"]
+__all__ = ["HEADER_TIMEOUT", "NoHeader", "ReplayStream", "read_proxy_header"]
 
 #: Seconds a connection has to deliver its PROXY header. A balancer sends
 #: it at once, as it connects; a client that got past --proxy-from and
 #: says nothing is holding a descriptor for free.
 HEADER_TIMEOUT: Final = 5.0
+
+
+class NoHeader(ProxyProtocolError):
+    """The peer closed without sending a byte (a TCP health check does that)."""
 
 
 async def read_proxy_header(stream: trio.abc.Stream) -> tuple[ProxyHeader, trio.abc.Stream]:
@@ -40,6 +44,8 @@ async def read_proxy_header(stream: trio.abc.Stream) -> tuple[ProxyHeader, trio.
     while True:
         data = await stream.receive_some(MAX_HEADER - len(buffer))
         if not data:
+            if not buffer:
+                raise NoHeader("closed before sending anything")
             raise ProxyProtocolError("closed before a complete PROXY header")
         buffer += data
         header = parse_proxy_header(buffer)
@@ -55,6 +61,8 @@ async def _peek_header(sock: trio.socket.SocketType) -> ProxyHeader:
     while True:
         peeked = await sock.recv(MAX_HEADER - len(taken), socket.MSG_PEEK)
         if not peeked:
+            if not taken:
+                raise NoHeader("closed before sending anything")
             raise ProxyProtocolError("closed before a complete PROXY header")
         header = parse_proxy_header(taken + peeked)
         # Complete: take exactly the rest of the header. Incomplete: all that

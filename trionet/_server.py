@@ -31,7 +31,7 @@ import trio
 
 from ._connection import Connection, format_peer
 from ._proxy import ProxyProtocolError, address_allowed
-from ._proxy_stream import HEADER_TIMEOUT, read_proxy_header
+from ._proxy_stream import HEADER_TIMEOUT, NoHeader, read_proxy_header
 from ._service import Service
 from ._tls import accept_tls, transport_for
 
@@ -457,7 +457,10 @@ class Server:
         """
         failure: str | None = "abandoned: the server is shutting down"
         header = None
-        if not address_allowed(_address_key(peer), service.proxy_from):
+        quiet = False  # a health check's connect-and-close is no warning
+        if peer == "disconnected":  # gone before we looked at it
+            failure, quiet = "closed before sending anything", True
+        elif not address_allowed(_address_key(peer), service.proxy_from):
             failure = "not a --proxy-from address, so its PROXY header is not trusted"
         else:
             async with trio.open_nursery() as nursery:
@@ -466,6 +469,8 @@ class Server:
                     try:
                         header, stream = await read_proxy_header(stream)
                         failure = None
+                    except NoHeader as exc:
+                        failure, quiet = str(exc), True
                     except ProxyProtocolError as exc:
                         failure = str(exc)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -476,7 +481,10 @@ class Server:
         if header is None:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
-            log.warning("%s %s refused: %s", service.name, peer, failure)
+            if quiet:
+                access_log.info("%s %s %s", service.name, peer, failure)
+            else:
+                log.warning("%s %s refused: %s", service.name, peer, failure)
             return
         self._admit(service, stream, header.peer or peer, tls, connections)
 
