@@ -216,7 +216,9 @@ def build_parser(
         epilog=(
             "Each service logs 'NAME listening on HOST:PORT' at start (with port 0 that\n"
             "is how to learn the port) and one access-log line per connection. Logs go\n"
-            f"to stderr.\n\n{_CONFIG_EXAMPLE}"
+            "to stderr. Under systemd, sockets it passes (socket activation) are served\n"
+            "instead of opening ports, and NOTIFY_SOCKET is told READY/RELOADING/STOPPING\n"
+            f"(see docs/deploy.md).\n\n{_CONFIG_EXAMPLE}"
         ),
     )
     parser.add_argument(
@@ -229,7 +231,8 @@ def build_parser(
     server.add_argument(
         "--config",
         metavar="FILE",
-        help="read options from a TOML file (see below); flags given here override it",
+        help="read options from a TOML file (see below); flags given here override it; "
+        "read again on SIGHUP",
     )
     server.add_argument(
         "--grace",

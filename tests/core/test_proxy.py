@@ -300,7 +300,7 @@ def _refused(port: int, data: bytes, source: str = "127.0.0.1") -> bool:
     """
     try:
         return _exchange(port, data, source=source) == b""
-    except (ConnectionError, OSError) as exc:
+    except OSError as exc:
         return isinstance(exc, ConnectionError) or exc.errno == errno.ENOTCONN
 
 
