@@ -227,8 +227,8 @@ def build_parser(
         default=[],
         metavar="[NAME=]PORT",
         help="PORT alone with a single SERVICE; NAME=PORT (repeatable) with several, e.g. "
-        "--port chat=17003 --port calc=0; 0 picks a free port (default: each "
-        "service's own)",
+        "--port chat=17003 --port calc=0; 0 picks a free port (alone, one for each "
+        "service; the 'listening on' lines say which) (default: each service's own)",
     )
     common.add_argument(
         "--max-connections",
@@ -471,10 +471,15 @@ def _ports(specs: Iterable[tuple[str | None, int]], names: list[str]) -> dict[st
     ports: dict[str, int] = {}
     for name, port in specs:
         if name is None:
+            if len(names) != 1 and port == 0:
+                # "Any free port" makes sense for every service at once.
+                ports.update(dict.fromkeys(names, 0))
+                continue
             if len(names) != 1:
                 raise ConfigError(
-                    "--port PORT needs exactly one SERVICE; with several use "
-                    "--port NAME=PORT for each (e.g. --port chat=17003)"
+                    f"--port {port} with several services: one port cannot serve them "
+                    "all; use --port NAME=PORT for each (e.g. --port chat=17003), or "
+                    "--port 0 for a free port each"
                 )
             name = names[0]
         elif name not in names:

@@ -47,6 +47,13 @@ def test_port_per_service() -> None:
     )
     (calc,) = trionet.build_services(["calc", "--port", "0"])
     assert calc.effective_port == 0
+    # 0 alone means "a free port" for every service run.
+    echo, calc = trionet.build_services(["echo", "calc", "--port", "0"])
+    assert (echo.effective_port, calc.effective_port) == (0, 0)
+    everything = trionet.build_services(["--port", "0", "--port", "chat=17003"])
+    assert {s.name: s.effective_port for s in everything} == dict.fromkeys(
+        ["echo", "guess", "files", "calc"], 0
+    ) | {"chat": 17003}
     everything = trionet.build_services(["--port", "chat=17003"])
     assert [s.name for s in everything] == ["echo", "guess", "chat", "files", "calc"]
     assert {s.name: s.effective_port for s in everything}["chat"] == 17003
@@ -55,7 +62,8 @@ def test_port_per_service() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["echo", "calc", "--port", "5"], "--port PORT needs exactly one SERVICE"),
+        (["echo", "calc", "--port", "5"], "--port 5 with several services"),
+        (["--port", "7777"], "use --port NAME=PORT for each"),
         (["echo", "--port", "calc=5"], "calc is not one of the services run"),
     ],
 )
@@ -64,11 +72,18 @@ def test_port_mistakes_are_explained(argv: list[str], message: str) -> None:
         trionet.build_services(argv)
 
 
-def test_several_services_moved_in_one_process() -> None:
+@pytest.mark.parametrize(
+    "ports",
+    [
+        ["--port", "chat=0", "--port", "calc=0"]
+        + [f"--port={n}=0" for n in ("echo", "guess", "files")],
+        ["--port", "0"],  # what `scripts/serve --port 0` passes on
+    ],
+)
+def test_several_services_moved_in_one_process(ports: list[str], tmp_path: Path) -> None:
     """The contract's example, as a process: every service off its default port."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trionet.serve", "--port", "chat=0", "--port", "calc=0"]
-        + [f"--port={n}=0" for n in ("echo", "guess", "files")],
+        [sys.executable, "-m", "trionet.serve", "--root", str(tmp_path), *ports],
         cwd=ROOT,
         stderr=subprocess.PIPE,
         text=True,

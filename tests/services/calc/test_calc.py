@@ -268,6 +268,17 @@ def test_client_reads_piped_stdin(
     assert out.splitlines() == [str(i**2) for i in range(300)]
 
 
+def test_client_names_a_blank_piped_line(
+    calc_port: int, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("1+1\n\n2*3\n"))
+    status = client_main(["--port", str(calc_port)])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert out == "2\n6\n"
+    assert err == "(empty line): syntax error: empty expression\n"
+
+
 class _FakeTerminal(io.StringIO):
     def isatty(self) -> bool:
         return True

@@ -664,22 +664,24 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
 
 
-_EXIT_HELP = (
-    "exit status:\n"
-    "  0 done\n"
-    "  2 bad command-line usage\n"
-    "  3 cannot connect (refused, timed out)\n"
-    "  4 connection dropped (a partial download is kept as PATH.part)\n"
-    "  5 the server said something unexpected\n"
-    f"  {EXIT_NOT_FOUND} no such file on the server\n"
-    f"  {EXIT_FORBIDDEN} the server refuses that name (outside the root, hidden, "
-    "not a regular file)\n"
-    f"  {EXIT_MISMATCH} size or sha256 mismatch: nothing was kept\n"
-    f"  {EXIT_DISK} local disk error (cannot write PATH.part or rename it)\n"
-    f"  {EXIT_EXISTS} PATH exists (use --force to overwrite it)\n"
-    f"  {EXIT_INTERRUPTED} interrupted (Ctrl-C): PATH.part is kept and the --resume "
-    "command printed"
-    f"  {EXIT_TLS} TLS handshake failed (e.g. certificate not trusted or not for --host)"
+_EXIT_CODES = (
+    (0, "done"),
+    (2, "bad command-line usage"),
+    (3, "cannot connect (refused, timed out)"),
+    (4, "connection dropped (a partial download is kept as PATH.part)"),
+    (5, "the server said something unexpected"),
+    (EXIT_NOT_FOUND, "no such file on the server"),
+    (EXIT_FORBIDDEN, "the server refuses that name (outside the root, hidden, not a regular file)"),
+    (EXIT_MISMATCH, "size or sha256 mismatch: nothing was kept"),
+    (EXIT_DISK, "local disk error (cannot write PATH.part or rename it)"),
+    (EXIT_TLS, "TLS handshake failed (e.g. certificate not trusted or not for --host)"),
+    (EXIT_EXISTS, "PATH exists (use --force to overwrite it)"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C): PATH.part is kept and the --resume command printed"),
+)
+# One status a line, in numeric order (built, so a new one cannot be glued
+# onto its neighbour's line).
+_EXIT_HELP = "exit status:\n" + "\n".join(
+    f"  {code:<3} {text}" for code, text in sorted(_EXIT_CODES)
 )
 
 
