@@ -102,10 +102,16 @@ async def test_start_says_which_folder_is_shared(
     (tmp_path / "a.txt").write_bytes(b"12345")
     (tmp_path / "sub" / "b.txt").write_bytes(b"678")
     (tmp_path / ".hidden").write_bytes(b"not listed")
-    async with running(make_service(tmp_path, transport), transport):
-        with trio.fail_after(30):
-            while not any(r.name == "trionet.files" for r in caplog.records):
-                await trio.sleep(0.01)
+    said_it = trio.Event()
+    handler = logging.Handler()
+    handler.emit = lambda record: said_it.set()  # type: ignore[method-assign]
+    logging.getLogger("trionet.files").addHandler(handler)
+    try:
+        async with running(make_service(tmp_path, transport), transport):
+            with trio.fail_after(30):
+                await said_it.wait()
+    finally:
+        logging.getLogger("trionet.files").removeHandler(handler)
     (said,) = [r.getMessage() for r in caplog.records if r.name == "trionet.files"]
     assert said == f"files: sharing {tmp_path} read-only (2 files, 8 bytes)"
 

@@ -13,8 +13,8 @@ import hashlib
 import logging
 import mmap
 import os
-import re
 import random
+import re
 import shlex
 import signal
 import subprocess
