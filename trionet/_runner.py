@@ -158,12 +158,20 @@ class _SharedGroup:
         return getattr(self._group, name)
 
 
+def _summary(cls: type[Service]) -> str:
+    """The service's one line for ``--help``: ``summary``, else its docstring's first."""
+    if cls.summary:
+        return cls.summary
+    doc = cls.__dict__.get("__doc__") or ""  # the class's own, never Service's
+    return doc.strip().partition("\n")[0].strip()
+
+
 def build_parser(
     classes: dict[str, type[Service]], *, prog: str = "python -m trionet.serve"
 ) -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     """The command-line parser for ``classes``, and each service's own option dests."""
     table = "\n".join(
-        f"  {c.name:<6} port {c.default_port:<5} {c.summary}" for c in classes.values()
+        f"  {c.name:<6} port {c.default_port:<5} {_summary(c)}" for c in classes.values()
     )
     parser = _Parser(
         prog=prog,
@@ -386,7 +394,15 @@ def _plan(
     for token in [*argv, *listed]:
         if _SPEC.fullmatch(token):
             cls = load_service(token)
-            available.setdefault(cls.name, cls)
+            known = available.setdefault(cls.name, cls)
+            if known is not cls:
+                # Running one of them silently would run the wrong code: the
+                # user's class named here, or the installed one, unannounced.
+                raise PluginError(
+                    f"two different services are named {cls.name!r}: "
+                    f"{_where(known)} (installed or given first) and {token} "
+                    f"({_where(cls)}); give one another name (its 'name' class attribute)"
+                )
     prog = "python -m trionet.serve" if given is None else os.path.basename(sys.argv[0])
     parser, own = build_parser(available, prog=prog)
     args = parser.parse_args(argv)
@@ -450,6 +466,10 @@ def _plan(
 
 
 _PORT_ACTION = argparse.Action(["--port"], "port", type=_port_number)
+
+
+def _where(cls: type[Service]) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def _config_path(argv: Sequence[str]) -> str | None:

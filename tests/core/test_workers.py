@@ -151,7 +151,7 @@ def test_shared_state_refuses_several_workers(service: str) -> None:
         timeout=30,
     )
     assert done.returncode == 1
-    assert f"cannot start {service} on 127.0.0.1:0:" in done.stderr
+    assert f"{service} cannot run in 2 worker processes on 127.0.0.1:0: " in done.stderr
     assert "--redis" in done.stderr and "Traceback" not in done.stderr
 
 
