@@ -32,7 +32,7 @@ async def calc_server(kind: str, **options: Any) -> AsyncIterator[Any]:
         host, port = addrs["calc"][0]
 
         async def connect() -> Client:
-            return Client(await trio.open_tcp_stream(host, port), timeout=5)
+            return Client(await trio.open_tcp_stream(host, port), timeout=30)
 
         yield connect
         nursery.cancel_scope.cancel()
