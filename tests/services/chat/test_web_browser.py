@@ -2,7 +2,9 @@
 driven by Playwright, next to a raw TCP client like nc.
 
 These tests are synchronous (Playwright's sync API runs its own event loop);
-the chat server runs with trio in a thread of the test process. scripts/test
+the chat server runs with trio in a thread of the test process. One Chromium
+serves the module; each person on the page gets a browser context of their
+own (their own localStorage, where the page keeps the nick to rejoin with). scripts/test
 installs Debian's chromium when it is missing; Playwright never downloads a
 browser here.
 """
@@ -338,6 +340,8 @@ def test_history_dates_colours_and_a_rejoin_without_repeats(people: People) -> N
             "while away",
             "live again",
         ]
+        # The view followed all along (through the banner coming and going).
+        expect(page.locator("#log li.msg").last).to_be_in_viewport()
         assert page.dialogs == []
 
 
@@ -406,6 +410,8 @@ def test_phone_reader_follows_the_conversation(people: People) -> None:
         expect(line.filter(has_text="earlier line 0")).not_to_be_in_viewport()
         nc.send("said after joining")
         expect(line.filter(has_text="said after joining")).to_be_in_viewport()
+        say(page, "my own reply")
+        expect(line.filter(has_text="my own reply")).to_be_in_viewport()
 
         # The reader scrolls up (the handler runs now, not at the next frame).
         page.evaluate(
@@ -517,6 +523,7 @@ def test_keys_clicks_links_help_and_history(people: People) -> None:
         box = alice.locator("#log li.history").last
         expect(box.locator("p")).to_have_text("the last 3 messages (/history)")
         expect(box.locator("li.older")).to_have_count(3)
+        expect(box.locator("li.older").last).to_be_in_viewport()  # the view followed
         expect(box.locator("li.own .text")).to_have_text(["first line", "second line"])
         assert box.evaluate("box => box.firstElementChild.tagName") == "P"
         assert alice.dialogs == [] and bob.dialogs == []
