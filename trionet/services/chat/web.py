@@ -544,12 +544,16 @@ class _TLSOrPlainHTTP(trio.abc.Stream):
         self.transport_stream = transport_stream  # format_peer follows it
         self.context = context
         self._tls: trio.SSLStream[trio.abc.Stream] | None = None
+        self._answered = False  # plain HTTP was answered: the stream is done
 
     async def _start(self) -> trio.SSLStream[trio.abc.Stream]:
+        if self._answered:
+            raise trio.BrokenResourceError("plain HTTP on the HTTPS port")
         if self._tls is None:
             first = await self.transport_stream.receive_some(MAX_HEAD)
             replay = _Replay(self.transport_stream, bytes(first))
             if first[:1].isupper():  # a method (GET); a ClientHello starts with 0x16
+                self._answered = True
                 await self._answer_plain_http(replay)
                 raise trio.BrokenResourceError("plain HTTP on the HTTPS port")
             self._tls = trio.SSLStream(
