@@ -155,7 +155,7 @@ class Serve:
         with self._changed:
             return sum(1 for line in self.lines if re.search(pattern, line))
 
-    def wait_for(self, pattern: str, count: int = 1, timeout: float = 20) -> list[re.Match[str]]:
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 60) -> list[re.Match[str]]:
         """The first ``count`` log lines matching ``pattern`` (waiting for them)."""
         deadline = time.monotonic() + timeout
         with self._changed:
@@ -170,6 +170,14 @@ class Serve:
     def port(self, name: str) -> int:
         """The port service ``name`` listens on (from its log line)."""
         return int(self.wait_for(rf"{name} listening on 127\.0\.0\.1:(\d+)")[0][1])
+
+    def worker_pids(self, count: int) -> list[int]:
+        """The pids of the first ``count`` workers started, in order (from the log).
+
+        Workers 0..N-1 start in index order, so the first N are worker i at [i];
+        a replacement comes later in the list.
+        """
+        return [int(m[1]) for m in self.wait_for(r"worker \d+ started \(pid (\d+)\)", count)]
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the process."""

@@ -79,7 +79,7 @@ class TerminalScreen:
         os.write(self._master, data)
 
     async def wait_for(
-        self, what: str | Callable[[TerminalScreen], bool], timeout: float = 10
+        self, what: str | Callable[[TerminalScreen], bool], timeout: float = 30
     ) -> None:
         """Wait until ``what`` (a text on some row, or a test) holds on the screen."""
 
@@ -99,7 +99,7 @@ class TerminalScreen:
                 f"timed out waiting for {what!r}{ended}; screen:\n{self.text()}"
             ) from None
 
-    async def wait_exit(self, timeout: float = 10) -> int:
+    async def wait_exit(self, timeout: float = 30) -> int:
         """Wait for the program to end; its exit status."""
         with trio.fail_after(timeout):
             return await self.process.wait()

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from types import ModuleType
 
@@ -32,6 +33,13 @@ def example_code() -> str:
     match = re.search(r"<!-- readme-example[^>]*-->\n```python\n(.*?)```", README.read_text(), re.S)
     assert match, "README example block not found"
     return match.group(1)
+
+
+def example_pytest_ini() -> str:
+    pattern = r"<!-- readme-pytest-ini[^>]*-->\n *```ini\n(.*?) *```"
+    match = re.search(pattern, README.read_text(), re.S)
+    assert match, "README pytest.ini block not found"
+    return textwrap.dedent(match.group(1))
 
 
 def load_example(tmp_path: Path) -> ModuleType:
@@ -55,6 +63,34 @@ async def test_readme_example_test_passes(
 ) -> None:
     shout = load_example(tmp_path)
     await shout.test_shout(autojump_clock)
+
+
+def test_pytest_runs_the_example_as_the_readme_says(tmp_path: Path) -> None:
+    """A user's folder: shout.py and the README's pytest.ini, then `pytest shout.py`."""
+    (tmp_path / "shout.py").write_text(example_code())
+    (tmp_path / "pytest.ini").write_text(example_pytest_ini())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "shout.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"\b1 passed\b", done.stdout), done.stdout
+    # Without the configuration, pytest refuses the async test: the snippet matters.
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    bare = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "shout.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bare.returncode != 0
 
 
 async def test_readme_example_over_tcp(tmp_path: Path) -> None:

@@ -194,12 +194,20 @@ class _SharedGroup:
         return getattr(self._group, name)
 
 
+def _summary(cls: type[Service]) -> str:
+    """The service's one line for ``--help``: ``summary``, else its docstring's first."""
+    if cls.summary:
+        return cls.summary
+    doc = cls.__dict__.get("__doc__") or ""  # the class's own, never Service's
+    return doc.strip().partition("\n")[0].strip()
+
+
 def build_parser(
     classes: dict[str, type[Service]], *, prog: str = "python -m trionet.serve"
 ) -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
     """The command-line parser for ``classes``, and each service's own option dests."""
     table = "\n".join(
-        f"  {c.name:<6} port {c.default_port:<5} {c.summary}" for c in classes.values()
+        f"  {c.name:<6} port {c.default_port:<5} {_summary(c)}" for c in classes.values()
     )
     parser = _Parser(
         prog=prog,
@@ -289,8 +297,8 @@ def build_parser(
         default=[],
         metavar="[NAME=]PORT",
         help="PORT alone with a single SERVICE; NAME=PORT (repeatable) with several, e.g. "
-        "--port chat=17003 --port calc=0; 0 picks a free port (default: each "
-        "service's own)",
+        "--port chat=17003 --port calc=0; 0 picks a free port (alone, one for each "
+        "service; the 'listening on' lines say which) (default: each service's own)",
     )
     common.add_argument(
         "--max-connections",
@@ -478,7 +486,15 @@ def _plan(
     for token in [*argv, *listed]:
         if _SPEC.fullmatch(token):
             cls = load_service(token)
-            available.setdefault(cls.name, cls)
+            known = available.setdefault(cls.name, cls)
+            if known is not cls:
+                # Running one of them silently would run the wrong code: the
+                # user's class named here, or the installed one, unannounced.
+                raise PluginError(
+                    f"two different services are named {cls.name!r}: "
+                    f"{_where(known)} (installed or given first) and {token} "
+                    f"({_where(cls)}); give one another name (its 'name' class attribute)"
+                )
     prog = "python -m trionet.serve" if given is None else os.path.basename(sys.argv[0])
     parser, own = build_parser(available, prog=prog)
     args = parser.parse_args(argv)
@@ -545,6 +561,10 @@ def _plan(
 _PORT_ACTION = argparse.Action(["--port"], "port", type=_port_number)
 
 
+def _where(cls: type[Service]) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 def _config_path(argv: Sequence[str]) -> str | None:
     for i, token in enumerate(argv):
         if token == "--config" and i + 1 < len(argv):
@@ -564,10 +584,15 @@ def _ports(specs: Iterable[tuple[str | None, int]], names: list[str]) -> dict[st
     ports: dict[str, int] = {}
     for name, port in specs:
         if name is None:
+            if len(names) != 1 and port == 0:
+                # "Any free port" makes sense for every service at once.
+                ports.update(dict.fromkeys(names, 0))
+                continue
             if len(names) != 1:
                 raise ConfigError(
-                    "--port PORT needs exactly one SERVICE; with several use "
-                    "--port NAME=PORT for each (e.g. --port chat=17003)"
+                    f"--port {port} with several services: one port cannot serve them "
+                    "all; use --port NAME=PORT for each (e.g. --port chat=17003), or "
+                    "--port 0 for a free port each"
                 )
             name = names[0]
         elif name not in names:

@@ -106,6 +106,8 @@ class Service:
         ends the input, so ``async for line in conn`` simply stops.
         ``None`` turns it off.
       default_idle_timeout: seconds, used when ``idle_timeout`` is ``None``.
+      summary: one line for ``--help``'s list of services; empty means the
+        first line of the class docstring is shown instead.
 
     Options common to all services (instance attributes):
       host: address to listen on; ``None`` for the server's.
@@ -139,7 +141,7 @@ class Service:
     line_based: ClassVar[bool] = True
     quit_command: ClassVar[str | None] = "QUIT"
     default_idle_timeout: ClassVar[float] = 300.0
-    #: One line for ``--help`` and the README's table.
+    #: One line for ``--help`` (empty: the class docstring's first line).
     summary: ClassVar[str] = ""
 
     host: str | None = None

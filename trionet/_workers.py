@@ -216,9 +216,15 @@ def run_workers(
     for service in services:
         problem = service.workers_problem(workers)
         if problem is not None:
+            # Not an address problem, so not StartupError's "cannot start NAME
+            # on ADDRESS" shape; the line still names the service and address.
             log.error(
-                "%s",
-                StartupError(service.name, service.host or host, service.effective_port, problem),
+                "%s cannot run in %d worker processes on %s:%d: %s",
+                service.name,
+                workers,
+                service.host or host,
+                service.effective_port,
+                problem,
             )
             return 1
     sockets: dict[str, list[socket.socket]] = {}

@@ -173,6 +173,18 @@ def _raise_fd_limit(need: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
+class _Highest(dict[str, int]):
+    """A per-address table that remembers the highest count each key reached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most: dict[str, int] = {}
+
+    def __setitem__(self, key: str, value: int) -> None:
+        super().__setitem__(key, value)
+        self.most[key] = max(self.most.get(key, 0), value)
+
+
 async def test_tricklers_over_tcp_do_not_lock_out_another_address(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -184,25 +196,23 @@ async def test_tricklers_over_tcp_do_not_lock_out_another_address(
     service = Upper(port=0, idle_timeout=5, line_timeout=2)
     server = Server([service], grace=0.5)
     ended = 0
-    most = 0  # the most connections 127.0.0.1 ever held at once
+    # The most connections 127.0.0.1 ever held at once, recorded by the
+    # server's own per-address table as it counts (no polling to miss a peak).
+    held = _Highest()
+    server._per_address["upper"] = held
 
-    async def watch() -> None:
-        nonlocal most
-        while True:
-            most = max(most, server._per_address["upper"].get("127.0.0.1", 0))
-            await trio.sleep(0.005)
-
-    with trio.fail_after(60):
+    # Generous deadlines: this one process runs 1,000 clients and the server,
+    # and a busy machine may give it a fraction of a core.
+    with trio.fail_after(180):
         async with trio.open_nursery() as nursery:
             host, port = (await nursery.start(server.run))["upper"][0]
-            nursery.start_soon(watch)
 
             async def attacker() -> None:
                 nonlocal ended
                 stream = await trio.open_tcp_stream(host, port)
                 async with stream:
                     # Generous: under load, accepting 1,000 clients takes a while.
-                    with trio.move_on_after(25):
+                    with trio.move_on_after(120):
                         try:
                             while True:
                                 with trio.move_on_after(0.4):
@@ -220,7 +230,8 @@ async def test_tricklers_over_tcp_do_not_lock_out_another_address(
                 sock = trio.socket.socket()
                 await sock.bind(("127.0.0.2", 0))
                 await sock.connect((host, port))
-                victim = Client(trio.SocketStream(sock), timeout=5)
+                # Refused, it would get "BYE busy" at once; slow, it is still served.
+                victim = Client(trio.SocketStream(sock), timeout=60)
                 await victim.send_line("hello from elsewhere")
                 await victim.expect("HELLO FROM ELSEWHERE")
                 await victim.aclose()
@@ -233,6 +244,7 @@ async def test_tricklers_over_tcp_do_not_lock_out_another_address(
     turned_away = sum("turned away (address limit for 127.0.0.1)" in m for m in access)
     cut = sum("end=line-timeout" in m for m in access)
     assert turned_away + cut == 1000, (turned_away, cut)
+    most = held.most.get("127.0.0.1", 0)
     assert most <= 500 and (turned_away == 0 or most == 500), most
     assert sum("127.0.0.2:" in m and "end=eof" in m for m in access) == 1
 

@@ -47,6 +47,13 @@ def test_port_per_service() -> None:
     )
     (calc,) = trionet.build_services(["calc", "--port", "0"])
     assert calc.effective_port == 0
+    # 0 alone means "a free port" for every service run.
+    echo, calc = trionet.build_services(["echo", "calc", "--port", "0"])
+    assert (echo.effective_port, calc.effective_port) == (0, 0)
+    everything = trionet.build_services(["--port", "0", "--port", "chat=17003"])
+    assert {s.name: s.effective_port for s in everything} == dict.fromkeys(
+        ["echo", "guess", "files", "calc"], 0
+    ) | {"chat": 17003}
     everything = trionet.build_services(["--port", "chat=17003"])
     assert [s.name for s in everything] == ["echo", "guess", "chat", "files", "calc"]
     assert {s.name: s.effective_port for s in everything}["chat"] == 17003
@@ -55,7 +62,8 @@ def test_port_per_service() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["echo", "calc", "--port", "5"], "--port PORT needs exactly one SERVICE"),
+        (["echo", "calc", "--port", "5"], "--port 5 with several services"),
+        (["--port", "7777"], "use --port NAME=PORT for each"),
         (["echo", "--port", "calc=5"], "calc is not one of the services run"),
     ],
 )
@@ -64,11 +72,18 @@ def test_port_mistakes_are_explained(argv: list[str], message: str) -> None:
         trionet.build_services(argv)
 
 
-def test_several_services_moved_in_one_process() -> None:
+@pytest.mark.parametrize(
+    "ports",
+    [
+        ["--port", "chat=0", "--port", "calc=0"]
+        + [f"--port={n}=0" for n in ("echo", "guess", "files")],
+        ["--port", "0"],  # what `scripts/serve --port 0` passes on
+    ],
+)
+def test_several_services_moved_in_one_process(ports: list[str], tmp_path: Path) -> None:
     """The contract's example, as a process: every service off its default port."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trionet.serve", "--port", "chat=0", "--port", "calc=0"]
-        + [f"--port={n}=0" for n in ("echo", "guess", "files")],
+        [sys.executable, "-m", "trionet.serve", "--root", str(tmp_path), *ports],
         cwd=ROOT,
         stderr=subprocess.PIPE,
         text=True,
@@ -297,6 +312,11 @@ import trionet
 
 @attrs.define(kw_only=True, eq=False)
 class KVService(trionet.Service):
+    """Keeps keys and values for every client.
+
+    (No summary: --help shows the first line above.)
+    """
+
     name: ClassVar[str] = "kv"
     default_port: ClassVar[int] = 7199
     max_keys: int = 2
@@ -363,6 +383,7 @@ def test_a_plugin_is_served_and_its_client_runs_by_name(tmp_path: Path) -> None:
         timeout=30,
     ).stdout
     assert "--max-keys" in help_text
+    assert re.search(r"kv +port 7199 +Keeps keys and values for every client\.\n", help_text)
     proc = subprocess.Popen(
         [sys.executable, "-m", "trionet.serve", "kv", "--port", "0", "--max-keys", "1"],
         env=env,
@@ -393,6 +414,33 @@ def test_a_plugin_is_served_and_its_client_runs_by_name(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+def test_two_classes_under_one_name_are_an_error(tmp_path: Path) -> None:
+    """A user's module:Class may not be shadowed by (or shadow) an installed plugin."""
+    env = install_plugin(tmp_path)
+    (tmp_path / "mykv.py").write_text(
+        "from typing import ClassVar\nimport trionet\n\n"
+        "class MyKV(trionet.Service):\n    name: ClassVar[str] = 'kv'\n"
+    )
+
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "trionet.serve", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    clash = serve("mykv:MyKV", "--port", "0")
+    assert clash.returncode == 1
+    assert "two different services are named 'kv'" in clash.stderr
+    assert "trionet_kv:KVService" in clash.stderr and "mykv:MyKV" in clash.stderr
+    # The same class by its entry point and by its path is one service.
+    same = serve("trionet_kv:KVService", "kv", "--help")
+    assert same.returncode == 0 and "--max-keys" in same.stdout, same.stderr
 
 
 def test_unknown_service_names_what_is_installed() -> None:

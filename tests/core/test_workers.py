@@ -25,11 +25,6 @@ from trionet.testing import Client
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def worker_pids(p: Serve, count: int) -> list[int]:
-    """The pids of the first ``count`` workers the parent started (from its log)."""
-    return [int(m[1]) for m in p.wait_for(r"worker \d+ started \(pid (\d+)\)", count)]
-
-
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -46,7 +41,7 @@ def alive(pid: int) -> bool:
 async def test_two_workers_serve_200_concurrent_calc_clients(serve: Callable[..., Serve]) -> None:
     p = serve("calc", "--port", "0", "--workers", "2")
     port = p.port("calc")
-    worker_pids(p, 2)
+    p.worker_pids(2)
     answers: dict[int, list[str]] = {}
 
     async def one(i: int) -> None:
@@ -85,7 +80,7 @@ async def test_a_killed_worker_loses_no_waiting_connection_and_is_replaced(
     """
     p = serve("calc", "--port", "0", "--workers", "2")
     port = p.port("calc")
-    a, b = worker_pids(p, 2)
+    a, b = p.worker_pids(2)
     # Let both finish starting up (they log at DEBUG only; a request proves it).
     for _ in range(4):
         with trio.fail_after(20):
@@ -108,7 +103,7 @@ async def test_a_killed_worker_loses_no_waiting_connection_and_is_replaced(
     assert got == [[f"OK {i**2}", "BYE"] for i in range(50)]
     # The dead worker is replaced.
     p.wait_for(rf"worker \d+ \(pid {a}\) died \(signal SIGKILL\); restarting")
-    (new,) = [pid for pid in worker_pids(p, 3) if pid not in (a, b)]
+    (new,) = [pid for pid in p.worker_pids(3) if pid not in (a, b)]
     assert alive(new)
     assert p.stop() == 0
 
@@ -118,7 +113,7 @@ async def test_sigterm_gives_every_client_bye_shutdown_and_exits_0(
 ) -> None:
     p = serve("calc", "--port", "0", "--workers", "2", "--grace", "2")
     port = p.port("calc")
-    pids = worker_pids(p, 2)
+    pids = p.worker_pids(2)
     clients = []
     with trio.fail_after(30):
         for i in range(20):
@@ -136,7 +131,7 @@ async def test_sigterm_gives_every_client_bye_shutdown_and_exits_0(
 
 def test_no_worker_outlives_a_killed_parent(serve: Callable[..., Serve]) -> None:
     p = serve("calc", "--port", "0", "--workers", "2")
-    pids = worker_pids(p, 2)
+    pids = p.worker_pids(2)
     p.port("calc")
     p.proc.kill()  # kill -9: no chance to clean up
     p.proc.wait()
@@ -156,7 +151,7 @@ def test_shared_state_refuses_several_workers(service: str) -> None:
         timeout=30,
     )
     assert done.returncode == 1
-    assert f"cannot start {service} on 127.0.0.1:0:" in done.stderr
+    assert f"{service} cannot run in 2 worker processes on 127.0.0.1:0: " in done.stderr
     assert "--redis" in done.stderr and "Traceback" not in done.stderr
 
 

@@ -32,7 +32,7 @@ async def calc_server(kind: str, **options: Any) -> AsyncIterator[Any]:
         host, port = addrs["calc"][0]
 
         async def connect() -> Client:
-            return Client(await trio.open_tcp_stream(host, port), timeout=5)
+            return Client(await trio.open_tcp_stream(host, port), timeout=30)
 
         yield connect
         nursery.cancel_scope.cancel()
@@ -266,6 +266,17 @@ def test_client_reads_piped_stdin(
     out, err = capsys.readouterr()
     assert status == 0 and err == ""
     assert out.splitlines() == [str(i**2) for i in range(300)]
+
+
+def test_client_names_a_blank_piped_line(
+    calc_port: int, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("1+1\n\n2*3\n"))
+    status = client_main(["--port", str(calc_port)])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert out == "2\n6\n"
+    assert err == "(empty line): syntax error: empty expression\n"
 
 
 class _FakeTerminal(io.StringIO):

@@ -40,7 +40,7 @@ class TcpChat:
         self.port = port
 
     async def connect(self) -> Client:
-        return Client(await trio.open_tcp_stream("127.0.0.1", self.port), timeout=5)
+        return Client(await trio.open_tcp_stream("127.0.0.1", self.port), timeout=30)
 
     def shutdown(self) -> None:
         self.server.shutdown()

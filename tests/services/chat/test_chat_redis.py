@@ -11,6 +11,7 @@ room goes on, ``--workers 2``. Every wait is bounded.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import time
@@ -449,25 +450,38 @@ async def test_a_stopped_process_costs_bounded_memory(
 
 
 async def test_workers_share_the_room(redis_server: Any, serve: Callable[..., Any]) -> None:
-    """``--workers 2 --redis``: members on different workers chat."""
+    """``--workers 2 --redis``: members on different workers chat.
+
+    Which worker accepts a connection is the kernel's choice, so the test
+    makes it: while one worker is stopped (SIGSTOP) only the other can take
+    the next connection from the shared socket. Each member's nick claim in
+    Redis names the process that holds it, which proves where it landed.
+    """
     p = serve("chat", "--port", "0", "--workers", "2", "--redis", redis_server.url)
     port = p.port("chat")
-    with trio.fail_after(60):
-        clients: dict[str, Client] = {}
-        owners: dict[str, str] = {}
-        # Connect until two members are served by different workers (the
-        # hash of nicks says which process holds each).
-        for i in range(40):
-            nick = f"m{i}"
-            clients[nick] = await _connect(port, nick)
-            raw = redis_server.command("HGET", "trionet:chat:nicks", nick).decode()
-            owners[nick] = re.search(r"(\w+)/\d+ " + nick, raw)[1]  # type: ignore[index]
-            if len(set(owners.values())) == 2:
-                break
-        first, last = next(iter(clients)), nick
-        assert owners[first] != owners[last]
-        await clients[last].send_line("across workers")
-        await _until(clients[first], lambda line: line == f"MSG {last} across workers")
+    pids = {int(m[1]): int(m[2]) for m in p.wait_for(r"worker (\d+) started \(pid (\d+)\)", 2)}
+    # Each worker names its Redis identity once connected: "[worker N] ... as ID".
+    ids = {
+        int(m[1]): m[2]
+        for m in p.wait_for(r"\[worker (\d+)\] chat: sharing the room .* as (\w+)$", 2)
+    }
+    assert len(set(ids.values())) == 2, ids
+    clients: dict[int, Client] = {}
+    with trio.fail_after(90):
+        for index in (0, 1):
+            other = pids[1 - index]
+            os.kill(other, signal.SIGSTOP)
+            try:
+                clients[index] = await _connect(port, f"m{index}")
+            finally:
+                os.kill(other, signal.SIGCONT)
+            raw = redis_server.command("HGET", "trionet:chat:nicks", f"m{index}").decode()
+            owner = re.search(rf"(\w+)/\d+ m{index}", raw)
+            assert owner is not None and owner[1] == ids[index], (raw, ids)
+        await clients[1].send_line("across workers")
+        await _until(clients[0], lambda line: line == "MSG m1 across workers")
+        await clients[0].send_line("and back")
+        await _until(clients[1], lambda line: line == "MSG m0 and back")
     assert p.stop() == 0
 
 

@@ -12,7 +12,9 @@ import subprocess
 import trio
 from conftest import TLSFiles
 from test_chat_client import CLIENT, Lines, running
+from test_web import read_response
 
+from trionet._tls import server_context
 from trionet.services.chat.server import WELCOME, ChatService
 from trionet.testing import Client
 
@@ -73,11 +75,12 @@ async def test_the_browser_page_is_https_when_the_chat_speaks_tls(tls_files: TLS
             head = await page.receive_some(4096)
             assert head.startswith(b"HTTP/1.1 200")
             await page.aclose()
-            # Plain HTTP to the TLS web port gets nowhere.
+            # Plain HTTP to the TLS web port is sent to https://, in plain text.
             plain = await trio.open_tcp_stream("127.0.0.1", web_port)
-            await plain.send_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            assert not (await plain.receive_some(4096)).startswith(b"HTTP/1.1 200")
-            await plain.aclose()
+            await plain.send_all(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{web_port}\r\n\r\n".encode())
+            status, headers, body = await read_response(plain)
+            assert (status, headers["location"]) == (307, f"https://127.0.0.1:{web_port}/")
+            assert body == f"This port speaks HTTPS: https://127.0.0.1:{web_port}/\n".encode()
             # A wss:// member and a TLS TCP member talk.
             tcp = trio.SSLStream(
                 await trio.open_tcp_stream("127.0.0.1", tcp_port), ctx, server_hostname="127.0.0.1"
@@ -95,3 +98,42 @@ async def test_the_browser_page_is_https_when_the_chat_speaks_tls(tls_files: TLS
                 await ws.send_message("hello over wss")
                 await alice.expect("MSG bob hello over wss")
         nursery.cancel_scope.cancel()
+
+
+async def test_plain_http_to_the_tls_web_port_is_answered_in_memory(
+    tls_files: TLSFiles, autojump_clock: object
+) -> None:
+    """The first bytes decide: a request line gets a plain-text redirect (or a
+    400 without a usable Host), a ClientHello gets TLS and the page."""
+    from trionet.services.chat.web import WebListener, _TLSListener
+    from trionet.testing import MemoryListener
+
+    memory = MemoryListener()
+    ctx = server_context(tls_files.cert, tls_files.key)
+    web = WebListener(_TLSListener(memory, ctx))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(web.run)
+
+        async def ask(request: bytes, tls: bool = False) -> tuple[int, dict[str, str], bytes]:
+            stream: trio.abc.Stream = await memory.connect()
+            if tls:
+                ctx = tls_files.client_context()
+                stream = trio.SSLStream(
+                    stream, ctx, server_hostname="localhost", https_compatible=True
+                )
+            await stream.send_all(request)
+            return await read_response(stream)
+
+        status, headers, _ = await ask(b"GET /?a=b HTTP/1.1\r\nHost: localhost:8443\r\n\r\n")
+        assert (status, headers["location"]) == (307, "https://localhost:8443/")  # path only
+        assert headers["cache-control"] == "no-store"  # never remembered by the browser
+        for no_host in (b"GET / HTTP/1.0\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a b<\r\n\r\n"):
+            status, _, body = await ask(no_host)
+            assert (status, body) == (
+                400,
+                b"400 this port speaks HTTPS: use https:// in the address\n",
+            )
+        # A ClientHello: TLS as before.
+        status, headers, body = await ask(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", tls=True)
+        assert status == 200 and body.startswith(b"<!doctype html>")
+        await web.aclose()

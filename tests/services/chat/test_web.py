@@ -426,7 +426,7 @@ async def running(service: ChatService) -> AsyncIterator[tuple[trionet.Server, i
 
 
 async def tcp_client(port: int) -> Client:
-    return Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=5)
+    return Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=30)
 
 
 async def test_web_and_tcp_members_talk_over_sockets(caplog: pytest.LogCaptureFixture) -> None:
@@ -438,7 +438,7 @@ async def test_web_and_tcp_members_talk_over_sockets(caplog: pytest.LogCaptureFi
         assert f"chat web listening on 127.0.0.1:{web_port}" in caplog.messages
         alice = await WsClient(ws).join("alice")
         bob = await join_tcp(
-            Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=5), "bob"
+            Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=30), "bob"
         )
         await alice.expect("JOIN bob")
         await alice.send_line("hi from a browser <b>")
@@ -472,7 +472,7 @@ async def test_flood_control_applies_to_a_web_member_over_sockets() -> None:
         open_websocket_url(f"ws://127.0.0.1:{web_port}/ws") as ws,
     ):
         bob = await join_tcp(
-            Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=5), "bob"
+            Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=30), "bob"
         )
         alice = await WsClient(ws).join("alice")
         await bob.expect("JOIN alice")

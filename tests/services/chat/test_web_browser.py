@@ -2,7 +2,9 @@
 driven by Playwright, next to a raw TCP client like nc.
 
 These tests are synchronous (Playwright's sync API runs its own event loop);
-the chat server runs with trio in a thread of the test process. scripts/test
+the chat server runs with trio in a thread of the test process. One Chromium
+serves the module; each person on the page gets a browser context of their
+own (their own localStorage, where the page keeps the nick to rejoin with). scripts/test
 installs Debian's chromium when it is missing; Playwright never downloads a
 browser here.
 """
@@ -17,7 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import pytest
@@ -94,50 +96,60 @@ def serve_in_thread(service: Service) -> Iterator[ThreadServer]:
 
 
 @pytest.fixture(scope="module")
-def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One Chromium for the module, with a fresh profile; pages are its tabs."""
+def browser() -> Iterator[Any]:
+    """One Chromium for the module; each person gets a context of their own."""
     with sync_api.sync_playwright() as p:
-        ctx = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=ARGS,
-            timeout=30_000,
-            viewport={"width": 1000, "height": 700},
+        launched = p.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=ARGS, timeout=30_000
         )
-        ctx.set_default_timeout(TIMEOUT_MS)
         expect.set_options(timeout=TIMEOUT_MS)
         try:
-            yield ctx
+            yield launched
         finally:
-            ctx.close()
+            launched.close()
+
+
+class People:
+    """Browser contexts, one per person (their own storage: the remembered
+    nick is theirs), and the tabs opened in them; closed after the test."""
+
+    def __init__(self, browser: Any) -> None:
+        self.browser = browser
+        self.contexts: list[Any] = []
+
+    def open(self, url: str, nick: str | None, *, context: Any = None, phone: bool = False) -> Any:
+        """A new tab at ``url`` (in a new person's context unless ``context``
+        is given), joined as ``nick`` unless that is None."""
+        if context is None:
+            size = {"width": 360, "height": 640} if phone else {"width": 1000, "height": 700}
+            context = self.browser.new_context(viewport=size, is_mobile=phone, has_touch=phone)
+            context.set_default_timeout(TIMEOUT_MS)
+            self.contexts.append(context)
+        page = context.new_page()
+        page.dialogs = []  # an alert() would land here (and fail the test)
+
+        def on_dialog(dialog: Any) -> None:
+            page.dialogs.append(dialog.message)
+            dialog.dismiss()
+
+        page.on("dialog", on_dialog)
+        page.goto(url)
+        if nick is not None:
+            page.fill("#nick", nick)
+            page.press("#nick", "Enter")
+            expect(page.locator("body")).to_have_attribute("data-state", "joined")
+        return page
+
+    def close(self) -> None:
+        for context in self.contexts:
+            context.close()
 
 
 @pytest.fixture
-def pages(context: Any) -> Iterator[list[Any]]:
-    """Open tabs, each recording the dialogs it was shown; closed after the test."""
-    opened: list[Any] = []
+def people(browser: Any) -> Iterator[People]:
+    opened = People(browser)
     yield opened
-    for page in opened:
-        page.close()
-
-
-def open_page(context: Any, pages: list[Any], url: str, nick: str | None) -> Any:
-    page = context.new_page()
-    page.dialogs = []  # an alert() would land here (and fail the test)
-
-    def on_dialog(dialog: Any) -> None:
-        page.dialogs.append(dialog.message)
-        dialog.dismiss()
-
-    page.on("dialog", on_dialog)
-    pages.append(page)
-    page.goto(url)
-    if nick is not None:
-        page.fill("#nick", nick)
-        page.press("#nick", "Enter")
-        expect(page.locator("body")).to_have_attribute("data-state", "joined")
-    return page
+    opened.close()
 
 
 def expect_said(page: Any, kind: str, nick: str, text: str) -> None:
@@ -194,10 +206,10 @@ def chat_server(**options: Any) -> Iterator[tuple[ThreadServer, int, str]]:
 # -- the tests ---------------------------------------------------------------------------
 
 
-def test_two_pages_and_nc_talk(context: Any, pages: list[Any]) -> None:
+def test_two_pages_and_nc_talk(people: People) -> None:
     with chat_server() as (_, port, url):
-        alice = open_page(context, pages, url, "alice")
-        bob = open_page(context, pages, url, "bob")
+        alice = people.open(url, "alice")
+        bob = people.open(url, "bob")
         expect(alice.locator("#log")).to_contain_text("bob joined")
 
         nc = Nc(port)
@@ -250,7 +262,7 @@ def test_two_pages_and_nc_talk(context: Any, pages: list[Any]) -> None:
         expect(alice.locator("#members li")).to_have_count(2)
 
 
-def test_late_joiner_sees_history_or_none(context: Any, pages: list[Any]) -> None:
+def test_late_joiner_sees_history_or_none(people: People) -> None:
     """With /history the earlier messages are shown; without it, no error either."""
     with chat_server() as (_, port, url):
         nc = Nc(port)
@@ -263,7 +275,7 @@ def test_late_joiner_sees_history_or_none(context: Any, pages: list[Any]) -> Non
         reply = nc.receive_line()
         while reply.startswith("HIST "):
             reply = nc.receive_line()
-        late = open_page(context, pages, url, "dora")
+        late = people.open(url, "dora")
         expect(late.locator("#log")).to_have_attribute("data-history", re.compile("done|none"))
         if reply.startswith("OK history"):
             box = late.locator("#log li.history")
@@ -275,44 +287,251 @@ def test_late_joiner_sees_history_or_none(context: Any, pages: list[Any]) -> Non
         nc.close()
 
 
-def test_history_is_shown_once(context: Any, pages: list[Any]) -> None:
-    """HIST lines render as earlier messages, without repeating a message that
-    arrived live between joining and the history's answer."""
+def texts(page: Any) -> list[str]:
+    """The text of every message and action on the page, in order."""
+    return page.locator("#log li.msg .text, #log li.action .text").all_text_contents()
+
+
+def test_history_dates_colours_and_a_rejoin_without_repeats(people: People) -> None:
+    """Earlier messages come under a heading, with a date line per day, the
+    live line that is also the history's newest shown once, and distinct
+    colours for the most recent speakers; after the connection drops the
+    page rejoins by itself and adds only what it had not shown."""
     with serve_in_thread(ScriptedHistory(port=0)) as running:
         url = f"http://127.0.0.1:{running.port('scripted web')}/"
-        page = open_page(context, pages, url, "dora")
+        page = people.open(url, "dora")
         expect(page.locator("#log")).to_have_attribute("data-history", "done")
-        box = page.locator("#log li.history li")
-        expect(box.locator(".text")).to_have_text(["first", "waves"])
-        expect(box.nth(1)).to_have_class("action")
-        expect(page.locator("#log li.history")).to_contain_text("earlier messages")
-        expect(page.locator("#log li.msg:not(li.history li)")).to_have_count(1)
+        box = page.locator("#log li.history")
+        expect(box.locator("p")).to_have_text("earlier messages")
+        expect(box.locator("li.action")).to_have_text(re.compile(r"\*\s*old waves$"))
+        expect(box.locator("li.older")).to_have_count(len(ScriptedHistory.FIRST) - 1)
+        expect(box.locator("li.own")).to_have_text([re.compile("dora said this before")])
+        assert texts(page) == [line.split(" ", 3)[3] for line in ScriptedHistory.FIRST]
+        # A date line where the day changes (and today's after the history).
+        dates = page.locator("#log li.date").all_text_contents()
+        assert len(dates) == 3 and "2023" in dates[0] and "2023" in dates[1], dates
+        # The 16 most recent speakers have 16 different colours.
+        colours = page.evaluate(
+            """() => {
+                const last = new Map();  // nick -> colour of its newest line
+                const said = "#log li.msg .nick, #log li.action .nick";
+                for (const el of document.querySelectorAll(said)) {
+                    last.delete(el.textContent);
+                    last.set(el.textContent, getComputedStyle(el).color);
+                }
+                return [...last.values()].slice(-16);
+            }"""
+        )
+        assert len(colours) == 16 and len(set(colours)) == 16, colours
         expect(page.locator("#members li")).to_have_text([re.compile("dora"), re.compile("old")])
 
+        say(page, "/drop")  # the fake server closes the connection
+        expect(page.locator("#status")).to_have_text(re.compile("reconnecting"))
+        expect(page.locator("#log li.divider")).to_have_text("— reconnected as dora —")
+        expect(page.locator("#log")).to_have_attribute("data-history", "done")
+        away = page.locator("#log li.history").last
+        expect(away.locator("p")).to_have_text("2 messages while you were away")
+        expect(page.locator("#status")).to_have_text("connected as dora")
+        # "ok" was said again while away: shown twice, as it was said twice;
+        # "newest" and "live again" once each.
+        assert texts(page) == [
+            *(line.split(" ", 3)[3] for line in ScriptedHistory.FIRST),
+            "ok",
+            "while away",
+            "live again",
+        ]
+        # The view followed all along (through the banner coming and going).
+        expect(page.locator("#log li.msg").last).to_be_in_viewport()
+        assert page.dialogs == []
 
-def test_shutdown_notice_and_reconnect(context: Any, pages: list[Any]) -> None:
+
+def test_restart_rejoins_by_itself_and_reload_remembers(people: People) -> None:
     with chat_server() as (server, _, url):
-        page = open_page(context, pages, url, "alice")
+        alice = people.open(url, "alice")
+        bob = people.open(url, "bob")
         web_port = int(url.rsplit(":", 1)[1].strip("/"))
-        say(page, "before the restart")
+        say(alice, "before the restart")
+        expect_said(bob, "msg", "alice", "before the restart")
         server.shutdown()
-        expect(page.locator("#banner")).to_be_visible()
-        expect(page.locator("#banner-text")).to_have_text("The server shut down.")
-        expect(page.locator("#reconnect")).to_be_visible()
-        expect(page.locator("#line")).to_be_disabled()
-    # A new server on the same port: the button rejoins with the same nick.
-    with serve_in_thread(ChatService(port=0, web_port=web_port)):
-        page.click("#reconnect")
-        expect(page.locator("body")).to_have_attribute("data-state", "joined")
-        expect(page.locator("#status")).to_have_text("connected as alice")
-        expect(page.locator("#banner")).to_be_hidden()
-        expect(page.locator("#log")).to_contain_text("before the restart")  # kept
+        for page in (alice, bob):
+            expect(page.locator("#banner-text")).to_contain_text("The server shut down.")
+            expect(page.locator("#line")).to_be_disabled()
+            expect(page.locator("#line")).to_have_attribute("placeholder", re.compile("reconnect"))
+            expect(page.locator("body")).to_have_class(re.compile("offline"))  # members greyed
+            expect(page.locator("#members-title")).to_contain_text("before the disconnect")
+    # A new server on the same port: both pages rejoin, no click, within 5 s
+    # (back-off: the first try after about 1 s, the next about 2 s later).
+    with serve_in_thread(ChatService(port=0, web_port=web_port)) as restarted:
+        started = time.monotonic()
+        for page, nick in ((alice, "alice"), (bob, "bob")):
+            expect(page.locator("#status")).to_have_text(f"connected as {nick}", timeout=5000)
+        assert time.monotonic() - started < 5 + 1  # (+1: the expect's own polling)
+        for page in (alice, bob):
+            expect(page.locator("#banner")).to_be_hidden()
+            expect(page.locator("body")).not_to_have_class(re.compile("offline"))
+            expect(page.locator("#members li")).to_have_count(2)
+        say(alice, "after the restart")
+        expect_said(bob, "msg", "alice", "after the restart")
+        for page in (alice, bob):
+            assert texts(page) == ["before the restart", "after the restart"]
+
+        # A reload, and a new tab once the old one is closed, rejoin with the nick.
+        bob.reload()
+        expect(bob.locator("#status")).to_have_text("connected as bob")
+        expect(bob.locator("#join")).to_be_hidden()
+        context = alice.context
+        alice.close()
+        again = people.open(url, None, context=context)
+        expect(again.locator("#status")).to_have_text("connected as alice")
+        nc = Nc(restarted.port("chat"))
+        nc.wait_for(WELCOME)
+        nc.send("/nick carol")
+        nc.send("/who")
+        nc.wait_for("WHO alice bob carol")
+        nc.close()
 
 
-def test_phone_width(context: Any, pages: list[Any]) -> None:
+def test_phone_reader_follows_the_conversation(people: People) -> None:
+    """On a phone, after joining a room with 40 earlier lines the newest is in
+    view and so is each new one; a reader scrolled up stays where they are and
+    gets a "new messages" button; a hidden tab counts unread lines in its title."""
+    with chat_server(rate=0) as (_, port, url):
+        nc = Nc(port)
+        nc.wait_for(WELCOME)
+        nc.send("/nick carol")
+        for i in range(40):
+            nc.send(f"earlier line {i}")
+        nc.send("/history 1")
+        nc.wait_for("OK history 1")
+        page = people.open(url, "phone", phone=True)
+        expect(page.locator("#log")).to_have_attribute("data-history", "done")
+        line = page.locator("#log li.msg")
+        expect(line.filter(has_text="earlier line 39")).to_be_in_viewport()
+        expect(line.filter(has_text="earlier line 0")).not_to_be_in_viewport()
+        nc.send("said after joining")
+        expect(line.filter(has_text="said after joining")).to_be_in_viewport()
+        say(page, "my own reply")
+        expect(line.filter(has_text="my own reply")).to_be_in_viewport()
+
+        # The reader scrolls up (the handler runs now, not at the next frame).
+        page.evaluate(
+            "log = document.getElementById('log'); log.scrollTop = 200;"
+            "log.dispatchEvent(new Event('scroll'))"
+        )
+        nc.send("while reading 1")
+        nc.send("while reading 2")
+        expect(page.locator("#jump")).to_have_text("2 new messages ↓")
+        assert page.evaluate("document.getElementById('log').scrollTop") == 200
+        expect(line.filter(has_text="while reading 2")).not_to_be_in_viewport()
+        expect(page.locator("#log li.unread + li")).to_contain_text("while reading 1")
+        page.click("#jump")
+        expect(line.filter(has_text="while reading 2")).to_be_in_viewport()
+        expect(page.locator("#jump")).to_be_hidden()
+
+        # The tab is hidden: its title counts what arrives.
+        page.evaluate(VISIBILITY, True)
+        nc.send("while away 1")
+        nc.send("/me while away 2")
+        expect(page).to_have_title("(2) trionet chat")
+        page.evaluate(VISIBILITY, False)
+        expect(page).to_have_title("trionet chat")
+        expect(page.locator("#log li.unread + li")).to_contain_text("while away 1")
+        nc.close()
+
+
+# As a browser does when the tab goes to the background (or comes back).
+VISIBILITY = """(hidden) => {
+    Object.defineProperty(document, "hidden", { configurable: true, get: () => hidden });
+    Object.defineProperty(document, "visibilityState",
+        { configurable: true, get: () => (hidden ? "hidden" : "visible") });
+    document.dispatchEvent(new Event("visibilitychange"));
+}"""
+
+
+def test_keys_clicks_links_help_and_history(people: People) -> None:
     with chat_server() as (_, _, url):
-        page = open_page(context, pages, url, None)
-        page.set_viewport_size({"width": 360, "height": 720})
+        alice = people.open(url, "alice")
+        bob = people.open(url, "bob")
+        expect(alice.locator("#members li")).to_have_count(2)
+        say(alice, "first line")
+        say(alice, "second line")
+        field = alice.locator("#line")
+        # Up and Down bring back what was sent; Down past the newest, the draft.
+        field.fill("a draft")
+        for key, want in [
+            ("ArrowUp", "second line"),
+            ("ArrowUp", "first line"),
+            ("ArrowUp", "first line"),
+            ("ArrowDown", "second line"),
+            ("ArrowDown", "a draft"),
+        ]:
+            field.press(key)
+            expect(field).to_have_value(want)
+        # Tab completes nicks (with ": " first on the line) and commands.
+        for typed, want in [
+            ("b", "bob: "),
+            ("/msg B", "/msg bob "),
+            ("/hi", "/history "),
+            ("zz", "zz"),
+        ]:
+            field.fill(typed)
+            field.press("Tab")
+            expect(field).to_have_value(want)
+        field.fill("")
+
+        # A clicked nick (in the conversation or the member list) starts a /msg.
+        web = f"http://127.0.0.1:{url.rsplit(':', 1)[1].strip('/')}/nowhere"
+        say(bob, f"see https://example.invalid/a_(b). or {web}, not javascript:alert(1)")
+        said = alice.locator("#log li.msg").last
+        said.locator(".nick").click()
+        expect(field).to_have_value("/msg bob ")
+        field.fill("")
+        alice.locator("#members .nick", has_text="bob").click()
+        expect(field).to_have_value("/msg bob ")
+        field.fill("")
+
+        # Links: http(s) only, opened apart from this page.
+        links = said.locator("a")
+        expect(links).to_have_text(["https://example.invalid/a_(b)", web])
+        assert [links.nth(i).get_attribute("href") for i in range(2)] == [
+            "https://example.invalid/a_(b)",
+            web,
+        ]
+        for i in range(2):
+            assert links.nth(i).get_attribute("rel") == "noopener noreferrer"
+            assert links.nth(i).get_attribute("target") == "_blank"
+        expect(said.locator(".text")).to_contain_text("not javascript:alert(1)")
+        assert alice.locator("a[href^='javascript']").count() == 0
+        with alice.context.expect_page() as opened:
+            links.nth(1).click()
+        popup = opened.value
+        expect(popup.locator("body")).to_have_text("404 not found")
+        assert popup.evaluate("window.opener") is None
+        popup.close()
+
+        # /help explains each command.
+        say(alice, "/help")
+        help_terms = alice.locator("#log li.help dt")
+        expect(help_terms.first).to_have_text("/nick NAME")
+        expect(alice.locator("#log li.help dd").nth(2)).to_contain_text("private message")
+        expect(help_terms).to_have_count(
+            7 + 3  # the server's seven commands, three keys
+        )
+
+        # /history typed by hand: a heading first, older lines, yours marked.
+        say(alice, "/history 3")
+        box = alice.locator("#log li.history").last
+        expect(box.locator("p")).to_have_text("the last 3 messages (/history)")
+        expect(box.locator("li.older")).to_have_count(3)
+        expect(box.locator("li.older").last).to_be_in_viewport()  # the view followed
+        expect(box.locator("li.own .text")).to_have_text(["first line", "second line"])
+        assert box.evaluate("box => box.firstElementChild.tagName") == "P"
+        assert alice.dialogs == [] and bob.dialogs == []
+
+
+def test_phone_width(people: People) -> None:
+    with chat_server() as (_, _, url):
+        page = people.open(url, None, phone=True)
         page.fill("#nick", "a-rather-long-nick_for_a_phone")
         page.press("#nick", "Enter")
         expect(page.locator("body")).to_have_attribute("data-state", "joined")
@@ -325,23 +544,53 @@ def test_phone_width(context: Any, pages: list[Any]) -> None:
 
 
 class ScriptedHistory(Service):
-    """A fake chat that answers the page's first lines with a fixed script:
-    a live message arrives before the history, which repeats it last."""
+    """A fake chat that answers the page with a fixed script. On the first
+    connection a live message arrives before the history, which repeats it
+    last; ``/drop`` closes the connection; on the next one the history
+    overlaps what was shown, with two new lines and a live one."""
 
     name = "scripted"
+    #: The first history: two lines on one day of 2023, 20 other speakers the
+    #: next day (and dora herself), then s03 again, s21, "ok" and "newest".
+    FIRST: Final = [
+        "1700000000000 MSG old first",
+        "1700000001000 ACTION old waves",
+        *(f"1700090000000 MSG s{i:02} line {i}" for i in range(1, 21)),
+        "1700090000000 MSG dora dora said this before",
+        "1700090000000 MSG s03 again",
+        "1700090000000 MSG s21 newcomer",
+        "1700090000000 MSG old ok",
+        "1700090000000 MSG old newest",
+    ]
+    #: The history after the reconnect: the end of the first, then new lines.
+    SECOND: Final = [
+        "1700090000000 MSG old ok",
+        "1700090000000 MSG old newest",
+        "1700090500000 MSG old ok",
+        "1700090500000 MSG old while away",
+        "1700090500000 MSG old live again",
+    ]
+
+    connections = 0
 
     async def handle(self, conn: Connection) -> None:
+        type(self).connections += 1
+        first = self.connections == 1
         await conn.send_line(WELCOME)
         while (line := await conn.receive_line()) is not None:
             if line.startswith("/nick "):
                 await conn.send_line(f"OK nick {line[6:]}")
             elif line == "/who":
-                await conn.send_line("MSG old newest")  # live, before the history
+                live = "MSG old newest" if first else "MSG old live again"
+                await conn.send_line(live)  # live, before the history
                 await conn.send_line("WHO dora old")
-            elif line == "/history":
-                for hist in ("MSG old first", "ACTION old waves", "MSG old newest"):
-                    await conn.send_line(f"HIST 1700000000000 {hist}")
-                await conn.send_line("OK history 3")
+            elif line.startswith("/history"):
+                lines = self.FIRST if first else self.SECOND
+                for hist in lines:
+                    await conn.send_line(f"HIST {hist}")
+                await conn.send_line(f"OK history {len(lines)}")
+            elif line == "/drop":
+                return
 
     async def open_extra_listeners(self, host: str) -> list[trio.abc.Listener[Any]]:
         self.web = await open_web_listeners(host, 0)

@@ -92,6 +92,30 @@ async def get(client: Client, name: str) -> tuple[int, str, bytes]:
 HELLO = b"hello world\n"
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_start_says_which_folder_is_shared(
+    tmp_path: Path, transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator learns at start what the world can download."""
+    caplog.set_level(logging.INFO, logger="trionet.files")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_bytes(b"12345")
+    (tmp_path / "sub" / "b.txt").write_bytes(b"678")
+    (tmp_path / ".hidden").write_bytes(b"not listed")
+    said_it = trio.Event()
+    handler = logging.Handler()
+    handler.emit = lambda record: said_it.set()  # type: ignore[method-assign]
+    logging.getLogger("trionet.files").addHandler(handler)
+    try:
+        async with running(make_service(tmp_path, transport), transport):
+            with trio.fail_after(30):
+                await said_it.wait()
+    finally:
+        logging.getLogger("trionet.files").removeHandler(handler)
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "trionet.files"]
+    assert said == f"files: sharing {tmp_path} read-only (2 files, 8 bytes)"
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     """The path matrix on disk: what LIST shows and GET serves or refuses."""

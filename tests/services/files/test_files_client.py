@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import logging
 import mmap
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -34,11 +36,13 @@ from trionet.services.files.client import (
     EXIT_FORBIDDEN,
     EXIT_MISMATCH,
     EXIT_NOT_FOUND,
+    Preparing,
     Progress,
     client_main,
     download,
     list_remote,
 )
+from trionet.services.files.digest import DigestCache, DigestKey
 from trionet.services.files.server import FilesService
 from trionet.testing import open_memory_server
 
@@ -447,8 +451,12 @@ def test_cli_help_and_usage_in_a_process() -> None:
     assert top.returncode == 0
     for text in ("list", "get", "exit status", "digest", "local disk error"):
         assert text in top.stdout.replace("sha256", "digest")
-    for text in (f"  {EXIT_EXISTS} PATH exists (use --force", f"  {EXIT_INTERRUPTED} interrupted"):
-        assert text in top.stdout
+    # One exit status a line, in numeric order.
+    statuses = top.stdout.split("exit status:\n", 1)[1].splitlines()
+    codes = [int(line.split()[0]) for line in statuses if line.strip()]
+    assert codes == sorted(codes) and {0, 10, EXIT_EXISTS, EXIT_INTERRUPTED} <= set(codes)
+    for line in statuses:
+        assert not re.search(r"\s\d{1,3} [A-Za-z]", line.strip()[4:]), line  # no glued status
     get = subprocess.run(
         [*cmd, "get", "--help"], capture_output=True, text=True, env=env, timeout=20
     )
@@ -729,6 +737,100 @@ async def test_ctrl_c_keeps_the_part_and_prints_the_resume_command(tmp_path: Pat
     assert requests[-2:] == [b"REST %d" % len(kept), b"GET big.bin"]
     assert sha(await trio.to_thread.run_sync(out.read_bytes)) == sha(data)
     assert not part.exists()
+
+
+class _SlowDigests(DigestCache):
+    """Digests that take until ``release`` is set (a big file being hashed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = trio.Event()
+
+    async def digest(self, fd: int, key: DigestKey) -> str | None:
+        await self.release.wait()
+        return await super().digest(fd, key)
+
+
+class _Terminal(io.StringIO):
+    """A fake terminal that wakes the test at every write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wrote = trio.Event()
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.wrote.set()
+        return super().write(text)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_the_wait_while_the_server_hashes_is_shown(
+    served: tuple[Path, bytes], transport: str, tmp_path: Path
+) -> None:
+    """Before OK, a spinner says the server is preparing the file; it is wiped after."""
+    root, data = served
+    digests = _SlowDigests()
+    screen = _Terminal()
+    preparing = Preparing("big.bin", screen, after=0.05)
+    files = FilesService(root=str(root), port=0, digests=digests)
+
+    async def get(wire: Wire) -> None:
+        stream = await wire.open_stream()
+        await download(stream, "big.bin", str(tmp_path / "big.bin"), preparing=preparing)
+
+    with trio.fail_after(30):
+        async with running(files, transport) as wire, trio.open_nursery() as nursery:
+            nursery.start_soon(get, wire)
+            await screen.wrote.wait()
+            assert preparing.waiting
+            digests.release.set()
+    shown = screen.getvalue()
+    assert "the server is preparing big.bin (computing its sha256 before sending)" in shown
+    assert shown.endswith("\r\x1b[K")  # wiped once OK came
+    assert not preparing.waiting and (tmp_path / "big.bin").read_bytes() == data
+
+
+async def test_ctrl_c_while_the_server_prepares_says_so(tmp_path: Path) -> None:
+    """A real client process interrupted before OK says the server was preparing."""
+    asked = trio.Event()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            if b"GET big.bin" in await stream.receive_some():
+                asked.set()
+            await trio.sleep_forever()  # hashing a huge file, as far as the client knows
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            (listener,) = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+            port = listener.socket.getsockname()[1]
+            argv = [sys.executable, "-m", "trionet.client", "files", "get", "big.bin"]
+            proc: trio.Process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    [*argv, "-o", str(tmp_path / "big"), "--port", str(port)],
+                    check=False,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                )
+            )
+            await asked.wait()
+            proc.send_signal(signal.SIGINT)
+            assert proc.stderr is not None
+            err = bytearray()
+            while chunk := await proc.stderr.receive_some():
+                err += chunk
+            await proc.wait()
+            nursery.cancel_scope.cancel()
+    assert proc.returncode == EXIT_INTERRUPTED
+    assert err.decode().splitlines() == [
+        "files: interrupted while the server was still preparing big.bin (it computes the "
+        "file's sha256 before sending); nothing was received"
+    ]
 
 
 def test_the_resume_command_is_exact_for_a_shell() -> None:

@@ -37,7 +37,7 @@ async def running(service: GuessService, transport: str) -> AsyncIterator[Connec
         host, port = addresses["guess"][0]
 
         async def connect() -> Client:
-            return Client(await trio.open_tcp_stream(host, port), timeout=5)
+            return Client(await trio.open_tcp_stream(host, port), timeout=30)
 
         yield connect
         nursery.cancel_scope.cancel()
@@ -157,7 +157,7 @@ async def test_idle_timeout_in_memory(autojump_clock: trio.testing.MockClock) ->
 
 
 async def test_idle_timeout_on_the_socket_fast_path() -> None:
-    with trio.fail_after(5):
+    with trio.fail_after(30):
         async with running(GuessService(idle_timeout=0.2), "tcp") as connect:
             c = await connect()
             await c.expect("NEW 1 100")
@@ -180,7 +180,7 @@ async def test_graceful_shutdown_says_bye(transport: str) -> None:
         server = trionet.Server([service])
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.run)
-            c = Client(await trio.open_tcp_stream(*addresses["guess"][0]), timeout=5)
+            c = Client(await trio.open_tcp_stream(*addresses["guess"][0]), timeout=30)
             await c.expect("NEW 1 100")
             server.shutdown()
             await c.expect("BYE shutdown")

@@ -117,7 +117,12 @@ def _print_reply(reply: str, expression: str | None) -> bool:
     if reply.startswith("OK "):
         print(reply[3:], flush=True)
         return True
-    where = f"{expression}: " if expression is not None else ""
+    if expression is None:
+        where = ""
+    elif not expression.strip():
+        where = "(empty line): "  # a blank line has no text to name it by
+    else:
+        where = f"{expression}: "
     print(f"{where}{describe_error(reply)}", file=sys.stderr, flush=True)
     return False
 

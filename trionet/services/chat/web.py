@@ -257,6 +257,7 @@ def load_page() -> bytes:
 
 _REASONS: Final = {
     200: "OK",
+    307: "Temporary Redirect",
     400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",
@@ -499,6 +500,111 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                 return bytes(buf)
 
 
+_SANE_HOST: Final = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+_SANE_TARGET: Final = re.compile(r"/[!-~]*")
+
+
+class _TLSListener(trio.abc.Listener[trio.abc.Stream]):
+    """TLS on ``transport_listener``, like :class:`trio.SSLListener`, except that
+    a plain-HTTP request (someone typed ``http://``) is answered in plain text.
+
+    Over plain TCP a browser's request to a TLS port is refused by OpenSSL and
+    the browser shows an empty-response page with no hint; here it gets a
+    redirect to ``https://`` on the same address (or a short text saying to
+    use it), so the person lands on the page.
+    """
+
+    def __init__(self, transport_listener: trio.abc.Listener[Any], context: ssl.SSLContext):
+        self.transport_listener = transport_listener  # WebListener.socket looks for it
+        self.context = context
+
+    async def accept(self) -> trio.abc.Stream:
+        """The next connection; its first bytes are looked at on first use."""
+        return _TLSOrPlainHTTP(await self.transport_listener.accept(), self.context)
+
+    async def aclose(self) -> None:
+        """Close the TCP listener."""
+        await self.transport_listener.aclose()
+
+
+class _TLSOrPlainHTTP(trio.abc.Stream):
+    """A server-side TLS stream that first looks at what the client sent.
+
+    The look happens on the first :meth:`receive_some`, in the connection's
+    own task and under its handshake deadline (never in the accept loop). A
+    ClientHello goes on into a :class:`trio.SSLStream` (the bytes read are
+    replayed to it); a request line in capitals (plain HTTP) is answered with
+    ``307`` to the same ``Host`` over ``https://`` (or ``400`` and a text when
+    the request names no usable host) and the stream then reports itself
+    broken, which ends the connection quietly. Anything else goes to TLS,
+    whose handshake fails as before.
+    """
+
+    def __init__(self, transport_stream: trio.abc.Stream, context: ssl.SSLContext) -> None:
+        self.transport_stream = transport_stream  # format_peer follows it
+        self.context = context
+        self._tls: trio.SSLStream[trio.abc.Stream] | None = None
+        self._answered = False  # plain HTTP was answered: the stream is done
+
+    async def _start(self) -> trio.SSLStream[trio.abc.Stream]:
+        if self._answered:
+            raise trio.BrokenResourceError("plain HTTP on the HTTPS port")
+        if self._tls is None:
+            first = await self.transport_stream.receive_some(MAX_HEAD)
+            replay = _Replay(self.transport_stream, bytes(first))
+            if first[:1].isupper():  # a method (GET); a ClientHello starts with 0x16
+                self._answered = True
+                await self._answer_plain_http(replay)
+                raise trio.BrokenResourceError("plain HTTP on the HTTPS port")
+            self._tls = trio.SSLStream(
+                replay, self.context, server_side=True, https_compatible=True
+            )
+        return self._tls
+
+    async def _answer_plain_http(self, replay: _Replay) -> None:
+        head = await WebListener._read_head(replay)
+        response = _error(400, "this port speaks HTTPS: use https:// in the address")
+        if head is not None and len(head) <= MAX_HEAD and b"\r\n\r\n" in head:
+            try:
+                _, target, headers = _parse_head(head[: head.index(b"\r\n\r\n")])
+            except _Refused:
+                pass
+            else:
+                host = headers.get("host", "")
+                if _SANE_HOST.fullmatch(host):
+                    where = f"https://{host}{target if _SANE_TARGET.fullmatch(target) else '/'}"
+                    response = _response(
+                        307,
+                        f"This port speaks HTTPS: {where}\n".encode(),
+                        headers=[("Location", where), ("Cache-Control", "no-store")],
+                    )
+        access_log.info(
+            "chat web %s plain HTTP on the HTTPS port %s",
+            format_peer(self.transport_stream),
+            response.split(b" ", 2)[1].decode(),
+        )
+        await self.transport_stream.send_all(response)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Decrypted bytes (the first call decides between TLS and plain HTTP)."""
+        return await (await self._start()).receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt and send ``data``."""
+        await (await self._start()).send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """As :class:`trio.SSLStream`'s."""
+        await (await self._start()).wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        """Close TLS (and the TCP stream), or only the TCP stream if TLS never began."""
+        if self._tls is None:
+            await self.transport_stream.aclose()
+        else:
+            await self._tls.aclose()
+
+
 async def open_web_listeners(
     host: str,
     port: int,
@@ -516,7 +622,7 @@ async def open_web_listeners(
     page = load_page()
     listeners: list[trio.abc.Listener[Any]] = list(await trio.open_tcp_listeners(port, host=host))
     if tls is not None:
-        listeners = [trio.SSLListener(tcp, tls, https_compatible=True) for tcp in listeners]
+        listeners = [_TLSListener(tcp, tls) for tcp in listeners]
     return [
         WebListener(transport, page=page, max_message_size=max_message_size)
         for transport in listeners

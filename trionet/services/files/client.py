@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import errno
 import hashlib
+import itertools
 import mmap
 import os
 import queue
@@ -35,7 +36,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from functools import cache, partial
 from typing import Final, TextIO
 
@@ -63,6 +64,7 @@ __all__ = [
     "EXIT_MISMATCH",
     "EXIT_NOT_FOUND",
     "Announce",
+    "Preparing",
     "Progress",
     "client_main",
     "download",
@@ -172,6 +174,59 @@ class Progress:
         self.out.write("\r" + line + ("\n" if final else ""))
         self.out.flush()
         self.drawn += 1
+
+
+@attrs.define(eq=False)
+class Preparing:
+    """Shows that the server is still preparing a file, while ``GET`` waits for ``OK``.
+
+    The server hashes the whole file before it can answer ``OK <size>
+    <sha256>``: for a large file not hashed before, that takes a while with
+    nothing on the wire. On a terminal a spinner line says so (and is wiped
+    when the reply comes); elsewhere nothing is printed, so scripts keep a
+    clean stderr. ``waiting`` tells a Ctrl-C handler what was interrupted.
+    """
+
+    name: str
+    out: TextIO | None = None
+    #: Seconds of silence before the spinner appears (a cached digest answers at once).
+    after: float = 0.3
+    interval: float = 0.1
+    waiting: bool = attrs.field(init=False, default=False)
+    drawn: int = attrs.field(init=False, default=0)
+
+    @classmethod
+    def for_stderr(cls, name: str) -> Preparing:
+        """A spinner on stderr if it is a terminal, else a silent one."""
+        return cls(name, sys.stderr if sys.stderr.isatty() else None)
+
+    async def wait_for(self, reply: Callable[[], Awaitable[str]]) -> str:
+        """``await reply()``, with the spinner running while it takes time."""
+        self.waiting = True
+        async with trio.open_nursery() as nursery:
+            if self.out is not None:
+                nursery.start_soon(self._spin)
+            line = await reply()
+            nursery.cancel_scope.cancel()
+        self.waiting = False
+        if self.drawn and self.out is not None:
+            self.out.write("\r\x1b[K")  # wipe the spinner line for the progress bar
+            self.out.flush()
+        return line
+
+    async def _spin(self) -> None:
+        assert self.out is not None
+        await trio.sleep(self.after)
+        started = trio.current_time() - self.after
+        for frame in itertools.cycle("|/-\\"):
+            elapsed = trio.current_time() - started
+            self.out.write(
+                f"\r{frame} the server is preparing {self.name} "
+                f"(computing its sha256 before sending) {elapsed:.0f}s"
+            )
+            self.out.flush()
+            self.drawn += 1
+            await trio.sleep(self.interval)
 
 
 class _Lines:
@@ -555,6 +610,7 @@ async def download(
     resume: bool = False,
     force: bool = False,
     progress: Callable[[int, int], Progress] | None = None,
+    preparing: Preparing | None = None,
 ) -> Announce:
     """Download ``name`` to ``path`` via ``path + ".part"``, verified; raise :exc:`ClientError`.
 
@@ -562,7 +618,8 @@ async def download(
     existing ``path`` is refused (:data:`EXIT_EXISTS`) before anything is
     sent, unless ``force``. Returns what the server announced once ``path``
     holds the verified file. Cancelled, it returns only once every byte
-    received so far is written to the ``.part``.
+    received so far is written to the ``.part``. ``preparing`` shows the
+    wait for ``OK`` (default: a spinner when stderr is a terminal).
     """
     problem = name_problem(name)
     if problem in (NameProblem.EMPTY, NameProblem.CONTROL, NameProblem.ENCODING):
@@ -583,13 +640,14 @@ async def download(
             raise _refusal(reply, name)
     else:
         await stream.send_all(f"GET {name}\n".encode())
-    reply = await lines.line("GET")
+    preparing = preparing or Preparing.for_stderr(name)
+    reply = await preparing.wait_for(partial(lines.line, "GET"))
     if keep and reply.startswith("ERR bad-offset"):
         # The kept part is longer than the file now is: start afresh.
         print(f"files: {part} is longer than the remote file; restarting", file=sys.stderr)
         keep = 0
         await stream.send_all(f"GET {name}\n".encode())
-        reply = await lines.line("GET")
+        reply = await preparing.wait_for(partial(lines.line, "GET"))
     announce = parse_ok(reply)
     if announce is None:
         raise _refusal(reply, name)
@@ -664,22 +722,24 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
 
 
-_EXIT_HELP = (
-    "exit status:\n"
-    "  0 done\n"
-    "  2 bad command-line usage\n"
-    "  3 cannot connect (refused, timed out)\n"
-    "  4 connection dropped (a partial download is kept as PATH.part)\n"
-    "  5 the server said something unexpected\n"
-    f"  {EXIT_NOT_FOUND} no such file on the server\n"
-    f"  {EXIT_FORBIDDEN} the server refuses that name (outside the root, hidden, "
-    "not a regular file)\n"
-    f"  {EXIT_MISMATCH} size or sha256 mismatch: nothing was kept\n"
-    f"  {EXIT_DISK} local disk error (cannot write PATH.part or rename it)\n"
-    f"  {EXIT_EXISTS} PATH exists (use --force to overwrite it)\n"
-    f"  {EXIT_INTERRUPTED} interrupted (Ctrl-C): PATH.part is kept and the --resume "
-    "command printed"
-    f"  {EXIT_TLS} TLS handshake failed (e.g. certificate not trusted or not for --host)"
+_EXIT_CODES = (
+    (0, "done"),
+    (2, "bad command-line usage"),
+    (3, "cannot connect (refused, timed out)"),
+    (4, "connection dropped (a partial download is kept as PATH.part)"),
+    (5, "the server said something unexpected"),
+    (EXIT_NOT_FOUND, "no such file on the server"),
+    (EXIT_FORBIDDEN, "the server refuses that name (outside the root, hidden, not a regular file)"),
+    (EXIT_MISMATCH, "size or sha256 mismatch: nothing was kept"),
+    (EXIT_DISK, "local disk error (cannot write PATH.part or rename it)"),
+    (EXIT_TLS, "TLS handshake failed (e.g. certificate not trusted or not for --host)"),
+    (EXIT_EXISTS, "PATH exists (use --force to overwrite it)"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C): PATH.part is kept and the --resume command printed"),
+)
+# One status a line, in numeric order (built, so a new one cannot be glued
+# onto its neighbour's line).
+_EXIT_HELP = "exit status:\n" + "\n".join(
+    f"  {code:<3} {text}" for code, text in sorted(_EXIT_CODES)
 )
 
 
@@ -752,22 +812,42 @@ async def _get(args: argparse.Namespace) -> int:
     # A local refusal needs no server: checked before connecting too.
     await trio.to_thread.run_sync(_check_destination, path, args.force)
     announce: Announce | None = None
+    preparing = Preparing.for_stderr(args.name)
     with trio.CancelScope() as scope, _sigint_cancels(scope):
         stream = await connect_args(args, "files")
         async with stream:
-            announce = await download(stream, args.name, path, resume=args.resume, force=args.force)
+            announce = await download(
+                stream,
+                args.name,
+                path,
+                resume=args.resume,
+                force=args.force,
+                preparing=preparing,
+            )
     if announce is None:  # cancelled by Ctrl-C
         part = path + ".part"
         # download() has returned, so its writer thread is done: the size on
         # disk is every byte kept, all of them a prefix of the file.
-        if kept := await trio.to_thread.run_sync(_part_size, part):
-            print(f"files: interrupted; kept {part} ({kept} bytes)", file=sys.stderr)
+        kept = await trio.to_thread.run_sync(_part_size, part)
+        for line in interrupted_message(args.name, part, kept, preparing.waiting):
+            print(line, file=sys.stderr)
+        if kept:
             print(f"files: to continue: {_resume_command(args, path)}", file=sys.stderr)
-        else:
-            print("files: interrupted before any byte was received", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(f"saved {path} ({announce.size} bytes, sha256 {announce.sha256})")
     return EXIT_OK
+
+
+def interrupted_message(name: str, part: str, kept: int, preparing: bool) -> list[str]:
+    """What Ctrl-C left behind, in words (``preparing``: no ``OK`` had come yet)."""
+    if kept:
+        return [f"files: interrupted; kept {part} ({kept} bytes)"]
+    if preparing:
+        return [
+            f"files: interrupted while the server was still preparing {name} (it computes "
+            "the file's sha256 before sending); nothing was received"
+        ]
+    return ["files: interrupted before any byte was received"]
 
 
 @contextlib.contextmanager

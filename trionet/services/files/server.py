@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import stat
 from typing import Any, ClassVar, Self
@@ -51,6 +52,8 @@ __all__ = [
     "list_files",
     "open_served",
 ]
+
+log = logging.getLogger("trionet.files")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
@@ -233,6 +236,25 @@ class FilesService(Service):
     def __attrs_post_init__(self) -> None:
         if not os.path.isdir(self.root):
             raise ValueError(f"root is not a directory: {self.root}")
+
+    async def run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Say once, at start, which folder is shared and how many files it lists.
+
+        With no ``--root`` the folder is wherever the server was started, so
+        the operator reads here what the world can download. Counting walks
+        the tree, so it runs in a worker thread after start-up, never in
+        the way of the first clients.
+        """
+        task_status.started()
+        files = await trio.to_thread.run_sync(list_files, self.root)
+        total = sum(size for _, size in files)
+        log.info(
+            "files: sharing %s read-only (%d file%s, %d bytes)",
+            self.root,
+            len(files),
+            "" if len(files) == 1 else "s",
+            total,
+        )
 
     async def handle(self, conn: Connection) -> None:
         offset = 0  # set by REST, used (and reset) by the next GET
