@@ -57,9 +57,13 @@ def test_resolve_identity() -> None:
         resolve_identity("nobody", "no-such-group-here")
 
 
-def test_unknown_user_stops_the_process_with_one_line() -> None:
+@pytest.mark.parametrize("where", ["flag", "config"])
+def test_unknown_user_stops_the_process_with_one_line(tmp_path: Path, where: str) -> None:
+    config = tmp_path / "trionet.toml"
+    config.write_text('[common]\nuser = "no-such-user"\n')
+    given = ["--user", "no-such-user"] if where == "flag" else ["--config", str(config)]
     done = subprocess.run(
-        [sys.executable, "-m", "trionet.serve", "calc", "--port", "0", "--user", "no-such-user"],
+        [sys.executable, "-m", "trionet.serve", "calc", "--port", "0", *given],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -228,17 +228,15 @@ async def test_with_workers_the_old_generation_says_bye_after_the_reload_grace(
     serve: Callable[..., Serve], tmp_path: Path
 ) -> None:
     config = tmp_path / "trionet.toml"
-    config.write_text("[common]\nmax-line = 100\n")
-    p = serve(
-        "calc", "--port", "0", "--config", str(config), "--workers", "2", "--reload-grace", "2"
-    )
+    config.write_text("[common]\nmax-line = 100\nreload-grace = 2\n")  # (a config key too)
+    p = serve("calc", "--port", "0", "--config", str(config), "--workers", "2")
     port = p.port("calc")
     p.wait_for(r"worker \d+ started", count=2)
     with trio.fail_after(60):
         old = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=50)
         await old.send_line("1+1")
         await old.expect("OK 2")
-        config.write_text("[common]\nmax-line = 5\n")
+        config.write_text("[common]\nmax-line = 5\nreload-grace = 2\n")
         p.signal(signal.SIGHUP)
         await trio.to_thread.run_sync(lambda: p.wait_for(r"reloaded: generation 1", timeout=50))
         # (Until a retired worker has read its parent's word, it may still accept.)
