@@ -526,7 +526,7 @@ class Server:
         if tls is not None:
             # The handshake runs here, in the connection's own task, so a slow
             # one never holds up accepting. A failure is logged and closed.
-            tls_stream = await accept_tls(service, stream, self._shutdown)
+            tls_stream = await accept_tls(service, stream, self._shutdown, peer=peer)
             if tls_stream is None:
                 self._release(service, key)
                 return

@@ -153,17 +153,19 @@ async def accept_tls(
     shutdown: trio.Event | None = None,
     *,
     timeout: float = HANDSHAKE_TIMEOUT,
+    peer: str | None = None,
 ) -> trio.SSLStream[Any] | None:
     """Do the server side of the TLS handshake on ``stream`` for ``service``.
 
     Returns the ready :class:`trio.SSLStream`, or ``None`` when the
     handshake failed, timed out or was cut by ``shutdown``: then the stream
     is closed and the failure was logged in one access-log line. Only a
-    cancellation of the caller's own scope propagates.
+    cancellation of the caller's own scope propagates. ``peer`` is the
+    address to log (default: the stream's; behind a PROXY header, the client's).
     """
     ctx = service.tls_context
     assert ctx is not None, "accept_tls needs a service with TLS settings"
-    peer = format_peer(stream)
+    peer = peer or format_peer(stream)
     tls = trio.SSLStream(transport_for(stream), ctx, server_side=True, https_compatible=False)
     idle = service.effective_idle_timeout
     if idle is not None:

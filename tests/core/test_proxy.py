@@ -262,8 +262,9 @@ async def test_the_header_has_a_deadline_and_may_come_in_pieces(
 
 
 async def test_tls_after_the_header_in_memory(
-    autojump_clock: trio.testing.MockClock, tls_files: TLSFiles
+    autojump_clock: trio.testing.MockClock, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     async with trio.open_nursery() as nursery:
         server, listener = await _server(nursery, tls_cert=tls_files.cert, tls_key=tls_files.key)
         raw = await listener.connect("127.0.0.1:40000")
@@ -272,7 +273,15 @@ async def test_tls_after_the_header_in_memory(
         client = Client(tls)
         await client.send_line("who")
         await client.expect("you are 198.51.100.3:4444")
+        # A failed handshake is logged with the client's address too.
+        plain = await listener.connect("127.0.0.1:40001")
+        await plain.send_all(v1("198.51.100.4", "192.0.2.1", 4445, 7005) + b"who are you?\n")
+        await Client(plain).expect_closed()
         server.shutdown()
+    assert any(
+        r.getMessage().startswith("whoami 198.51.100.4:4445 tls handshake failed: not TLS")
+        for r in caplog.records
+    )
 
 
 # -- real sockets -------------------------------------------------------------------------------
