@@ -682,6 +682,16 @@ class _Reloader:
                 )
             if not all_options and self.plan is not None:
                 self._warn_unapplied(old.name, self.plan.options[old.name], plan.options[old.name])
+        if self.plan is not None:
+            # A new generation of workers takes the log level and the user;
+            # one process keeps them, and the parent keeps its worker count.
+            fixed = ["workers"] if all_options else ["workers", "log_level", "user", "group"]
+            changed = [d for d in fixed if getattr(plan.server, d) != getattr(self.plan.server, d)]
+            if changed:
+                log.warning(
+                    "reload: %s changed but applies only after a restart",
+                    ", ".join("--" + d.replace("_", "-") for d in changed),
+                )
         self.plan = plan
         settings = {s.name: {f: getattr(s, f) for f in RELOADABLE} for s in built}
         return settings, plan.server

@@ -371,3 +371,25 @@ async def test_sighup_never_stops_the_server(serve: Callable[..., Serve]) -> Non
     assert p.proc.poll() is None
     assert p.count(r"died") == 0
     assert p.stop() == 0
+
+
+def test_what_one_process_cannot_change_is_named(
+    serve: Callable[..., Serve], tmp_path: Path
+) -> None:
+    config = tmp_path / "trionet.toml"
+    config.write_text("[chat]\nport = 0\nrate = 5\n[calc]\nport = 0\n")
+    p = serve("chat", "calc", "--config", str(config))
+    p.port("calc")
+    config.write_text(
+        '[common]\nlog-level = "DEBUG"\nmax-line = 50\n[chat]\nport = 0\nrate = 7\n'
+        "[calc]\nport = 1\n"
+    )
+    p.signal(signal.SIGHUP)
+    p.wait_for(r"reloaded: new connections get the new settings")
+    warnings = [line.split(": ", 1)[1] for line in p.lines if " WARNING " in line]
+    assert sorted(warnings) == [
+        "reload: --log-level changed but applies only after a restart",
+        "reload: calc keeps its address; a new host or port needs a restart",
+        "reload: chat: --rate changed but applies only after a restart",
+    ]
+    assert p.stop() == 0
