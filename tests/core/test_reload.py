@@ -76,13 +76,19 @@ async def test_reload_gives_new_timeouts_to_new_connections_only(
         assert 99.9 < trio.current_time() - started < 100.5
 
 
+async def _serving(nursery: trio.Nursery) -> tuple[Server, MemoryListener]:
+    """A server of :class:`Hold` on a memory listener, running in ``nursery``."""
+    listener = MemoryListener()
+    server = Server([Hold()], listeners={"hold": [listener]})
+    await nursery.start(server.run)
+    return server, listener
+
+
 async def test_retire_keeps_open_connections_until_they_end(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    listener = MemoryListener()
-    server = Server([Hold()], listeners={"hold": [listener]})
     async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
+        server, listener = await _serving(nursery)
         client = Client(await listener.connect())
         server.retire(60)
         await trio.sleep(30)
@@ -99,10 +105,8 @@ async def test_retire_keeps_open_connections_until_they_end(
 async def test_retire_says_bye_shutdown_when_the_grace_is_over(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    listener = MemoryListener()
-    server = Server([Hold()], listeners={"hold": [listener]})
     async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
+        server, listener = await _serving(nursery)
         client = Client(await listener.connect(), timeout=100)
         server.retire(20)
         await client.expect_nothing(for_seconds=19)
