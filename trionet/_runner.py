@@ -27,7 +27,6 @@ once the sockets are open and the TLS key read.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import logging
 import os
@@ -56,6 +55,7 @@ from ._service import (
 from ._systemd import ActivationError, Notifier, activated_sockets, assign_sockets
 from ._tls import server_context
 from ._workers import (
+    EarlyHangup,
     ParentLink,
     inherited_config,
     inherited_listeners,
@@ -749,10 +749,10 @@ async def _watch_signals(
     nursery: trio.Nursery,
     reloader: _Reloader | None,
     notifier: Notifier,
+    lock: trio.Lock,
     *,
     task_status: trio.TaskStatus[None],
 ) -> None:
-    lock = trio.Lock()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
@@ -782,8 +782,9 @@ async def _serve_until_signalled(
     notifier: Notifier,
     reload_grace: float,
 ) -> None:
+    lock = trio.Lock()  # one reload at a time
     async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, server, nursery, reloader, notifier)
+        await nursery.start(_watch_signals, server, nursery, reloader, notifier, lock)
         if link is not None:
             nursery.start_soon(link.watch, server, reload_grace)
 
@@ -797,6 +798,9 @@ async def _serve_until_signalled(
             nursery.start_soon(link.report, server)
         notifier.ready(_status(server))
         nursery.start_soon(notifier.keep_alive, lambda: _status(server))
+        if EarlyHangup.take() and reloader is not None and not server.shutting_down:
+            log.info("SIGHUP received during start-up: reloading")
+            nursery.start_soon(_reload, server, reloader, notifier, lock)
 
 
 def _startup_error(exc: BaseException) -> StartupError | PrivilegeError | None:
@@ -891,7 +895,7 @@ def run(
     service that cannot start (address in use, a bad option) is reported
     in one line and the status is 1.
     """
-    _ignore_hangups_until_ready()
+    EarlyHangup.install()
     reload_grace, user, group = DEFAULT_RELOAD_GRACE, None, None
     try:
         if argv is None:
@@ -975,17 +979,6 @@ def run(
         notifier=notifier,
         identity=identity,
     )
-
-
-def _ignore_hangups_until_ready() -> None:
-    """SIGHUP never kills the server: ignored until the reload handler is in place.
-
-    (Its default action ends the process; a ``systemctl reload`` or a
-    closing terminal can come at any moment, startup included.)
-    """
-    # ValueError: not the main thread (then not ours to set either).
-    with contextlib.suppress(ValueError):
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _drop(identity: Identity) -> None:

@@ -55,6 +55,7 @@ from ._systemd import Notifier
 
 __all__ = [
     "WORKER_ENV",
+    "EarlyHangup",
     "ParentLink",
     "inherited_config",
     "inherited_listeners",
@@ -104,6 +105,35 @@ def open_sockets(service: Service, host: str) -> list[socket.socket]:
             sock.close()
         raise StartupError(service.name, host, port, _reason(exc)) from exc
     return socks
+
+
+class EarlyHangup:
+    """A SIGHUP that comes before the process can reload: remembered, never fatal.
+
+    SIGHUP's default action ends the process, and a ``systemctl reload`` or
+    a closing terminal may come at any moment, start-up included. From the
+    start of ``run()`` until the reload handler is in place this handler
+    only takes note; the reload happens as soon as the process serves.
+    (Trio's signal receiver puts it back when it closes.)
+    """
+
+    pending = False
+
+    @classmethod
+    def install(cls) -> None:
+        """Catch SIGHUP from now on (from the main thread; elsewhere a no-op)."""
+        with contextlib.suppress(ValueError):  # not the main thread: not ours to set
+            signal.signal(signal.SIGHUP, cls._note)
+
+    @classmethod
+    def _note(cls, signum: int, frame: object) -> None:
+        cls.pending = True
+
+    @classmethod
+    def take(cls) -> bool:
+        """Whether a SIGHUP came early (and forget it)."""
+        pending, cls.pending = cls.pending, False
+        return pending
 
 
 def worker_index() -> int | None:
@@ -510,7 +540,7 @@ class _Supervisor:
                         self.live.add(0)
                         for index in range(self.count):
                             slots.start_soon(self.keep_running, index, 0, launch)
-                        outer.start_soon(self._announce, launch)
+                        outer.start_soon(self._announce, launch, outer, slots)
                     outer.cancel_scope.cancel()
         finally:
             self.signal_all(signal.SIGKILL)
@@ -519,9 +549,12 @@ class _Supervisor:
         log.info("stopped")
         return 0
 
-    async def _announce(self, launch: _Launch) -> None:
+    async def _announce(self, launch: _Launch, outer: trio.Nursery, slots: trio.Nursery) -> None:
         await launch.done.wait()
         self.notifier.ready(self.status())
+        if EarlyHangup.take() and not self.stopping:
+            log.info("SIGHUP received during start-up: reloading")
+            outer.start_soon(self.reload, slots)
         await self.notifier.keep_alive(self.status)
 
     def stop(self, name: str) -> None:

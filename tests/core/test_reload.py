@@ -397,3 +397,14 @@ def test_what_one_process_cannot_change_is_named(
         "reload: chat: --rate changed but applies only after a restart",
     ]
     assert p.stop() == 0
+
+
+def test_a_sighup_during_start_up_is_not_lost(serve: Callable[..., Serve]) -> None:
+    # The parent logs its sockets before its signal handler is in place; a
+    # SIGHUP then is remembered and the reload follows once workers serve.
+    p = serve("calc", "--port", "0", "--workers", "2")
+    p.port("calc")
+    p.signal(signal.SIGHUP)
+    p.wait_for(r"reloaded: generation 1 serves")
+    assert p.count(r"died") == 0
+    assert p.stop() == 0
