@@ -205,6 +205,7 @@ class ParentLink:
 
     async def watch(self, server: Server, reload_grace: float) -> None:
         """Retire ``server`` when the parent says so; shut it down once the parent is gone."""
+        pending = b""
         while True:
             try:
                 data = await self._sock.recv(_MAX_MESSAGE)
@@ -212,7 +213,9 @@ class ParentLink:
                 data = b""
             if not data:
                 break
-            if b"retire" in data and not server.shutting_down:
+            *lines, pending = (pending + data).split(b"\n")
+            pending = pending[-_MAX_MESSAGE:]
+            if b"retire" in lines and not server.shutting_down:
                 log.info("replaced by a new generation of workers: no longer accepting")
                 server.retire(reload_grace)
         if not server.shutting_down:
