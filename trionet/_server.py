@@ -412,7 +412,15 @@ class Server:
                 tls = None if extra else service.tls_context
                 peer = format_peer(stream)
                 if service.proxy_protocol and not extra:
-                    # The real peer is in the header: limits apply once it is read.
+                    # The real peer is in the header: the per-address limit
+                    # applies once it is read; the connection holds one of the
+                    # service's slots meanwhile (it holds a descriptor).
+                    if self._active[service.name] >= service.max_connections:
+                        connections.start_soon(
+                            self._turn_away, service, stream, peer, "server full", tls
+                        )
+                        continue
+                    self._active[service.name] += 1
                     connections.start_soon(
                         self._read_proxy_header, service, stream, peer, tls, connections
                     )
@@ -426,18 +434,27 @@ class Server:
         peer: str,
         tls: ssl.SSLContext | None,
         connections: trio.Nursery,
+        *,
+        holds_slot: bool = False,
     ) -> None:
-        """Serve ``stream`` from ``peer``, or turn it away if a limit is reached."""
+        """Serve ``stream`` from ``peer``, or turn it away if a limit is reached.
+
+        ``holds_slot``: the connection took its service slot already (while
+        its PROXY header was read).
+        """
         per_address = self._per_address[service.name]
         key = _address_key(peer)
-        if self._active[service.name] >= service.max_connections:
+        if not holds_slot and self._active[service.name] >= service.max_connections:
             connections.start_soon(self._turn_away, service, stream, peer, "server full", tls)
         elif key is not None and per_address.get(key, 0) >= service.effective_max_per_address:
+            if holds_slot:
+                self._active[service.name] -= 1
             connections.start_soon(
                 self._turn_away, service, stream, peer, f"address limit for {key}", tls
             )
         else:
-            self._active[service.name] += 1
+            if not holds_slot:
+                self._active[service.name] += 1
             if key is not None:
                 per_address[key] = per_address.get(key, 0) + 1
             connections.start_soon(self._run_connection, service, stream, peer, key, tls)
@@ -479,6 +496,7 @@ class Server:
                     failure = f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
                 nursery.cancel_scope.cancel()
         if header is None:
+            self._active[service.name] -= 1
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             if quiet:
@@ -486,7 +504,7 @@ class Server:
             else:
                 log.warning("%s %s refused: %s", service.name, peer, failure)
             return
-        self._admit(service, stream, header.peer or peer, tls, connections)
+        self._admit(service, stream, header.peer or peer, tls, connections, holds_slot=True)
 
     async def _turn_away(
         self,

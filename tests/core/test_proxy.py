@@ -215,6 +215,24 @@ async def test_the_per_address_cap_counts_real_clients(
         server.shutdown()
 
 
+async def test_a_connection_holds_its_slot_while_its_header_is_awaited(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        server, listener = await _server(nursery, max_connections=1)
+        silent = await listener.connect("127.0.0.1:1")  # says nothing (yet)
+        await trio.sleep(1)
+        assert server.connection_counts() == {"whoami": 1}
+        full = await listener.connect("127.0.0.1:2")
+        await Client(full).expect("BYE busy")
+        await Client(silent, timeout=60).expect_closed()  # its deadline passed
+        assert server.connection_counts() == {"whoami": 0}
+        later = await listener.connect("127.0.0.1:3")
+        await later.send_all(v1("198.51.100.10", "192.0.2.1", 10, 7005) + b"who\n")
+        await Client(later).expect("you are 198.51.100.10:10")
+        server.shutdown()
+
+
 async def test_a_header_from_elsewhere_is_refused_unread(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
