@@ -477,3 +477,22 @@ def test_options_on_the_command_line_and_in_the_config_file(tmp_path: Path) -> N
     config.write_text('[calc]\nproxy-from = "10.0.0.0/8,nope"\n')
     with pytest.raises(trionet.ConfigError, match="not an address or CIDR network: 'nope'"):
         trionet.build_services(["calc", "--config", str(config)])
+
+
+def test_chat_behind_haproxy_logs_its_members_real_addresses(
+    serve: Callable[..., Serve], haproxy: Callable[[int], int]
+) -> None:
+    p = serve("chat", "--port", "0", "--proxy-protocol")
+    front = haproxy(p.port("chat"))
+    ports = []
+    for source, nick in (("127.0.0.5", "ann"), ("127.0.0.6", "ben")):
+        with socket.create_connection(("127.0.0.1", front), 30, (source, 0)) as s:
+            s.sendall(f"/nick {nick}\n/quit\n".encode())
+            reply = b""
+            while data := s.recv(4096):
+                reply += data
+            assert f"OK nick {nick}\n".encode() in reply
+            ports.append(s.getsockname()[1])
+    p.wait_for(rf"chat 127\.0\.0\.5:{ports[0]} #\d+ end=quit")
+    p.wait_for(rf"chat 127\.0\.0\.6:{ports[1]} #\d+ end=quit")
+    assert p.stop() == 0
