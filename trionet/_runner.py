@@ -57,6 +57,7 @@ from ._tls import server_context
 from ._workers import (
     EarlyHangup,
     ParentLink,
+    ReloadQueue,
     inherited_config,
     inherited_listeners,
     run_workers,
@@ -725,8 +726,10 @@ def _status(server: Server) -> str:
     return f"{sum(counts.values())} connection(s) open ({detail})"
 
 
-async def _reload(server: Server, reloader: _Reloader, notifier: Notifier, lock: trio.Lock) -> None:
-    async with lock:
+async def _reload(
+    server: Server, reloader: _Reloader, notifier: Notifier, reloads: ReloadQueue
+) -> None:
+    async with reloads.turn():
         notifier.reloading()
         try:
             settings, options = await trio.to_thread.run_sync(reloader.settings)
@@ -749,7 +752,7 @@ async def _watch_signals(
     nursery: trio.Nursery,
     reloader: _Reloader | None,
     notifier: Notifier,
-    lock: trio.Lock,
+    reloads: ReloadQueue,
     *,
     task_status: trio.TaskStatus[None],
 ) -> None:
@@ -763,9 +766,8 @@ async def _watch_signals(
                         "SIGHUP ignored: a worker reloads when its parent (pid %d) does",
                         os.getppid(),
                     )
-                elif not server.shutting_down:
-                    log.info("SIGHUP received: reloading")
-                    nursery.start_soon(_reload, server, reloader, notifier, lock)
+                elif not server.shutting_down and reloads.request("SIGHUP received"):
+                    nursery.start_soon(_reload, server, reloader, notifier, reloads)
             elif not server.shutting_down:
                 log.info("%s received: shutting down gracefully", name)
                 notifier.stopping()
@@ -782,9 +784,9 @@ async def _serve_until_signalled(
     notifier: Notifier,
     reload_grace: float,
 ) -> None:
-    lock = trio.Lock()  # one reload at a time
+    reloads = ReloadQueue()
     async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, server, nursery, reloader, notifier, lock)
+        await nursery.start(_watch_signals, server, nursery, reloader, notifier, reloads)
         if link is not None:
             nursery.start_soon(link.watch, server, reload_grace)
 
@@ -798,9 +800,9 @@ async def _serve_until_signalled(
             nursery.start_soon(link.report, server)
         notifier.ready(_status(server))
         nursery.start_soon(notifier.keep_alive, lambda: _status(server))
-        if EarlyHangup.take() and reloader is not None and not server.shutting_down:
-            log.info("SIGHUP received during start-up: reloading")
-            nursery.start_soon(_reload, server, reloader, notifier, lock)
+        early = EarlyHangup.take() and not server.shutting_down
+        if early and reloader is not None and reloads.request("SIGHUP received during start-up"):
+            nursery.start_soon(_reload, server, reloader, notifier, reloads)
 
 
 def _startup_error(exc: BaseException) -> StartupError | PrivilegeError | None:

@@ -43,7 +43,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Final
 
 import attrs
@@ -57,6 +57,7 @@ __all__ = [
     "WORKER_ENV",
     "EarlyHangup",
     "ParentLink",
+    "ReloadQueue",
     "inherited_config",
     "inherited_listeners",
     "open_sockets",
@@ -121,9 +122,14 @@ class EarlyHangup:
 
     @classmethod
     def install(cls) -> None:
-        """Catch SIGHUP from now on (from the main thread; elsewhere a no-op)."""
+        """Catch SIGHUP from now on (from the main thread; elsewhere a no-op).
+
+        A worker starts with SIGHUP blocked (see :func:`run_workers`): one
+        sent while it started is still pending and is noted here.
+        """
         with contextlib.suppress(ValueError):  # not the main thread: not ours to set
             signal.signal(signal.SIGHUP, cls._note)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     @classmethod
     def _note(cls, signum: int, frame: object) -> None:
@@ -134,6 +140,36 @@ class EarlyHangup:
         """Whether a SIGHUP came early (and forget it)."""
         pending, cls.pending = cls.pending, False
         return pending
+
+
+class ReloadQueue:
+    """Reloads run one at a time; SIGHUPs during one make at most one more.
+
+    A burst of signals (``pkill -HUP`` hitting every process, a script
+    reloading in a loop) would otherwise queue a reload per signal. One
+    that waits reads the configuration as it is when its turn comes, so a
+    second waiting one would add nothing.
+    """
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+        self._queued = False
+
+    def request(self, why: str) -> bool:
+        """True if a reload should be started; otherwise one already waits (logged)."""
+        if self._queued:
+            log.info("%s: a reload is already waiting its turn", why)
+            return False
+        log.info("%s: reloading", why)
+        self._queued = True
+        return True
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Hold this while reloading."""
+        async with self._lock:
+            self._queued = False
+            yield
 
 
 def worker_index() -> int | None:
@@ -278,6 +314,14 @@ def run_workers(
             log.info("%s listening on %s:%d", name, shown, port)
     sup = _Supervisor(sockets, workers, reload_grace, check_reload, notifier or Notifier())
     sup.configs[0] = _snapshot(config)
+    # SIGHUP stays blocked in the parent, in every thread it starts (they
+    # inherit the mask) and so in every worker from its first instruction:
+    # a blocked signal is only held pending, across fork and exec too. The
+    # parent takes its own with sigwait; a worker unblocks it once its
+    # handler is in place. Otherwise SIGHUP's default action would kill a
+    # starting worker (``pkill -HUP -f trionet`` reaches workers too, and a
+    # reload is exactly when workers start).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     try:
         return trio.run(sup.run)
     except KeyboardInterrupt:
@@ -339,7 +383,7 @@ class _Supervisor:
         self.live: set[int] = set()
         self.current = 0
         self.newest = 0  # generation numbers are never reused
-        self.reloading = trio.Lock()
+        self.reloads = ReloadQueue()
         self._fds = [s.fileno() for socks in sockets.values() for s in socks]
         #: Per generation: the descriptor of its config snapshot (or None).
         self.configs: dict[int, int | None] = {}
@@ -478,7 +522,7 @@ class _Supervisor:
 
     async def reload(self, slots: trio.Nursery) -> None:
         """SIGHUP: a new generation on the same sockets, then retire the old one."""
-        async with self.reloading:
+        async with self.reloads.turn():
             if self.stopping:
                 return
             self.notifier.reloading()
@@ -518,9 +562,8 @@ class _Supervisor:
             self.notifier.ready(self.status())
 
     async def run(self) -> int:
-        signals = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
         try:
-            with trio.open_signal_receiver(*signals) as received:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
                 async with trio.open_nursery() as outer:
                     # Each slot's task returns once we stop and its worker has exited.
                     async with trio.open_nursery() as slots:
@@ -528,17 +571,14 @@ class _Supervisor:
                         async def forward() -> None:
                             async for signum in received:
                                 name = signal.Signals(signum).name
-                                if signum == signal.SIGHUP:
-                                    if not self.stopping:
-                                        log.info("SIGHUP received: reloading")
-                                        outer.start_soon(self.reload, slots)
-                                elif not self.stopping:
+                                if not self.stopping:
                                     self.stop(name)
                                 else:
                                     log.warning("%s received again: killing the workers", name)
                                     self.signal_all(signal.SIGKILL)
 
                         outer.start_soon(forward)
+                        outer.start_soon(self._hangups, outer, slots)
                         launch = _Launch(self.count)
                         self.live.add(0)
                         for index in range(self.count):
@@ -552,11 +592,18 @@ class _Supervisor:
         log.info("stopped")
         return 0
 
+    async def _hangups(self, outer: trio.Nursery, slots: trio.Nursery) -> None:
+        """Reload on each SIGHUP (blocked in this process: taken with sigwait in a thread)."""
+        while True:
+            await trio.to_thread.run_sync(signal.sigwait, {signal.SIGHUP}, abandon_on_cancel=True)
+            if not self.stopping and self.reloads.request("SIGHUP received"):
+                outer.start_soon(self.reload, slots)
+
     async def _announce(self, launch: _Launch, outer: trio.Nursery, slots: trio.Nursery) -> None:
         await launch.done.wait()
         self.notifier.ready(self.status())
-        if EarlyHangup.take() and not self.stopping:
-            log.info("SIGHUP received during start-up: reloading")
+        early = EarlyHangup.take() and not self.stopping
+        if early and self.reloads.request("SIGHUP received during start-up"):
             outer.start_soon(self.reload, slots)
         await self.notifier.keep_alive(self.status)
 

@@ -11,11 +11,14 @@ one running; SIGHUP never stops the server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -407,4 +410,40 @@ def test_a_sighup_during_start_up_is_not_lost(serve: Callable[..., Serve]) -> No
     p.signal(signal.SIGHUP)
     p.wait_for(r"reloaded: generation 1 serves")
     assert p.count(r"died") == 0
+    assert p.stop() == 0
+
+
+def _family(pid: int) -> list[int]:
+    """``pid`` and its children (from /proc: each thread lists the ones it started)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            found += map(int, (task / "children").read_text().split())
+    return found
+
+
+def test_sighup_to_every_process_in_a_burst_kills_no_worker(
+    serve: Callable[..., Serve],
+) -> None:
+    """``pkill -HUP -f trionet`` reaches the workers too, including starting ones."""
+    p = serve("calc", "--port", "0", "--workers", "2")
+    port = p.port("calc")
+    p.wait_for(r"worker \d+ started", count=2)
+    for _ in range(30):  # 3 s: new workers start (and import) meanwhile
+        for pid in _family(p.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+        time.sleep(0.1)
+    # Every reload the parent began completes (one at a time; signals that
+    # come while one waits its turn add none).
+    deadline = time.monotonic() + 120
+    while p.count(r"reloaded: generation") < p.count(r"trionet: SIGHUP received: reloading"):
+        assert time.monotonic() < deadline, [x for x in p.lines if "trionet: [" not in x][-25:]
+        time.sleep(0.1)
+    assert p.count(r"reloaded: generation") >= 1
+    assert p.count(r"a reload is already waiting its turn") >= 1
+    assert (p.count("died"), p.count("reload failed")) == (0, 0)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(b"7*6\n")
+        assert client.recv(100) == b"OK 42\n"
     assert p.stop() == 0
