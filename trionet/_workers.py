@@ -321,12 +321,13 @@ def run_workers(
     # handler is in place. Otherwise SIGHUP's default action would kill a
     # starting worker (``pkill -HUP -f trionet`` reaches workers too, and a
     # reload is exactly when workers start).
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     try:
         return trio.run(sup.run)
     except KeyboardInterrupt:
         return 0
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for socks in sockets.values():
             for sock in socks:
                 sock.close()
