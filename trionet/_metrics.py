@@ -112,7 +112,7 @@ class Metrics:
 
         # A "_created" twin per series (the counter's start time) doubles what
         # Prometheus stores for nothing a rate() needs. (Process-wide.)
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self._counter, self._gauge = Counter, Gauge
         self.registry = r = CollectorRegistry(auto_describe=True)
         per_service = ["service"]
