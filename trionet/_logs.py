@@ -196,7 +196,7 @@ class Bursts(logging.Filter):
         super().__init__()
         self.quiet = quiet
         self.clock = clock
-        # key -> [first seen, last seen, repeats dropped, a record to report with]
+        # key -> [first seen, last seen, repeats dropped, the latest record]
         self._open: dict[tuple[str, int, str], list[Any]] = {}
         self._flushing = False
 
@@ -213,6 +213,7 @@ class Bursts(logging.Filter):
             return True
         burst[1] = now
         burst[2] += 1
+        burst[3] = record  # the summary shows the latest
         return False
 
     def flush(self, now: float | None = None) -> None:
