@@ -34,6 +34,8 @@ import contextvars
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
@@ -171,24 +173,43 @@ class Metrics:
         # the running totals last added to each counter.
         self._own: dict[str, Any] = {}
         self._totals: dict[tuple[str, str], float] = {}
+        # Each service's series, looked up once: labels() validates and
+        # locks on every call, a dict lookup does not.
+        self._series: dict[str, _Series] = {}
+        self._ends: dict[tuple[str, str], Any] = {}
+
+    def _of(self, service: str) -> _Series:
+        series = self._series.get(service)
+        if series is None:
+            series = self._series[service] = _Series(
+                self.open.labels(service),
+                self.duration.labels(service),
+                self.bytes_in.labels(service),
+                self.bytes_out.labels(service),
+            )
+        return series
 
     # -- what the server records ----------------------------------------------------
 
     def opened(self, service: str) -> None:
         """A connection was accepted and will be served."""
-        self.open.labels(service).inc()
+        self._of(service).open.inc()
 
     def ended_connection(
         self, service: str, end: str, duration: float, bytes_in: int, bytes_out: int
     ) -> None:
         """A served connection ended (after :meth:`opened`)."""
-        self.open.labels(service).dec()
-        self.ended.labels(service, end).inc()
-        self.duration.labels(service).observe(duration)
+        series = self._of(service)
+        series.open.dec()
+        ended = self._ends.get((service, end))
+        if ended is None:
+            ended = self._ends[service, end] = self.ended.labels(service, end)
+        ended.inc()
+        series.duration.observe(duration)
         if bytes_in:
-            self.bytes_in.labels(service).inc(bytes_in)
+            series.bytes_in.inc(bytes_in)
         if bytes_out:
-            self.bytes_out.labels(service).inc(bytes_out)
+            series.bytes_out.inc(bytes_out)
 
     def turned_away_client(self, service: str, reason: str) -> None:
         """A client was turned away: ``busy`` or ``per-address``."""
@@ -268,6 +289,16 @@ class Metrics:
     def activate(self) -> contextvars.Token[Metrics | None]:
         """Make these the metrics of the current task and the tasks it starts."""
         return _current.set(self)
+
+
+@attrs.frozen
+class _Series:
+    """One service's series of the per-connection metrics."""
+
+    open: Any
+    duration: Any
+    bytes_in: Any
+    bytes_out: Any
 
 
 def set_redis_reporter(report: Callable[[str, bool], None]) -> None:

@@ -5,7 +5,10 @@ Two servers in their own processes, ``python -m trionet.serve echo`` with
 and without ``--metrics-port 0``; with metrics on, this script also scrapes
 ``/metrics`` once a second while it measures (a busy Prometheus scrapes
 every 15 s). Rounds are interleaved (the order alternates each round) so
-machine noise hits both alike; medians and the on/off ratio are printed:
+machine noise hits both alike; medians and the on/off ratio are printed,
+of the rate and of the server's CPU time per operation (user + system, from
+/proc: on a shared, noisy machine the steadier of the two; the load
+generators' half-second warm-up is assumed to run at the measured rate):
 
   (a) ping-pong: 100 connections, one 64-byte message in flight each;
       round trips per second (echo.py's load generator). Metrics are
@@ -14,7 +17,7 @@ machine noise hits both alike; medians and the on/off ratio are printed:
       back, close), 4 clients at once; connections per second. Every
       connection is counted here: the per-connection cost.
 
-Usage: scripts/bench/metrics.py [--rounds 5] [--seconds 3]
+Usage: scripts/bench/metrics.py [--rounds 5] [--seconds 3] [--tests ab]
 """
 
 from __future__ import annotations
@@ -109,7 +112,14 @@ def scrape_every_second(port: int, done: threading.Event) -> None:
         conn.close()
 
 
-def measure(metrics: bool, test: str, seconds: float) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(metrics: bool, test: str, seconds: float) -> tuple[float, float]:
+    """The rate, and the server's CPU microseconds per operation."""
     server = Server(metrics)
     done = threading.Event()
     scraper = None
@@ -117,6 +127,7 @@ def measure(metrics: bool, test: str, seconds: float) -> float:
         scraper = threading.Thread(target=scrape_every_second, args=(server.metrics_port, done))
         scraper.start()
     try:
+        cpu_before = cpu_seconds(server.proc.pid)
         out = subprocess.run(
             [sys.executable, __file__, "_gen", test, str(server.port), str(seconds)],
             capture_output=True,
@@ -125,7 +136,9 @@ def measure(metrics: bool, test: str, seconds: float) -> float:
             preexec_fn=raise_fd_limit,
             check=True,
         )
-        return float(json.loads(out.stdout)["value"])
+        cpu = cpu_seconds(server.proc.pid) - cpu_before
+        rate = float(json.loads(out.stdout)["value"])
+        return rate, cpu / (rate * (seconds + 0.5)) * 1e6
     finally:
         done.set()
         if scraper is not None:
@@ -139,18 +152,26 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--tests", default="ab", help="which of (a) and (b) to run")
     args = parser.parse_args()
 
     tests = {"a": ("pingpong", "round trips/s"), "b": ("churn", "connections/s")}
+    tests = {key: test for key, test in tests.items() if key in args.tests}
     results: dict[tuple[str, bool], list[float]] = {}
+    cpu: dict[tuple[str, bool], list[float]] = {}
     for r in range(args.rounds):
         order = [True, False] if r % 2 == 0 else [False, True]
         for key, (test, unit) in tests.items():
             for metrics in order:
-                value = measure(metrics, test, args.seconds)
+                value, micros = measure(metrics, test, args.seconds)
                 results.setdefault((key, metrics), []).append(value)
+                cpu.setdefault((key, metrics), []).append(micros)
                 kind = "on" if metrics else "off"
-                print(f"round {r + 1} ({key}) {test:8} metrics {kind:3} {value:10.1f} {unit}")
+                print(
+                    f"round {r + 1} ({key}) {test:8} metrics {kind:3} {value:10.1f} {unit}, "
+                    f"server CPU {micros:6.1f} us each",
+                    flush=True,
+                )
 
     print(
         f"\nmedians over {args.rounds} interleaved rounds (python {sys.version.split()[0]}, "
@@ -159,9 +180,12 @@ def main() -> None:
     for key, (test, unit) in tests.items():
         on = statistics.median(results[key, True])
         off = statistics.median(results[key, False])
+        cpu_on = statistics.median(cpu[key, True])
+        cpu_off = statistics.median(cpu[key, False])
         print(
             f"  ({key}) {test:8} metrics on {on:10.1f}  off {off:10.1f}  {unit:14} "
-            f"ratio on/off {on / off:.3f}"
+            f"ratio on/off {on / off:.3f};  server CPU us each: on {cpu_on:.1f} "
+            f"off {cpu_off:.1f}, ratio off/on {cpu_off / cpu_on:.3f} (higher is better)"
         )
 
 
