@@ -746,10 +746,8 @@ def serve_forever(
         log.info("interrupted")
         return 0
     except BaseException as exc:
-        error = StartupError.find(exc)
-        if error is None:
+        if not StartupError.report(exc):
             raise
-        log.error("%s", error)
         return 1
     log.info("stopped")
     return 0

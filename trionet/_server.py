@@ -72,6 +72,14 @@ class StartupError(OSError):
                     return found
         return None
 
+    @staticmethod
+    def report(exc: BaseException) -> bool:
+        """Log the :class:`StartupError` in ``exc`` in its one line; ``False`` if none is."""
+        error = StartupError.find(exc)
+        if error is not None:
+            log.error("%s", error)
+        return error is not None
+
 
 def _reason(exc: OSError) -> str:
     text = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))

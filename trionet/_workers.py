@@ -182,10 +182,8 @@ def run_workers(
     except KeyboardInterrupt:
         return 0
     except BaseException as exc:
-        error = StartupError.find(exc)
-        if error is None:
+        if not StartupError.report(exc):
             raise
-        log.error("%s", error)
         return 1
     finally:
         for socks in sockets.values():

@@ -30,7 +30,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,7 +38,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from echo import MESSAGE, gen_pingpong, raise_fd_limit  # noqa: E402  (scripts/bench/echo.py)
+from echo import (  # noqa: E402  (scripts/bench/echo.py)
+    MESSAGE,
+    ServerProcess,
+    gen_pingpong,
+    raise_fd_limit,
+)
 
 
 def gen_churn(port: int, seconds: float, clients: int = 4) -> dict[str, float]:
@@ -66,41 +70,12 @@ def gen_churn(port: int, seconds: float, clients: int = 4) -> dict[str, float]:
     return {"value": sum(counts) / seconds}
 
 
-class Server:
-    """``python -m trionet.serve echo`` (with ``--metrics-port 0`` when ``metrics``)."""
+class Server(ServerProcess):
+    """trionet's echo, with ``--metrics-port 0`` when ``metrics``."""
 
     def __init__(self, metrics: bool) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix="bench-metrics-", suffix=".log")  # noqa: SIM115
-        args = ["echo", "--port", "0", "--max-connections", "20000", "--max-per-address", "20000"]
-        if metrics:
-            args += ["--metrics-port", "0"]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trionet.serve", *args],
-            cwd=ROOT,
-            stderr=self.log,
-            stdout=subprocess.DEVNULL,
-            preexec_fn=raise_fd_limit,
-        )
-        self.port = self._port("echo")
-        self.metrics_port = self._port("metrics") if metrics else None
-
-    def _port(self, name: str) -> int:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            for line in Path(self.log.name).read_text().splitlines():
-                if f"{name} listening on" in line:
-                    return int(line.rsplit(":", 1)[1])
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not start: {Path(self.log.name).read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        super().__init__("trionet", ("--metrics-port", "0") if metrics else ())
+        self.metrics_port = self.wait_port("metrics") if metrics else None
 
 
 def scrape_every_second(port: int, done: threading.Event) -> None:
