@@ -74,6 +74,11 @@ DURATION_BUCKETS: Final = (
     14400.0,
 )
 
+#: Distinct ``end`` labels kept per service. A handler names its own end
+#: reasons (``conn.end_reason``); one that put details in them would make a
+#: series per connection, so past this many the rest count as ``other``.
+MAX_END_REASONS: Final = 32
+
 #: The running server's metrics, for code that has no handle on the server:
 #: the TLS handshake and chat's web page (set by :meth:`Server.run`).
 _current: contextvars.ContextVar[Metrics | None] = contextvars.ContextVar(
@@ -203,7 +208,10 @@ class Metrics:
         series.open.dec()
         ended = self._ends.get((service, end))
         if ended is None:
-            ended = self._ends[service, end] = self.ended.labels(service, end)
+            if sum(s == service for s, _ in self._ends) >= MAX_END_REASONS:
+                end = "other"
+            ended = self._ends.get((service, end)) or self.ended.labels(service, end)
+            self._ends[service, end] = ended
         ended.inc()
         series.duration.observe(duration)
         if bytes_in:

@@ -32,7 +32,7 @@ import trio.testing
 from conftest import RedisServer, Serve, TLSFiles
 
 from trionet import Connection, Server, Service
-from trionet._metrics import Metrics
+from trionet._metrics import MAX_END_REASONS, Metrics
 from trionet._monitor import BadRequest, parse_request, serve_monitor
 from trionet.services.chat.server import ChatService
 from trionet.services.echo.server import EchoService
@@ -79,6 +79,42 @@ async def test_connections_are_counted_when_they_end(
         await held.receive_exactly(1)
     # Shutdown ended the last one.
     assert metrics.value("trionet_connections_total", service="echo", end="shutdown") == 1
+
+
+class Labelled(Service):
+    """A user's service with end reasons of its own: every line names one."""
+
+    name: ClassVar[str] = "labelled"
+
+    async def handle(self, conn: Connection) -> None:
+        line = await conn.receive_line()
+        conn.end_reason = line
+
+
+async def test_a_users_end_reasons_are_counted_but_bounded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    metrics = Metrics()
+    total = 2 * (MAX_END_REASONS + 5)  # "done" and MAX + 5 reasons of a kind
+    async with open_memory_server(Labelled(), metrics=metrics) as server:
+        for i in range(total):
+            client = await server.connect()
+            await client.send_line("done" if i % 2 else f"odd-{i}")
+            await client.expect_closed()
+        await trio.testing.wait_all_tasks_blocked()
+    ends = {
+        labels["end"]: value
+        for labels, value in (
+            (sample.labels, sample.value)
+            for metric in metrics.registry.collect()
+            for sample in metric.samples
+            if sample.name == "trionet_connections_total"
+        )
+    }
+    assert len(ends) == MAX_END_REASONS + 1  # and "other"
+    assert ends["done"] == total // 2
+    assert sum(ends.values()) == total
+    assert ends["other"] == 6  # the reasons past the first 32
 
 
 async def test_turned_away_clients_are_counted_by_reason(
