@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTENT_TYPE",
+    "MAX_END_REASONS",
     "MULTIPROC_ENV",
     "Metrics",
     "current_metrics",
@@ -51,6 +52,7 @@ __all__ = [
     "multiprocess_readiness",
     "multiprocess_registry",
     "redis_reporter",
+    "set_redis_reporter",
 ]
 
 #: The directory of the worker processes' metric files.

@@ -236,8 +236,9 @@ async def open_memory_server(
 
     On exit the server is shut down gracefully (if the test did not already)
     and every handler has finished. With ``metrics`` (a fresh
-    ``trionet._metrics.Metrics()``) the server counts into it, as with
-    ``--metrics-port``.
+    :class:`trionet.Metrics`) the server counts into it, as with
+    ``--metrics-port``: ``metrics.value("trionet_connections_total",
+    service="echo", end="eof")``.
     """
     listeners = {s.name: MemoryListener(lockstep=lockstep) for s in services}
     given: dict[str, Sequence[trio.abc.Listener[Any]]] = {n: [ln] for n, ln in listeners.items()}
