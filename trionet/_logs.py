@@ -69,10 +69,13 @@ BURST_QUIET: Final = 10.0
 _bursts: Bursts | None = None
 
 
-def flush_bursts() -> None:
-    """Log the end of the third-party bursts that are over (the runner calls it every second)."""
+def flush_bursts(*, final: bool = False) -> None:
+    """Log the end of the third-party bursts that are over (the runner calls it every second).
+
+    ``final``: the process is about to exit, so every burst is over.
+    """
     if _bursts is not None:
-        _bursts.flush()
+        _bursts.flush(final=final)
 
 
 def next_conn_number() -> int:
@@ -216,12 +219,15 @@ class Bursts(logging.Filter):
         burst[3] = record  # the summary shows the latest
         return False
 
-    def flush(self, now: float | None = None) -> None:
-        """Close the bursts quiet for long enough: one summary line each (if any was dropped)."""
+    def flush(self, now: float | None = None, *, final: bool = False) -> None:
+        """Close the bursts quiet for long enough (``final``: all of them).
+
+        One summary line each, if any of its records was dropped.
+        """
         if not self._open:
             return
         now = self.clock() if now is None else now
-        over = [k for k, b in self._open.items() if now - b[1] >= self.quiet]
+        over = [k for k, b in self._open.items() if final or now - b[1] >= self.quiet]
         for key in over:
             first, last, dropped, record = self._open.pop(key)
             if dropped:
@@ -254,6 +260,10 @@ def _one_line(record: logging.LogRecord) -> None:
 # -- set-up ------------------------------------------------------------------------------
 
 
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    logging.getLogger("trionet").critical("uncaught exception", exc_info=(kind, exc, tb))
+
+
 def setup_logging(
     level: str = "INFO",
     *,
@@ -283,6 +293,8 @@ def setup_logging(
     handler.trionet = True  # type: ignore[attr-defined]
     if fmt == "json":
         handler.setFormatter(json_formatter())
+        # An exception nothing caught would print a bare traceback: one line too.
+        sys.excepthook = _log_uncaught
     else:
         who = "" if worker is None else f"[worker {worker}] "
         handler.setFormatter(TextFormatter(f"%(asctime)s %(levelname)s %(name)s: {who}%(message)s"))

@@ -749,5 +749,7 @@ def serve_forever(
         if not StartupError.report(exc):
             raise
         return 1
+    finally:
+        flush_bursts(final=True)
     log.info("stopped")
     return 0

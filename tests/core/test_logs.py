@@ -15,6 +15,8 @@ import json
 import logging
 import re
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -315,3 +317,19 @@ def test_third_party_bursts_are_logged_at_start_and_end() -> None:
         lib.removeHandler(handler)
         ours.removeHandler(handler)
         lib.propagate = ours.propagate = True
+
+
+def test_an_uncaught_exception_is_one_json_line_too() -> None:
+    code = (
+        "from trionet._logs import setup_logging\n"
+        "setup_logging(fmt='json')\n"
+        "raise ValueError('boom')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    record = json.loads(line)
+    assert (record["level"], record["message"]) == ("CRITICAL", "uncaught exception")
+    assert "ValueError: boom" in record["exc_info"]

@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -496,6 +497,16 @@ def test_readyz_follows_the_redis_link(
     assert p.count(r"Redis at .* unreachable") == 1
     assert p.count(r"Redis at .* reachable again") == 1
     assert p.count(r"^Traceback|NoneType: None") == 0
+    # coredis retried many times (every 0.1 s and more), but each of its
+    # messages shows at most twice: when the burst began and, with a
+    # count, when it ended (at the latest when the process stopped).
+    retries = [line for line in p.lines if "coredis: Retry attempt" in line]
+    summaries = [line for line in retries if "more time(s) over" in line]
+    starts = [line.split("coredis: ", 1)[1] for line in retries if line not in summaries]
+    repeated = sum(int(m[1]) for line in summaries if (m := re.search(r"repeated (\d+)", line)))
+    assert summaries and repeated >= 3, retries
+    assert len(starts) == len({re.sub(r"\d+", "#", text) for text in starts}), retries
+    assert len(summaries) <= len(starts)
 
 
 @pytest.mark.skipif(not os.path.exists(PROMETHEUS), reason="prometheus is not installed")
