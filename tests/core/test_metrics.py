@@ -467,30 +467,59 @@ def test_one_scrape_of_the_parent_covers_every_worker(serve: Callable[..., Serve
     assert not os.path.exists(folder)
 
 
+def wait_ready(port: int, expected: int) -> str:
+    """Poll ``/readyz`` until it answers ``expected`` (bounded); its body."""
+    deadline = time.monotonic() + 60
+    while True:
+        status, body = _get(port, "/readyz")
+        if status == expected:
+            return body
+        assert time.monotonic() < deadline, (status, body)
+        time.sleep(0.05)
+
+
+def test_readyz_of_workers_follows_their_redis_links(
+    serve: Callable[..., Serve], redis_server: RedisServer
+) -> None:
+    p = serve(
+        "chat", "--port", "0", "--workers", "2", "--redis", redis_server.url, "--metrics-port", "0"
+    )
+    metrics_port = int(p.wait_for(r"metrics listening on 127\.0\.0\.1:(\d+)")[0][1])
+    assert wait_ready(metrics_port, 200) == "ready\n"
+    redis_server.kill()
+    assert wait_ready(metrics_port, 503) == "not ready: Redis link down (chat)\n"
+    redis_server.start()
+    wait_ready(metrics_port, 200)
+    values = _samples(_get(metrics_port, "/metrics")[1])
+    assert values['trionet_redis_up{service="chat"}'] == 1
+    # Stopped workers cannot finish: the parent stays draining, and says so.
+    pids = [int(m[1]) for m in p.wait_for(r"worker \d+ started \(pid (\d+)\)", 2)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        p.signal(signal.SIGTERM)
+        p.wait_for(r"SIGTERM received: stopping")
+        assert _get(metrics_port, "/readyz") == (503, "not ready: draining: shutting down\n")
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert p.stop() == 0
+
+
 def test_readyz_follows_the_redis_link(
     serve: Callable[..., Serve], redis_server: RedisServer
 ) -> None:
     p = serve("chat", "--port", "0", "--redis", redis_server.url, "--metrics-port", "0")
     metrics_port = int(p.wait_for(r"metrics listening on 127\.0\.0\.1:(\d+)")[0][1])
     p.port("chat")
-
-    def wait_ready(expected: int) -> str:
-        deadline = time.monotonic() + 60
-        while True:
-            status, body = _get(metrics_port, "/readyz")
-            if status == expected:
-                return body
-            assert time.monotonic() < deadline, (status, body)
-            time.sleep(0.05)
-
-    wait_ready(200)
+    wait_ready(metrics_port, 200)
     assert _samples(_get(metrics_port, "/metrics")[1])['trionet_redis_up{service="chat"}'] == 1
     redis_server.kill()
-    assert wait_ready(503) == "not ready: Redis link down (chat)\n"
+    assert wait_ready(metrics_port, 503) == "not ready: Redis link down (chat)\n"
     assert _samples(_get(metrics_port, "/metrics")[1])['trionet_redis_up{service="chat"}'] == 0
     time.sleep(3)  # retries pile up meanwhile
     redis_server.start()
-    wait_ready(200)
+    wait_ready(metrics_port, 200)
     assert p.stop() == 0
     # The outage is two lines of trionet's own, whatever coredis said in between,
     # and coredis's own lines are each one line, never a traceback.
