@@ -31,8 +31,9 @@ live workers).
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import attrs
 
@@ -51,9 +52,12 @@ __all__ = [
     "mark_worker_dead",
     "multiprocess_readiness",
     "multiprocess_registry",
+    "read_retrying",
     "redis_reporter",
     "set_redis_reporter",
 ]
+
+_T = TypeVar("_T")
 
 #: The directory of the worker processes' metric files.
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
@@ -344,6 +348,21 @@ def multiprocess_registry(path: str, restarts: Callable[[], int]) -> CollectorRe
     MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
     registry.register(_Restarts(restarts))
     return registry
+
+
+def read_retrying(read: Callable[[], _T], attempts: int = 5) -> _T:
+    """``read()`` of the workers' files, tried again if it catches a file half made.
+
+    A worker creates its file and then writes its header: a read in between
+    finds zero bytes (``struct.error``). That lasts microseconds, so a few
+    quick retries get past it. Blocks: call it in a thread.
+    """
+    for _ in range(attempts - 1):
+        try:
+            return read()
+        except Exception:
+            time.sleep(0.01)
+    return read()
 
 
 def multiprocess_readiness(registry: CollectorRegistry) -> str | None:

@@ -47,6 +47,7 @@ _REASONS: Final = {
     404: "Not Found",
     405: "Method Not Allowed",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -145,17 +146,25 @@ class _Endpoint:
 
     async def answer(self, request: Request) -> tuple[int, bytes, str]:
         text = "text/plain; charset=utf-8"
-        if request.path == "/metrics":
-            body, content_type = await self.metrics()
-            return 200, body, content_type
         if request.path == "/healthz":
             return 200, b"ok\n", text
-        if request.path == "/readyz":
+        if request.path not in ("/metrics", "/readyz"):
+            return 404, b"not found: try /metrics, /healthz or /readyz\n", text
+        try:
+            if request.path == "/metrics":
+                body, content_type = await self.metrics()
+                return 200, body, content_type
             why = await self.readiness()
-            if why is None:
-                return 200, b"ready\n", text
-            return 503, f"not ready: {why}\n".encode(), text
-        return 404, b"not found: try /metrics, /healthz or /readyz\n", text
+        except Exception as exc:
+            # E.g. a worker's metric file read while the worker creates it:
+            # answer (the next scrape will do), never drop the request.
+            log.warning("metrics endpoint: %s failed: %r", request.path, exc)
+            if request.path == "/metrics":
+                return 500, f"cannot collect the metrics: {exc!r}\n".encode(), text
+            why = f"cannot read the workers' state: {exc!r}"
+        if why is None:
+            return 200, b"ready\n", text
+        return 503, f"not ready: {why}\n".encode(), text
 
     async def serve(self, stream: trio.abc.Stream) -> None:
         buffer = bytearray()

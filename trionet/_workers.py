@@ -49,6 +49,7 @@ from ._metrics import (
     mark_worker_dead,
     multiprocess_readiness,
     multiprocess_registry,
+    read_retrying,
 )
 from ._monitor import serve_monitor
 from ._server import Server, StartupError, _reason
@@ -268,12 +269,15 @@ class _Supervisor:
             from prometheus_client import generate_latest
 
             # Reading the workers' files is disk I/O: not on the event loop.
-            return await trio.to_thread.run_sync(generate_latest, registry), CONTENT_TYPE
+            text = await trio.to_thread.run_sync(read_retrying, lambda: generate_latest(registry))
+            return text, CONTENT_TYPE
 
         async def readiness() -> str | None:
             if self.stopping:
                 return "draining: shutting down"
-            return await trio.to_thread.run_sync(multiprocess_readiness, registry)
+            return await trio.to_thread.run_sync(
+                read_retrying, lambda: multiprocess_readiness(registry)
+            )
 
         await serve_monitor(monitor.host, monitor.port, render, readiness, task_status=task_status)
 

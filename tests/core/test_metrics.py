@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 import urllib.parse
@@ -33,7 +34,7 @@ import trio.testing
 from conftest import RedisServer, Serve, TLSFiles
 
 from trionet import Connection, Server, Service
-from trionet._metrics import MAX_END_REASONS, Metrics
+from trionet._metrics import MAX_END_REASONS, Metrics, read_retrying
 from trionet._monitor import BadRequest, parse_request, serve_monitor
 from trionet.services.chat.server import ChatService
 from trionet.services.echo.server import EchoService
@@ -264,9 +265,13 @@ async def test_endpoint_answers_health_readiness_and_errors() -> None:
     state: dict[str, str | None] = {"why": "starting"}
 
     async def render() -> tuple[bytes, str]:
+        if state["why"] == "broken":
+            raise ValueError("half-written file")
         return b"# metrics\n", "text/plain; version=0.0.4"
 
     async def readiness() -> str | None:
+        if state["why"] == "broken":
+            raise ValueError("half-written file")
         return state["why"]
 
     async with trio.open_nursery() as nursery:
@@ -294,6 +299,12 @@ async def test_endpoint_answers_health_readiness_and_errors() -> None:
         assert (await _http(port, huge)).startswith(b"HTTP/1.1 431 ")
         head = await _http(port, b"HEAD /healthz HTTP/1.0\r\n\r\n")
         assert head.endswith(b"\r\n\r\n") and b"Content-Length: 3" in head
+        # A source that fails is an answer too, never a dropped request.
+        state["why"] = "broken"
+        reply = await _http(port, b"GET /readyz HTTP/1.0\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 503 ") and b"half-written file" in reply
+        reply = await _http(port, b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 500 ")
         nursery.cancel_scope.cancel()
 
 
@@ -588,3 +599,21 @@ def test_a_real_prometheus_scrapes_trionet(serve: Callable[..., Serve], tmp_path
         prom.terminate()
         prom.wait(30)
     assert p.stop() == 0
+
+
+def test_reading_the_workers_files_retries_a_file_half_made() -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise struct.error("unpack_from requires a buffer of at least 4 bytes")
+        return "read"
+
+    assert read_retrying(flaky) == "read" and len(calls) == 3
+
+    def broken() -> str:
+        raise struct.error("still empty")
+
+    with pytest.raises(struct.error):
+        read_retrying(broken)
