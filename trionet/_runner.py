@@ -189,7 +189,8 @@ def build_parser(
         epilog=(
             "Each service logs 'NAME listening on HOST:PORT' at start (with port 0 that\n"
             "is how to learn the port) and one access-log line per connection. Logs go\n"
-            f"to stderr.\n\n{_CONFIG_EXAMPLE}"
+            "to stderr (--log-format json: one JSON object per line). Deploying, metrics\n"
+            f"and log shipping: docs/deploy.md.\n\n{_CONFIG_EXAMPLE}"
         ),
     )
     parser.add_argument(

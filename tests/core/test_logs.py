@@ -201,16 +201,17 @@ def test_access_log_switch_is_independent_of_the_level(
     quiet.wait_for(r"calc 127\.0\.0\.1:\d+ #\S+ end=quit")
     assert quiet.stop() == 0
     assert quiet.count("listening on") == 0  # INFO lines are off, access lines are not
-    # Off in the config file's [common] table, in JSON.
+    # Off in the config file's [common] table, in JSON, with the metrics port there too.
     config = tmp_path / "trionet.toml"
-    config.write_text('[common]\naccess-log = "off"\nlog-format = "json"\n')
+    config.write_text('[common]\naccess-log = "off"\nlog-format = "json"\nmetrics-port = 0\n')
     silent = serve("calc", "--port", "0", "--config", str(config))
     given = silent.port("calc")
     one_request(silent)
     assert silent.stop() == 0
     records = parse_all(silent)
     assert not [r for r in records if r["logger"] == "trionet.access"]
-    assert any("listening on" in r["message"] for r in records)
+    assert any("calc listening on" in r["message"] for r in records)
+    assert any("metrics listening on" in r["message"] for r in records)
 
 
 def _connectable(port: int) -> bool:
