@@ -34,6 +34,9 @@ import attrs
 import trio
 
 from ._framing import DEFAULT_MAX_LINE
+from ._logs import flush_bursts, setup_logging
+from ._metrics import CONTENT_TYPE, Metrics
+from ._monitor import serve_monitor
 from ._plugins import PluginError, builtin_names, load_service, service_names
 from ._server import Server, StartupError
 from ._service import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Service
@@ -44,7 +47,15 @@ __all__ = ["ConfigError", "build_parser", "build_services", "run", "serve_foreve
 log = logging.getLogger("trionet")
 
 #: Options of the server as a whole (one value for the process).
-_SERVER_DESTS: Final = ("grace", "log_level", "workers")
+_SERVER_DESTS: Final = (
+    "grace",
+    "log_level",
+    "workers",
+    "metrics_port",
+    "metrics_host",
+    "log_format",
+    "access_log",
+)
 #: Options every service has (``Service`` fields), by argparse dest.
 _SERVICE_DESTS: Final = (
     "host",
@@ -186,7 +197,8 @@ def build_parser(
         epilog=(
             "Each service logs 'NAME listening on HOST:PORT' at start (with port 0 that\n"
             "is how to learn the port) and one access-log line per connection. Logs go\n"
-            f"to stderr.\n\n{_CONFIG_EXAMPLE}"
+            "to stderr (--log-format json: one JSON object per line). Deploying, metrics\n"
+            f"and log shipping: docs/deploy.md.\n\n{_CONFIG_EXAMPLE}"
         ),
     )
     parser.add_argument(
@@ -222,7 +234,33 @@ def build_parser(
         default="INFO",
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity on stderr (default: %(default)s)",
+        help="log verbosity on stderr; the access log has its own switch (default: %(default)s)",
+    )
+    server.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="'json': one JSON object per line, for log shippers (default: %(default)s)",
+    )
+    server.add_argument(
+        "--access-log",
+        default="on",
+        choices=["on", "off"],
+        help="one line per connection, whatever --log-level is (default: %(default)s)",
+    )
+    server.add_argument(
+        "--metrics-port",
+        type=_port_number,
+        default=None,
+        metavar="PORT",
+        help="serve HTTP GET /metrics (Prometheus), /healthz and /readyz on this port "
+        "(with --workers, the parent's port covers every worker) (default: off)",
+    )
+    server.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of --metrics-port (default: %(default)s)",
     )
     common = parser.add_argument_group("options for every service")
     common.add_argument(
@@ -548,37 +586,48 @@ async def _watch_signals(
                 cancel.cancel()
 
 
-async def _serve_until_signalled(server: Server, parent_fd: int | None) -> None:
+@attrs.frozen
+class MonitorOptions:
+    """``--metrics-port`` and ``--metrics-host``: where to serve /metrics and the health checks."""
+
+    port: int
+    host: str = "127.0.0.1"
+
+
+async def _housekeeping(server: Server, refresh: bool) -> None:
+    """Every second: close third-party log bursts; in a worker, publish the services' figures."""
+    while True:
+        await trio.sleep(1.0)
+        flush_bursts()
+        if refresh and server.metrics is not None:
+            server.metrics.refresh(server.services)
+
+
+async def _serve_until_signalled(
+    server: Server, parent_fd: int | None, monitor: MonitorOptions | None
+) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, server, nursery.cancel_scope)
         if parent_fd is not None:
             nursery.start_soon(watch_parent, parent_fd, server)
+        metrics = server.metrics
+        if monitor is not None and metrics is not None:
+
+            async def render() -> tuple[bytes, str]:
+                return metrics.render(server.services), CONTENT_TYPE
+
+            async def readiness() -> str | None:
+                return server.readiness()
+
+            await nursery.start(serve_monitor, monitor.host, monitor.port, render, readiness)
+        # A worker's figures reach its parent's scrape only through its files.
+        nursery.start_soon(_housekeeping, server, parent_fd is not None)
         await server.run()
         nursery.cancel_scope.cancel()
 
 
-def _startup_error(exc: BaseException) -> StartupError | None:
-    if isinstance(exc, StartupError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            if (found := _startup_error(inner)) is not None:
-                return found
-    return None
-
-
-def _setup_logging(level: str) -> None:
-    root = logging.getLogger()
-    if not root.handlers:  # the program has not set up logging itself
-        index = worker_index()
-        who = "" if index is None else f"[worker {index}] "
-        logging.basicConfig(
-            level=level,
-            stream=sys.stderr,
-            format=f"%(asctime)s %(levelname)s %(name)s: {who}%(message)s",
-        )
-    elif level != "INFO":
-        logging.getLogger("trionet").setLevel(level)
+def _setup_logging(level: str, fmt: str = "text", access: bool = True) -> None:
+    setup_logging(level, fmt=fmt, access=access, worker=worker_index())
 
 
 def _raise_fd_limit(services: Sequence[Service]) -> None:
@@ -653,12 +702,16 @@ def run(
             items = list(services or [])
             built = [s if isinstance(s, Service) else s() for s in items]
             level, workers = log_level, 1
+            fmt, access, monitor = "text", True, None
         else:
             plan, instances = _plan(services, list(argv))
             host = plan.server.host
             grace = plan.server.grace
             level, workers = plan.server.log_level, plan.server.workers
-            _setup_logging(level)
+            fmt, access = plan.server.log_format, plan.server.access_log == "on"
+            port = plan.server.metrics_port
+            monitor = None if port is None else MonitorOptions(port, plan.server.metrics_host)
+            _setup_logging(level, fmt, access)
             built = _build(plan, instances)
     except (ConfigError, PluginError) as exc:
         print(f"trionet: error: {exc}", file=sys.stderr)
@@ -667,16 +720,22 @@ def run(
         _setup_logging(log_level)
         log.error("%s", exc)
         return 1
-    _setup_logging(level)
+    _setup_logging(level, fmt, access)
     worker = inherited_listeners()
     if worker is not None:  # started by a parent with --workers: serve its sockets
         listeners, parent_fd = worker
+        # Its metrics go to files its parent reads (PROMETHEUS_MULTIPROC_DIR).
         return serve_forever(
-            built, host=host, grace=grace, listeners=listeners, parent_fd=parent_fd
+            built,
+            host=host,
+            grace=grace,
+            listeners=listeners,
+            parent_fd=parent_fd,
+            metrics=monitor is not None,
         )
     if workers > 1:
-        return run_workers(built, host=host, grace=grace, workers=workers)
-    return serve_forever(built, host=host, grace=grace)
+        return run_workers(built, host=host, grace=grace, workers=workers, monitor=monitor)
+    return serve_forever(built, host=host, grace=grace, monitor=monitor)
 
 
 def serve_forever(
@@ -686,28 +745,37 @@ def serve_forever(
     grace: float = 5.0,
     listeners: dict[str, list[trio.SocketListener]] | None = None,
     parent_fd: int | None = None,
+    monitor: MonitorOptions | None = None,
+    metrics: bool = False,
 ) -> int:
     """Run ready ``services`` in this process until a signal; return the exit status.
 
     ``listeners`` and ``parent_fd`` are a worker's: the parent's sockets, and
     the pipe that reports the parent's death (see :mod:`trionet._workers`).
+    ``monitor`` serves /metrics and the health checks; ``metrics`` counts
+    without serving them (a worker, whose parent serves them).
     """
     _raise_fd_limit(services)
     server = Server(
-        services, host=host, grace=grace, listeners=listeners, announce=listeners is None
+        services,
+        host=host,
+        grace=grace,
+        listeners=listeners,
+        announce=listeners is None,
+        metrics=Metrics() if monitor is not None or metrics else None,
     )
     try:
-        trio.run(_serve_until_signalled, server, parent_fd)
+        trio.run(_serve_until_signalled, server, parent_fd, monitor)
     except KeyboardInterrupt:
         # Ctrl-C before the signal handler was installed, or after it was
         # removed: nothing was serving, so there is nothing to report.
         log.info("interrupted")
         return 0
     except BaseException as exc:
-        error = _startup_error(exc)
-        if error is None:
+        if not StartupError.report(exc):
             raise
-        log.error("%s", error)
         return 1
+    finally:
+        flush_bursts(final=True)
     log.info("stopped")
     return 0

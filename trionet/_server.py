@@ -30,13 +30,14 @@ from typing import Any
 import trio
 
 from ._connection import Connection, format_peer
+from ._logs import log_access, next_conn_number
+from ._metrics import Metrics, set_redis_reporter
 from ._service import Service
 from ._tls import accept_tls, transport_for
 
 __all__ = ["Server", "StartupError", "serve"]
 
 log = logging.getLogger("trionet")
-access_log = logging.getLogger("trionet.access")
 
 # accept() errors that mean "out of resources right now": wait and retry
 # rather than crash the server (trio.serve_listeners does the same).
@@ -59,6 +60,25 @@ class StartupError(OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+    @staticmethod
+    def find(exc: BaseException) -> StartupError | None:
+        """The :class:`StartupError` in ``exc`` (an exception group, maybe), if any."""
+        if isinstance(exc, StartupError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                if (found := StartupError.find(inner)) is not None:
+                    return found
+        return None
+
+    @staticmethod
+    def report(exc: BaseException) -> bool:
+        """Log the :class:`StartupError` in ``exc`` in its one line; ``False`` if none is."""
+        error = StartupError.find(exc)
+        if error is not None:
+            log.error("%s", error)
+        return error is not None
 
 
 def _reason(exc: OSError) -> str:
@@ -128,6 +148,8 @@ class Server:
         none get TCP listeners on their host and port.
       announce: log each ``listening on`` line at INFO (a worker process,
         whose parent announced the sockets, logs them at DEBUG).
+      metrics: where to count connections, bytes, ends (see
+        :mod:`trionet._metrics`); ``None`` counts nothing.
 
     Use :meth:`run` with ``nursery.start`` (it returns :attr:`addresses`)
     and :meth:`shutdown` to stop gracefully.
@@ -141,6 +163,7 @@ class Server:
         grace: float = 5.0,
         listeners: Mapping[str, Sequence[trio.abc.Listener[Any]]] | None = None,
         announce: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         names = [s.name for s in services]
         if len(set(names)) != len(names):
@@ -161,6 +184,11 @@ class Server:
         self._per_address: dict[str, dict[str, int]] = {s.name: {} for s in services}
         self._shutdown = trio.Event()
         self._all_closed = trio.Event()
+        #: Where connections are counted (``None``: nowhere).
+        self.metrics = metrics
+        self._listening = False
+        # Service name -> is its Redis link up? (services with one only)
+        self._redis: dict[str, bool] = {}
 
     @property
     def connection_count(self) -> int:
@@ -175,6 +203,29 @@ class Server:
     def shutdown(self) -> None:
         """Begin a graceful shutdown; :meth:`run` returns when it is complete."""
         self._shutdown.set()
+        if self.metrics is not None:
+            self.metrics.set_ready(False)
+
+    def readiness(self) -> str | None:
+        """Why the server is not ready to serve (``None``: it is).
+
+        Ready means every service listens, none is draining, and every
+        Redis link a service uses is up: what ``/readyz`` answers.
+        """
+        if self._shutdown.is_set():
+            return "draining: shutting down"
+        if not self._listening:
+            return "starting"
+        down = sorted(name for name, up in self._redis.items() if not up)
+        if down:
+            return f"Redis link down ({', '.join(down)})"
+        return None
+
+    def _redis_changed(self, service: str, up: bool) -> None:
+        # Called by trionet._redis.RedisLink (through a context variable).
+        self._redis[service] = up
+        if self.metrics is not None:
+            self.metrics.redis_changed(service, up)
 
     async def _open_listeners(self, service: Service) -> list[trio.abc.Listener[Any]]:
         given = self._given_listeners.get(service.name)
@@ -207,6 +258,12 @@ class Server:
         can be used and the real port read back. A listener that cannot be
         opened raises :exc:`StartupError` before anything is served.
         """
+        # Code under this task that cannot see the server (the TLS handshake,
+        # chat's web page, Redis links) finds its metrics and reporter here.
+        set_redis_reporter(self._redis_changed)
+        if self.metrics is not None:
+            self.metrics.activate()
+            self.metrics.declare(self.services)
         opened: list[tuple[Service, trio.abc.Listener[Any]]] = []
         try:
             for service in self.services:
@@ -263,6 +320,9 @@ class Server:
                     # from then on every waiting connection is ended anyway.
                     accepting.start_soon(self._reap, service)
                 task_status.started(self.addresses)
+                self._listening = True
+                if self.metrics is not None and not self._shutdown.is_set():
+                    self.metrics.set_ready(True)
                 await self._shutdown.wait()
                 log.info(
                     "shutting down: listeners closed, %d connection(s) open", self.connection_count
@@ -335,15 +395,11 @@ class Server:
                 peer = format_peer(stream)
                 key = _address_key(peer)
                 if self._active[service.name] >= service.max_connections:
-                    connections.start_soon(
-                        self._turn_away, service, stream, peer, "server full", tls
-                    )
+                    connections.start_soon(self._turn_away, service, stream, peer, None, tls)
                 elif key is not None and per_address.get(key, 0) >= (
                     service.effective_max_per_address
                 ):
-                    connections.start_soon(
-                        self._turn_away, service, stream, peer, f"address limit for {key}", tls
-                    )
+                    connections.start_soon(self._turn_away, service, stream, peer, key, tls)
                 else:
                     self._active[service.name] += 1
                     if key is not None:
@@ -355,26 +411,37 @@ class Server:
         service: Service,
         stream: trio.abc.Stream,
         peer: str,
-        why: str,
+        address: str | None,
         tls: ssl.SSLContext | None,
     ) -> None:
+        """Say ``BYE busy`` and close: the server is full, or ``address`` is at its limit."""
+        started = trio.current_time()
+        sent = 0
         with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT):
             try:
                 if service.line_based:
                     if tls is not None:  # the BYE goes inside TLS too
                         stream = trio.SSLStream(transport_for(stream), tls, server_side=True)
                     await stream.send_all(b"BYE busy\n")
+                    sent = len(b"BYE busy\n")
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             finally:
                 await stream.aclose()  # bounded above; for TLS, sends close_notify
-        access_log.info(
-            "%s %s turned away (%s): %d/%d connections in use",
+        reason = "busy" if address is None else "per-address"
+        if self.metrics is not None:
+            self.metrics.turned_away_client(service.name, reason)
+        why = "server full" if address is None else f"address limit for {address}"
+        log_access(
             service.name,
             peer,
-            why,
-            self._active[service.name],
-            service.max_connections,
+            conn=next_conn_number(),
+            tls=tls is not None,
+            end=reason,
+            duration=trio.current_time() - started,
+            bytes_out=sent,
+            message=f"{service.name} {peer} turned away ({why}): "
+            f"{self._active[service.name]}/{service.max_connections} connections in use",
         )
 
     async def _run_connection(
@@ -400,12 +467,15 @@ class Server:
             quit_command=service.quit_command if service.line_based else None,
             on_quit=service.on_quit,
             service=service.name,
+            conn_id=next_conn_number(),
         )
         conn._peer = peer
         self._connections.add(conn)
         self._by_service[service.name].add(conn)
         started = trio.current_time()
         end = "closed"
+        if self.metrics is not None:
+            self.metrics.opened(service.name)
         try:
             try:
                 with conn._scope:
@@ -447,16 +517,20 @@ class Server:
             self._release(service, key)
             if not self._connections and self._shutdown.is_set():
                 self._all_closed.set()
-            access_log.info(
-                "%s %s #%d end=%s duration=%.3fs in=%d out=%d%s",
+            duration = trio.current_time() - started
+            if self.metrics is not None:
+                self.metrics.ended_connection(
+                    service.name, end, duration, conn.bytes_in, conn.bytes_out
+                )
+            log_access(
                 service.name,
                 conn.peer,
-                conn.id,
-                end,
-                trio.current_time() - started,
-                conn.bytes_in,
-                conn.bytes_out,
-                " tls" if isinstance(conn.stream, trio.SSLStream) else "",
+                conn=conn.id,
+                tls=isinstance(conn.stream, trio.SSLStream),
+                end=end,
+                duration=duration,
+                bytes_in=conn.bytes_in,
+                bytes_out=conn.bytes_out,
             )
 
     def _release(self, service: Service, key: str | None) -> None:

@@ -21,6 +21,11 @@ The parent:
 
 Workers run in their own process group, so a Ctrl-C on the terminal
 reaches only the parent, which forwards it once.
+
+With ``--metrics-port`` the parent serves /metrics and the health checks:
+each worker writes its metrics to files in a directory the parent made
+(``PROMETHEUS_MULTIPROC_DIR``, see :mod:`trionet._metrics`), and a scrape
+of the parent adds them up, replaced workers' counts included.
 """
 
 from __future__ import annotations
@@ -28,16 +33,30 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 
+from ._metrics import (
+    CONTENT_TYPE,
+    MULTIPROC_ENV,
+    mark_worker_dead,
+    multiprocess_readiness,
+    multiprocess_registry,
+    read_retrying,
+)
+from ._monitor import serve_monitor
 from ._server import Server, StartupError, _reason
 from ._service import Service
+
+if TYPE_CHECKING:
+    from ._runner import MonitorOptions
 
 __all__ = ["WORKER_ENV", "inherited_listeners", "run_workers", "watch_parent", "worker_index"]
 
@@ -81,7 +100,7 @@ def _open_sockets(service: Service, host: str) -> list[socket.socket]:
 
 
 def worker_index() -> int | None:
-    """This worker's number (0, 1, ...), or ``None`` outside a worker."""
+    """This worker's number (1, 2, ...), or ``None`` outside a worker."""
     spec = os.environ.get(WORKER_ENV)
     return int(json.loads(spec)["index"]) if spec else None
 
@@ -119,8 +138,18 @@ async def watch_parent(fd: int, server: Server) -> None:
         server.shutdown()
 
 
-def run_workers(services: Sequence[Service], *, host: str, grace: float, workers: int) -> int:
-    """Open the listeners, run ``workers`` processes on them, supervise; the exit status."""
+def run_workers(
+    services: Sequence[Service],
+    *,
+    host: str,
+    grace: float,
+    workers: int,
+    monitor: MonitorOptions | None = None,
+) -> int:
+    """Open the listeners, run ``workers`` processes on them, supervise; the exit status.
+
+    With ``monitor``, serve every worker's metrics and the health checks there.
+    """
     for service in services:
         problem = service.workers_problem(workers)
         if problem is not None:
@@ -150,23 +179,43 @@ def run_workers(services: Sequence[Service], *, host: str, grace: float, workers
             bound_host, port = sock.getsockname()[:2]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
             log.info("%s listening on %s:%d", name, shown, port)
+    metrics_dir = None
+    if monitor is not None:
+        # Made before any worker starts: each finds it in its environment.
+        metrics_dir = tempfile.mkdtemp(prefix="trionet-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
     try:
-        return trio.run(_supervise, sockets, workers, grace)
+        return trio.run(_supervise, sockets, workers, grace, monitor, metrics_dir)
     except KeyboardInterrupt:
         return 0
+    except BaseException as exc:
+        if not StartupError.report(exc):
+            raise
+        return 1
     finally:
         for socks in sockets.values():
             for sock in socks:
                 sock.close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 class _Supervisor:
-    def __init__(self, sockets: dict[str, list[socket.socket]], count: int, grace: float) -> None:
+    def __init__(
+        self,
+        sockets: dict[str, list[socket.socket]],
+        count: int,
+        grace: float,
+        metrics_dir: str | None = None,
+    ) -> None:
         self.sockets = sockets
         self.count = count
         self.grace = grace
         self.stopping = False
         self.procs: dict[int, trio.Process] = {}
+        #: Workers that died and were replaced (a metric).
+        self.restarts = 0
+        self.metrics_dir = metrics_dir
         # The pipe every worker watches: the parent keeps the write end
         # open for its whole life and never writes.
         self.watch_r, self.watch_w = os.pipe()
@@ -195,6 +244,8 @@ class _Supervisor:
             log.info("worker %d started (pid %d)", index, proc.pid)
             code = await proc.wait()
             del self.procs[index]
+            if self.metrics_dir is not None:
+                mark_worker_dead(proc.pid, self.metrics_dir)
             if self.stopping:
                 log.info("worker %d (pid %d) stopped", index, proc.pid)
                 return
@@ -204,6 +255,7 @@ class _Supervisor:
             log.error(
                 "worker %d (pid %d) died (%s); restarting in %.1fs", index, proc.pid, how, backoff
             )
+            self.restarts += 1
             await trio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
@@ -212,9 +264,38 @@ class _Supervisor:
             if proc.returncode is None:
                 proc.send_signal(signum)
 
+    async def serve_monitor(
+        self, monitor: MonitorOptions, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
+    ) -> None:
+        """/metrics and the health checks for every worker, from their metric files."""
+        assert self.metrics_dir is not None
+        registry = multiprocess_registry(self.metrics_dir, lambda: self.restarts)
 
-async def _supervise(sockets: dict[str, list[socket.socket]], count: int, grace: float) -> int:
-    sup = _Supervisor(sockets, count, grace)
+        async def render() -> tuple[bytes, str]:
+            from prometheus_client import generate_latest
+
+            # Reading the workers' files is disk I/O: not on the event loop.
+            text = await trio.to_thread.run_sync(read_retrying, lambda: generate_latest(registry))
+            return text, CONTENT_TYPE
+
+        async def readiness() -> str | None:
+            if self.stopping:
+                return "draining: shutting down"
+            return await trio.to_thread.run_sync(
+                read_retrying, lambda: multiprocess_readiness(registry)
+            )
+
+        await serve_monitor(monitor.host, monitor.port, render, readiness, task_status=task_status)
+
+
+async def _supervise(
+    sockets: dict[str, list[socket.socket]],
+    count: int,
+    grace: float,
+    monitor: MonitorOptions | None = None,
+    metrics_dir: str | None = None,
+) -> int:
+    sup = _Supervisor(sockets, count, grace, metrics_dir)
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as outer:
@@ -236,9 +317,11 @@ async def _supervise(sockets: dict[str, list[socket.socket]], count: int, grace:
                             sup.signal_all(signal.SIGKILL)
 
                 outer.start_soon(forward)
+                if monitor is not None:
+                    await outer.start(sup.serve_monitor, monitor)
                 # Each slot's task returns once we stop and its worker has exited.
                 async with trio.open_nursery() as slots:
-                    for index in range(count):
+                    for index in range(1, count + 1):
                         slots.start_soon(sup.keep_running, index)
                 outer.cancel_scope.cancel()
     finally:

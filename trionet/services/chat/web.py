@@ -45,6 +45,7 @@ import trio
 from trio_websocket import ConnectionClosed, wrap_server_stream
 
 from ..._connection import format_peer
+from ..._logs import log_access, next_conn_number
 
 __all__ = [
     "MessageSocket",
@@ -56,7 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("trionet.web")
-access_log = logging.getLogger("trionet.access")
 
 #: Seconds a client has to send its request head (and read the page, or
 #: finish the WebSocket handshake): slow-loris clients are dropped after it.
@@ -440,10 +440,38 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             # task it would end the whole program).
             log.error("%s %s: request failed", self.name, peer, exc_info=group)
 
+    def _access(
+        self,
+        stream: trio.abc.Stream,
+        peer: str,
+        method: str,
+        path: str,
+        status: int,
+        started: float,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None:
+        """One access line for a request answered here (a WebSocket gets the chat's own)."""
+        log_access(
+            self.name,
+            peer,
+            conn=next_conn_number(),
+            tls=isinstance(stream, trio.SSLStream),
+            end=f"http-{status}",
+            duration=trio.current_time() - started,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            message=f"{self.name} {peer} {method} {path} {status}",
+            method=method,
+            path=path,
+            status=status,
+        )
+
     async def _handle_request(
         self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str
     ) -> bool:
         """Answer one request; ``True`` once a WebSocket was handed to :meth:`accept`."""
+        started = trio.current_time()
         head = await self._read_head(stream)
         if head is None:
             return False
@@ -455,7 +483,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             if method != "GET":
                 raise _Refused(405, "method not allowed", [("Allow", "GET")])
             if path == "/":
-                access_log.info("%s %s %s %s 200", self.name, peer, method, path)
+                self._access(stream, peer, method, path, 200, started, len(head), len(self.page))
                 await stream.send_all(self.page)
                 return False
             if path != "/ws":
@@ -465,7 +493,8 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             if not _same_origin(headers):
                 raise _Refused(403, "WebSocket from another origin")
         except _Refused as refused:
-            access_log.info("%s %s %s %s %d", self.name, peer, method, path, refused.status)
+            sent = len(refused.response)
+            self._access(stream, peer, method, path, refused.status, started, len(head), sent)
             await stream.send_all(refused.response)
             return False
         # The handshake proper (and its 400 for a malformed one) is
