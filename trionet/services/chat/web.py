@@ -543,13 +543,20 @@ class _TLSListener(trio.abc.Listener[trio.abc.Stream]):
     use it), so the person lands on the page.
     """
 
-    def __init__(self, transport_listener: trio.abc.Listener[Any], context: ssl.SSLContext):
+    def __init__(
+        self,
+        transport_listener: trio.abc.Listener[Any],
+        context: ssl.SSLContext,
+        name: str = "chat web",
+    ):
         self.transport_listener = transport_listener  # WebListener.socket looks for it
         self.context = context
+        self.name = name
 
     async def accept(self) -> trio.abc.Stream:
         """The next connection; its first bytes are looked at on first use."""
-        return _TLSOrPlainHTTP(await self.transport_listener.accept(), self.context)
+        stream = await self.transport_listener.accept()
+        return _TLSOrPlainHTTP(stream, self.context, self.name)
 
     async def aclose(self) -> None:
         """Close the TCP listener."""
@@ -569,9 +576,13 @@ class _TLSOrPlainHTTP(trio.abc.Stream):
     whose handshake fails as before.
     """
 
-    def __init__(self, transport_stream: trio.abc.Stream, context: ssl.SSLContext) -> None:
+    def __init__(
+        self, transport_stream: trio.abc.Stream, context: ssl.SSLContext, name: str
+    ) -> None:
         self.transport_stream = transport_stream  # format_peer follows it
         self.context = context
+        self.name = name
+        self._started = trio.current_time()
         self._tls: trio.SSLStream[trio.abc.Stream] | None = None
         self._answered = False  # plain HTTP was answered: the stream is done
 
@@ -607,12 +618,21 @@ class _TLSOrPlainHTTP(trio.abc.Stream):
                         f"This port speaks HTTPS: {where}\n".encode(),
                         headers=[("Location", where), ("Cache-Control", "no-store")],
                     )
-        access_log.info(
-            "chat web %s plain HTTP on the HTTPS port %s",
-            format_peer(self.transport_stream),
-            response.split(b" ", 2)[1].decode(),
-        )
         await self.transport_stream.send_all(response)
+        status = int(response.split(b" ", 2)[1])
+        peer = format_peer(self.transport_stream)
+        log_access(
+            self.name,
+            peer,
+            conn=next_conn_number(),
+            tls=False,
+            end=f"http-{status}",
+            duration=trio.current_time() - self._started,
+            bytes_in=len(head or b""),
+            bytes_out=len(response),
+            message=f"{self.name} {peer} plain HTTP on the HTTPS port {status}",
+            status=status,
+        )
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """Decrypted bytes (the first call decides between TLS and plain HTTP)."""
