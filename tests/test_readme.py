@@ -151,7 +151,7 @@ async def test_readme_example_as_a_program(tmp_path: Path) -> None:
     )
     assert status == 0, err
     assert "SIGINT received: shutting down gracefully" in err
-    assert re.search(r"shout 127\.0\.0\.1:\d+ #\d+ end=shutdown", err), err  # access log
+    assert re.search(r"shout 127\.0\.0\.1:\d+ #[a-z0-9]+-\d+ end=shutdown", err), err  # access log
     assert "Traceback" not in err
 
 

@@ -7,13 +7,15 @@ The public API, re-exported from small private modules:
 * :func:`run` — run services as a program: logging, signals, exit status,
   and with ``argv`` the whole command line of ``python -m trionet.serve``.
 * :class:`Server` / :func:`serve` — run services inside your own Trio code
-  (limits, timeouts, graceful shutdown, crash isolation, access logs).
+  (limits, timeouts, graceful shutdown, crash isolation, access logs);
+  :class:`Metrics` — what a server counts for Prometheus (``Server(metrics=...)``).
 * :class:`LineBuffer` — the sans-I/O line framer underneath.
 * :mod:`trionet.testing` — memory listeners and a scripted client for tests.
 """
 
 from ._connection import RECEIVE_SIZE, Connection, LineError, format_peer
 from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineBuffer, LineEvent, LineTooLong
+from ._metrics import Metrics
 from ._plugins import PluginError
 from ._runner import ConfigError, build_services, run
 from ._server import Server, StartupError, serve
@@ -30,6 +32,7 @@ __all__ = [
     "LineError",
     "LineEvent",
     "LineTooLong",
+    "Metrics",
     "PluginError",
     "Server",
     "Service",

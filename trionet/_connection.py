@@ -47,6 +47,7 @@ from typing import Any, Final, Protocol, TypeVar
 import trio
 
 from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineBuffer, LineTooLong
+from ._logs import conn_label
 
 __all__ = [
     "RECEIVE_SIZE",
@@ -125,8 +126,11 @@ def format_peer(stream: trio.abc.Stream) -> str:
 
 
 class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
+    # The tag starts the text; the fields go to a JSON log as they are.
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"{self.extra['tag']} {msg}" if self.extra else msg, kwargs
+        extra: Any = self.extra
+        kwargs["extra"] = {**extra["fields"], **kwargs.get("extra", {})}
+        return f"{extra['tag']} {msg}", kwargs
 
 
 class Connection:
@@ -269,8 +273,10 @@ class Connection:
             base = self._logger or logging.getLogger(
                 f"trionet.{self.service}" if self.service else "trionet"
             )
-            tag = f"[{self.service or 'conn'} #{self.id} {self.peer}]"
-            self._log = _ConnectionLog(base, {"tag": tag})
+            label = conn_label(self.id)
+            tag = f"[{self.service or 'conn'} #{label} {self.peer}]"
+            fields = {"service": self.service, "conn": label, "peer": self.peer}
+            self._log = _ConnectionLog(base, {"tag": tag, "fields": fields})
         return self._log
 
     @property

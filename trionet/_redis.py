@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from ._metrics import redis_reporter
+
 if TYPE_CHECKING:
     import coredis
 
@@ -124,6 +126,14 @@ class RedisLink:
         #: Is a session running on a live connection right now?
         self.up = False
         self._outage = False  # logged as started, not yet as over
+        # The server's readiness and metrics (found when the link starts).
+        self._report: Callable[[str, bool], None] | None = None
+
+    def _set_up(self, up: bool) -> None:
+        changed = up != self.up
+        self.up = up
+        if changed and self._report is not None:
+            self._report(self.who, up)
 
     def client(self) -> coredis.Redis[str]:
         """A new client for :attr:`url` (enter it with ``async with`` before use)."""
@@ -139,7 +149,7 @@ class RedisLink:
         )
 
     def _down(self, exc: BaseException) -> None:
-        self.up = False
+        self._set_up(False)
         if not self._outage:
             self._outage = True
             log.warning(
@@ -158,10 +168,14 @@ class RedisLink:
         Redis is down (degraded), rather than block its start-up.
         """
         started = False
+        self._report = redis_reporter()
+        self.up = False
+        if self._report is not None:
+            self._report(self.who, False)  # not ready until the first session is
 
         def ready() -> None:
             nonlocal started
-            self.up = True
+            self._set_up(True)
             if self._outage:
                 self._outage = False
                 log.info("%s: Redis at %s reachable again", self.who, self.url)
@@ -183,10 +197,10 @@ class RedisLink:
                     self._down(exc)
                 else:
                     # A bug, not an outage: show it, but keep the service up.
-                    self.up = False
+                    self._set_up(False)
                     log.exception("%s: the Redis link failed; reconnecting", self.who)
             finally:
-                self.up = False
+                self._set_up(False)
             if not started:
                 started = True
                 task_status.started()

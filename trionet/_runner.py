@@ -41,6 +41,9 @@ import attrs
 import trio
 
 from ._framing import DEFAULT_MAX_LINE
+from ._logs import flush_bursts, setup_logging
+from ._metrics import CONTENT_TYPE, Metrics
+from ._monitor import serve_monitor
 from ._plugins import PluginError, builtin_names, load_service, service_names
 from ._privileges import Identity, PrivilegeError, drop_privileges, resolve_identity
 from ._proxy import parse_networks
@@ -69,7 +72,18 @@ __all__ = ["ConfigError", "build_parser", "build_services", "run", "serve_foreve
 log = logging.getLogger("trionet")
 
 #: Options of the server as a whole (one value for the process).
-_SERVER_DESTS: Final = ("grace", "log_level", "workers", "reload_grace", "user", "group")
+_SERVER_DESTS: Final = (
+    "grace",
+    "log_level",
+    "workers",
+    "metrics_port",
+    "metrics_host",
+    "log_format",
+    "access_log",
+    "reload_grace",
+    "user",
+    "group",
+)
 #: Seconds the previous generation of workers may keep its connections on reload.
 DEFAULT_RELOAD_GRACE: Final = 30.0
 #: Options every service has (``Service`` fields), by argparse dest.
@@ -225,9 +239,10 @@ def build_parser(
         epilog=(
             "Each service logs 'NAME listening on HOST:PORT' at start (with port 0 that\n"
             "is how to learn the port) and one access-log line per connection. Logs go\n"
-            "to stderr. Under systemd, sockets it passes (socket activation) are served\n"
-            "instead of opening ports, and NOTIFY_SOCKET is told READY/RELOADING/STOPPING\n"
-            f"(see docs/deploy.md).\n\n{_CONFIG_EXAMPLE}"
+            "to stderr (--log-format json: one JSON object per line). Under systemd,\n"
+            "sockets it passes (socket activation) are served instead of opening ports,\n"
+            "and NOTIFY_SOCKET is told READY/RELOADING/STOPPING. Deploying, metrics,\n"
+            f"reloads and log shipping: docs/deploy.md.\n\n{_CONFIG_EXAMPLE}"
         ),
     )
     parser.add_argument(
@@ -285,7 +300,33 @@ def build_parser(
         default="INFO",
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity on stderr (default: %(default)s)",
+        help="log verbosity on stderr; the access log has its own switch (default: %(default)s)",
+    )
+    server.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="'json': one JSON object per line, for log shippers (default: %(default)s)",
+    )
+    server.add_argument(
+        "--access-log",
+        default="on",
+        choices=["on", "off"],
+        help="one line per connection, whatever --log-level is (default: %(default)s)",
+    )
+    server.add_argument(
+        "--metrics-port",
+        type=_port_number,
+        default=None,
+        metavar="PORT",
+        help="serve HTTP GET /metrics (Prometheus), /healthz and /readyz on this port "
+        "(with --workers, the parent's port covers every worker) (default: off)",
+    )
+    server.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of --metrics-port (default: %(default)s)",
     )
     common = parser.add_argument_group("options for every service")
     common.add_argument(
@@ -777,18 +818,48 @@ async def _watch_signals(
                 nursery.cancel_scope.cancel()
 
 
+@attrs.frozen
+class MonitorOptions:
+    """``--metrics-port`` and ``--metrics-host``: where to serve /metrics and the health checks."""
+
+    port: int
+    host: str = "127.0.0.1"
+
+
+async def _housekeeping(server: Server, refresh: bool) -> None:
+    """Every second: close third-party log bursts; in a worker, publish the services' figures."""
+    while True:
+        await trio.sleep(1.0)
+        flush_bursts()
+        if refresh and server.metrics is not None:
+            server.metrics.refresh(server.services)
+
+
 async def _serve_until_signalled(
     server: Server,
     link: ParentLink | None,
     reloader: _Reloader | None,
     notifier: Notifier,
     reload_grace: float,
+    monitor: MonitorOptions | None,
 ) -> None:
     reloads = ReloadQueue()
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, server, nursery, reloader, notifier, reloads)
         if link is not None:
             nursery.start_soon(link.watch, server, reload_grace)
+        metrics = server.metrics
+        if monitor is not None and metrics is not None:
+
+            async def render() -> tuple[bytes, str]:
+                return metrics.render(server.services), CONTENT_TYPE
+
+            async def readiness() -> str | None:
+                return server.readiness()
+
+            await nursery.start(serve_monitor, monitor.host, monitor.port, render, readiness)
+        # A worker's figures reach its parent's scrape only through its files.
+        nursery.start_soon(_housekeeping, server, link is not None)
 
         async def serve(*, task_status: trio.TaskStatus[None]) -> None:
             await server.run(task_status=task_status)
@@ -805,28 +876,19 @@ async def _serve_until_signalled(
             nursery.start_soon(_reload, server, reloader, notifier, reloads)
 
 
-def _startup_error(exc: BaseException) -> StartupError | PrivilegeError | None:
-    if isinstance(exc, StartupError | PrivilegeError):
+def _privilege_error(exc: BaseException) -> PrivilegeError | None:
+    """The :class:`PrivilegeError` in ``exc`` (an exception group, maybe), if any."""
+    if isinstance(exc, PrivilegeError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            if (found := _startup_error(inner)) is not None:
+            if (found := _privilege_error(inner)) is not None:
                 return found
     return None
 
 
-def _setup_logging(level: str) -> None:
-    root = logging.getLogger()
-    if not root.handlers:  # the program has not set up logging itself
-        index = worker_index()
-        who = "" if index is None else f"[worker {index}] "
-        logging.basicConfig(
-            level=level,
-            stream=sys.stderr,
-            format=f"%(asctime)s %(levelname)s %(name)s: {who}%(message)s",
-        )
-    elif level != "INFO":
-        logging.getLogger("trionet").setLevel(level)
+def _setup_logging(level: str, fmt: str = "text", access: bool = True) -> None:
+    setup_logging(level, fmt=fmt, access=access, worker=worker_index())
 
 
 def _raise_fd_limit(services: Sequence[Service]) -> None:
@@ -905,6 +967,7 @@ def run(
             built = [s if isinstance(s, Service) else s() for s in items]
             level, workers = log_level, 1
             reloader = _Reloader(None, None, built)
+            fmt, access, monitor = "text", True, None
         else:
             plan, instances = _plan(services, list(argv), inherited_config())
             host = plan.server.host
@@ -915,7 +978,10 @@ def run(
                 plan.server.user,
                 plan.server.group,
             )
-            _setup_logging(level)
+            fmt, access = plan.server.log_format, plan.server.access_log == "on"
+            port = plan.server.metrics_port
+            monitor = None if port is None else MonitorOptions(port, plan.server.metrics_host)
+            _setup_logging(level, fmt, access)
             built = _build(plan, instances)
             reloader = _Reloader(services, list(argv), built, plan)
         if group is not None and user is None:
@@ -928,7 +994,7 @@ def run(
         _setup_logging(log_level)
         log.error("%s", exc)
         return 1
-    _setup_logging(level)
+    _setup_logging(level, fmt, access)
     worker = inherited_listeners()
     if worker is not None:  # started by a parent with --workers: serve its sockets
         listeners, link = worker
@@ -938,6 +1004,7 @@ def run(
             except PrivilegeError as exc:
                 log.error("%s", exc)
                 return 1
+        # Its metrics go to files its parent reads (PROMETHEUS_MULTIPROC_DIR).
         return serve_forever(
             built,
             host=host,
@@ -945,6 +1012,7 @@ def run(
             listeners=listeners,
             link_fd=link,
             reload_grace=reload_grace,
+            metrics=monitor is not None,
         )
     notifier = Notifier.from_environ()
     try:
@@ -966,6 +1034,7 @@ def run(
             check_reload=reloader.check,
             given_sockets=passed,
             notifier=notifier,
+            monitor=monitor,
         )
     listeners = {
         name: [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in socks]
@@ -980,6 +1049,7 @@ def run(
         reloader=reloader,
         notifier=notifier,
         identity=identity,
+        monitor=monitor,
     )
 
 
@@ -1006,6 +1076,8 @@ def serve_forever(
     notifier: Notifier | None = None,
     identity: Identity | None = None,
     reload_grace: float = DEFAULT_RELOAD_GRACE,
+    monitor: MonitorOptions | None = None,
+    metrics: bool = False,
 ) -> int:
     """Run ready ``services`` in this process until a signal; return the exit status.
 
@@ -1014,6 +1086,8 @@ def serve_forever(
     :mod:`trionet._workers`). ``reloader`` answers SIGHUP (a worker has
     none: its parent reloads), ``notifier`` tells systemd, and
     ``identity`` is who to become once every listener is open.
+    ``monitor`` serves /metrics and the health checks; ``metrics`` counts
+    without serving them (a worker, whose parent serves them).
     """
     _raise_fd_limit(services)
     server = Server(
@@ -1023,11 +1097,18 @@ def serve_forever(
         listeners=listeners,
         announce=listeners is None if announce is None else announce,
         on_listening=None if identity is None else lambda: _drop(identity),
+        metrics=Metrics() if monitor is not None or metrics else None,
     )
     link = ParentLink(link_fd) if link_fd is not None else None
     try:
         trio.run(
-            _serve_until_signalled, server, link, reloader, notifier or Notifier(), reload_grace
+            _serve_until_signalled,
+            server,
+            link,
+            reloader,
+            notifier or Notifier(),
+            reload_grace,
+            monitor,
         )
     except KeyboardInterrupt:
         # Ctrl-C before the signal handler was installed, or after it was
@@ -1035,10 +1116,14 @@ def serve_forever(
         log.info("interrupted")
         return 0
     except BaseException as exc:
-        error = _startup_error(exc)
-        if error is None:
+        if StartupError.report(exc):
+            return 1
+        privilege = _privilege_error(exc)
+        if privilege is None:
             raise
-        log.error("%s", error)
+        log.error("%s", privilege)
         return 1
+    finally:
+        flush_bursts(final=True)
     log.info("stopped")
     return 0

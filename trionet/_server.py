@@ -30,6 +30,8 @@ from typing import Any
 import trio
 
 from ._connection import Connection, format_peer
+from ._logs import log_access, next_conn_number
+from ._metrics import Metrics, set_redis_reporter
 from ._proxy import ProxyProtocolError, address_allowed
 from ._proxy_stream import HEADER_TIMEOUT, NoHeader, read_proxy_header
 from ._service import Service
@@ -38,7 +40,6 @@ from ._tls import accept_tls, transport_for
 __all__ = ["Server", "StartupError", "serve"]
 
 log = logging.getLogger("trionet")
-access_log = logging.getLogger("trionet.access")
 
 # accept() errors that mean "out of resources right now": wait and retry
 # rather than crash the server (trio.serve_listeners does the same).
@@ -62,6 +63,25 @@ class StartupError(OSError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+    @staticmethod
+    def find(exc: BaseException) -> StartupError | None:
+        """The :class:`StartupError` in ``exc`` (an exception group, maybe), if any."""
+        if isinstance(exc, StartupError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                if (found := StartupError.find(inner)) is not None:
+                    return found
+        return None
+
+    @staticmethod
+    def report(exc: BaseException) -> bool:
+        """Log the :class:`StartupError` in ``exc`` in its one line; ``False`` if none is."""
+        error = StartupError.find(exc)
+        if error is not None:
+            log.error("%s", error)
+        return error is not None
 
 
 def _reason(exc: OSError) -> str:
@@ -133,6 +153,8 @@ class Server:
         whose parent announced the sockets, logs them at DEBUG).
       on_listening: called once every listener is open, before anything is
         served (the runner drops root privileges there).
+      metrics: where to count connections, bytes, ends (see
+        :mod:`trionet._metrics`); ``None`` counts nothing.
 
     Use :meth:`run` with ``nursery.start`` (it returns :attr:`addresses`)
     and :meth:`shutdown` to stop gracefully. :meth:`reload` changes the
@@ -149,6 +171,7 @@ class Server:
         listeners: Mapping[str, Sequence[trio.abc.Listener[Any]]] | None = None,
         announce: bool = True,
         on_listening: Callable[[], object] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         names = [s.name for s in services]
         if len(set(names)) != len(names):
@@ -176,6 +199,11 @@ class Server:
         # Set when retiring may end: the last connection closed, or shutdown().
         self._retired = trio.Event()
         self._reapers: trio.Nursery | None = None
+        #: Where connections are counted (``None``: nowhere).
+        self.metrics = metrics
+        self._listening = False
+        # Service name -> is its Redis link up? (services with one only)
+        self._redis: dict[str, bool] = {}
 
     @property
     def connection_count(self) -> int:
@@ -196,6 +224,8 @@ class Server:
         self._shutdown.set()
         self._stop_accepting.set()
         self._retired.set()
+        if self.metrics is not None:
+            self.metrics.set_ready(False)
 
     def retire(self, grace: float) -> None:
         """Stop accepting; let open connections run on for up to ``grace`` seconds.
@@ -209,6 +239,8 @@ class Server:
         if not self._stop_accepting.is_set():
             self._retire_grace = grace
             self._stop_accepting.set()
+            if self.metrics is not None:
+                self.metrics.set_ready(False)
 
     def reload(self, settings: Mapping[str, Mapping[str, Any]]) -> None:
         """Apply new settings (service name -> ``Service`` field -> value) to new connections.
@@ -230,6 +262,29 @@ class Server:
             self._by_service[name] = fresh
             if self._reapers is not None:
                 self._reapers.start_soon(self._reap, service, fresh)
+
+    def readiness(self) -> str | None:
+        """Why the server is not ready to serve (``None``: it is).
+
+        Ready means every service listens, none is draining, and every
+        Redis link a service uses is up: what ``/readyz`` answers.
+        """
+        if self._shutdown.is_set():
+            return "draining: shutting down"
+        if self._stop_accepting.is_set():
+            return "draining: replaced by a new generation of workers"
+        if not self._listening:
+            return "starting"
+        down = sorted(name for name, up in self._redis.items() if not up)
+        if down:
+            return f"Redis link down ({', '.join(down)})"
+        return None
+
+    def _redis_changed(self, service: str, up: bool) -> None:
+        # Called by trionet._redis.RedisLink (through a context variable).
+        self._redis[service] = up
+        if self.metrics is not None:
+            self.metrics.redis_changed(service, up)
 
     async def _open_listeners(self, service: Service) -> list[trio.abc.Listener[Any]]:
         given = self._given_listeners.get(service.name)
@@ -262,6 +317,12 @@ class Server:
         can be used and the real port read back. A listener that cannot be
         opened raises :exc:`StartupError` before anything is served.
         """
+        # Code under this task that cannot see the server (the TLS handshake,
+        # chat's web page, Redis links) finds its metrics and reporter here.
+        set_redis_reporter(self._redis_changed)
+        if self.metrics is not None:
+            self.metrics.activate()
+            self.metrics.declare(self.services)
         opened: list[tuple[Service, trio.abc.Listener[Any]]] = []
         try:
             for service in self.services:
@@ -325,6 +386,9 @@ class Server:
                     for service, listener in opened:
                         accepting.start_soon(self._accept_loop, service, listener, connections)
                     task_status.started(self.addresses)
+                    self._listening = True
+                    if self.metrics is not None and not self._stop_accepting.is_set():
+                        self.metrics.set_ready(True)
                     await self._stop_accepting.wait()
                     accepting.cancel_scope.cancel()
                 if not self._shutdown.is_set():
@@ -416,9 +480,7 @@ class Server:
                     # applies once it is read; the connection holds one of the
                     # service's slots meanwhile (it holds a descriptor).
                     if self._active[service.name] >= service.max_connections:
-                        connections.start_soon(
-                            self._turn_away, service, stream, peer, "server full", tls
-                        )
+                        connections.start_soon(self._turn_away, service, stream, peer, None, tls)
                         continue
                     self._active[service.name] += 1
                     connections.start_soon(
@@ -445,13 +507,11 @@ class Server:
         per_address = self._per_address[service.name]
         key = _address_key(peer)
         if not holds_slot and self._active[service.name] >= service.max_connections:
-            connections.start_soon(self._turn_away, service, stream, peer, "server full", tls)
+            connections.start_soon(self._turn_away, service, stream, peer, None, tls)
         elif key is not None and per_address.get(key, 0) >= service.effective_max_per_address:
             if holds_slot:
                 self._active[service.name] -= 1
-            connections.start_soon(
-                self._turn_away, service, stream, peer, f"address limit for {key}", tls
-            )
+            connections.start_soon(self._turn_away, service, stream, peer, key, tls)
         else:
             if not holds_slot:
                 self._active[service.name] += 1
@@ -474,6 +534,7 @@ class Server:
         """
         failure: str | None = "abandoned: the server is shutting down"
         header = None
+        started = trio.current_time()
         quiet = False  # a health check's connect-and-close is no warning
         if peer == "disconnected":  # gone before we looked at it
             failure, quiet = "closed before sending anything", True
@@ -499,8 +560,16 @@ class Server:
             self._active[service.name] -= 1
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
-            if quiet:
-                access_log.info("%s %s %s", service.name, peer, failure)
+            if quiet:  # an ordinary access line: the peer closed
+                log_access(
+                    service.name,
+                    peer,
+                    conn=next_conn_number(),
+                    tls=False,
+                    end="eof",
+                    duration=trio.current_time() - started,
+                    message=f"{service.name} {peer} {failure}",
+                )
             else:
                 log.warning("%s %s refused: %s", service.name, peer, failure)
             return
@@ -511,26 +580,37 @@ class Server:
         service: Service,
         stream: trio.abc.Stream,
         peer: str,
-        why: str,
+        address: str | None,
         tls: ssl.SSLContext | None,
     ) -> None:
+        """Say ``BYE busy`` and close: the server is full, or ``address`` is at its limit."""
+        started = trio.current_time()
+        sent = 0
         with trio.CancelScope(shield=True), trio.move_on_after(_GOODBYE_TIMEOUT):
             try:
                 if service.line_based:
                     if tls is not None:  # the BYE goes inside TLS too
                         stream = trio.SSLStream(transport_for(stream), tls, server_side=True)
                     await stream.send_all(b"BYE busy\n")
+                    sent = len(b"BYE busy\n")
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             finally:
                 await stream.aclose()  # bounded above; for TLS, sends close_notify
-        access_log.info(
-            "%s %s turned away (%s): %d/%d connections in use",
+        reason = "busy" if address is None else "per-address"
+        if self.metrics is not None:
+            self.metrics.turned_away_client(service.name, reason)
+        why = "server full" if address is None else f"address limit for {address}"
+        log_access(
             service.name,
             peer,
-            why,
-            self._active[service.name],
-            service.max_connections,
+            conn=next_conn_number(),
+            tls=tls is not None,
+            end=reason,
+            duration=trio.current_time() - started,
+            bytes_out=sent,
+            message=f"{service.name} {peer} turned away ({why}): "
+            f"{self._active[service.name]}/{service.max_connections} connections in use",
         )
 
     async def _run_connection(
@@ -556,6 +636,7 @@ class Server:
             quit_command=service.quit_command if service.line_based else None,
             on_quit=service.on_quit,
             service=service.name,
+            conn_id=next_conn_number(),
         )
         conn._peer = peer
         self._connections.add(conn)
@@ -563,6 +644,8 @@ class Server:
         mine.add(conn)
         started = trio.current_time()
         end = "closed"
+        if self.metrics is not None:
+            self.metrics.opened(service.name)
         try:
             try:
                 with conn._scope:
@@ -607,16 +690,20 @@ class Server:
                     self._all_closed.set()
                 if self._stop_accepting.is_set():
                     self._retired.set()
-            access_log.info(
-                "%s %s #%d end=%s duration=%.3fs in=%d out=%d%s",
+            duration = trio.current_time() - started
+            if self.metrics is not None:
+                self.metrics.ended_connection(
+                    service.name, end, duration, conn.bytes_in, conn.bytes_out
+                )
+            log_access(
                 service.name,
                 conn.peer,
-                conn.id,
-                end,
-                trio.current_time() - started,
-                conn.bytes_in,
-                conn.bytes_out,
-                " tls" if isinstance(conn.stream, trio.SSLStream) else "",
+                conn=conn.id,
+                tls=isinstance(conn.stream, trio.SSLStream),
+                end=end,
+                duration=duration,
+                bytes_in=conn.bytes_in,
+                bytes_out=conn.bytes_out,
             )
 
     def _release(self, service: Service, key: str | None) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ssl
+from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
 import attrs
@@ -143,6 +144,11 @@ class Service:
     default_idle_timeout: ClassVar[float] = 300.0
     #: One line for ``--help`` (empty: the class docstring's first line).
     summary: ClassVar[str] = ""
+    #: Figures of its own the service reports as metrics: name -> help text.
+    #: Each becomes ``trionet_<name>`` with a ``service`` label; a name
+    #: ending in ``_total`` is a counter, any other a gauge. Their values
+    #: come from :meth:`metric_values`.
+    metric_help: ClassVar[Mapping[str, str]] = {}
 
     host: str | None = None
     port: int | None = attrs.field(default=None, validator=_port)
@@ -206,6 +212,15 @@ class Service:
         still be announced through it. The default does nothing.
         """
         task_status.started()
+
+    def metric_values(self) -> Mapping[str, float]:
+        """The current value of each figure in :attr:`metric_help` (missing ones are 0).
+
+        Called when metrics are read (at each scrape, or every second in a
+        worker process), never per message: keep plain numbers and return
+        them here. A ``_total`` figure is a running total that only grows.
+        """
+        return {}
 
     def workers_problem(self, workers: int) -> str | None:
         """Why this service cannot run in ``workers`` processes (``None``: it can).

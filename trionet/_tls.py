@@ -25,7 +25,6 @@ they connected to, over :class:`~trionet._socket.SSLSocketStream`.
 
 from __future__ import annotations
 
-import logging
 import os
 import ssl
 from typing import TYPE_CHECKING, Any, Final
@@ -33,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from ._connection import format_peer
+from ._logs import log_access, next_conn_number
+from ._metrics import current_metrics
 from ._socket import SocketTransport
 
 if TYPE_CHECKING:
@@ -50,8 +51,6 @@ __all__ = [
 
 #: Seconds a client has to complete its TLS handshake.
 HANDSHAKE_TIMEOUT: Final = 10.0
-
-access_log = logging.getLogger("trionet.access")
 
 # OpenSSL's reasons when the bytes received are not TLS at all.
 _NOT_TLS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG"}
@@ -166,6 +165,7 @@ async def accept_tls(
     ctx = service.tls_context
     assert ctx is not None, "accept_tls needs a service with TLS settings"
     peer = peer or format_peer(stream)
+    started = trio.current_time()
     tls = trio.SSLStream(transport_for(stream), ctx, server_side=True, https_compatible=False)
     idle = service.effective_idle_timeout
     if idle is not None:
@@ -194,5 +194,16 @@ async def accept_tls(
         return tls
     with trio.CancelScope(shield=True):
         await trio.aclose_forcefully(tls)
-    access_log.info("%s %s tls handshake failed: %s", service.name, peer, failure)
+    if (metrics := current_metrics()) is not None:
+        metrics.tls_failed(service.name)
+    log_access(
+        service.name,
+        peer,
+        conn=next_conn_number(),
+        tls=True,
+        end="tls-failed",
+        duration=trio.current_time() - started,
+        message=f"{service.name} {peer} tls handshake failed: {failure}",
+        error=failure,
+    )
     return None

@@ -32,6 +32,11 @@ The parent:
 
 Workers run in their own process group, so a Ctrl-C on the terminal
 reaches only the parent, which forwards it once.
+
+With ``--metrics-port`` the parent serves /metrics and the health checks:
+each worker writes its metrics to files in a directory the parent made
+(``PROMETHEUS_MULTIPROC_DIR``, see :mod:`trionet._metrics`), and a scrape
+of the parent adds them up, replaced workers' counts included.
 """
 
 from __future__ import annotations
@@ -40,18 +45,32 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
 
+from ._metrics import (
+    CONTENT_TYPE,
+    MULTIPROC_ENV,
+    mark_worker_dead,
+    multiprocess_readiness,
+    multiprocess_registry,
+    read_retrying,
+)
+from ._monitor import serve_monitor
 from ._server import Server, StartupError, _reason
 from ._service import Service
 from ._systemd import Notifier
+
+if TYPE_CHECKING:
+    from ._runner import MonitorOptions
 
 __all__ = [
     "WORKER_ENV",
@@ -173,7 +192,7 @@ class ReloadQueue:
 
 
 def worker_index() -> int | None:
-    """This worker's number (0, 1, ...), or ``None`` outside a worker."""
+    """This worker's number (1, 2, ...), or ``None`` outside a worker."""
     spec = os.environ.get(WORKER_ENV)
     return int(json.loads(spec)["index"]) if spec else None
 
@@ -270,6 +289,7 @@ def run_workers(
     check_reload: Callable[[], bytes | None] | None = None,
     given_sockets: dict[str, list[socket.socket]] | None = None,
     notifier: Notifier | None = None,
+    monitor: MonitorOptions | None = None,
 ) -> int:
     """Open the listeners, run ``workers`` processes on them, supervise; the exit status.
 
@@ -278,9 +298,10 @@ def run_workers(
     generation was checked with. ``check_reload`` (blocking; run in a
     thread on SIGHUP) reads the configuration again and raises if it
     cannot be used; the new generation starts only if it returns, with the
-    config it returned. ``given_sockets`` are listening
-    sockets opened already (socket activation): a service with some uses
-    them instead of opening its own.
+    config it returned. ``given_sockets`` are listening sockets opened
+    already (socket activation): a service with some uses them instead of
+    opening its own. With ``monitor``, serve every worker's metrics and the
+    health checks there.
     """
     for service in services:
         problem = service.workers_problem(workers)
@@ -312,7 +333,14 @@ def run_workers(
             bound_host, port = sock.getsockname()[:2]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
             log.info("%s listening on %s:%d", name, shown, port)
-    sup = _Supervisor(sockets, workers, reload_grace, check_reload, notifier or Notifier())
+    metrics_dir = None
+    if monitor is not None:
+        # Made before any worker starts: each finds it in its environment.
+        metrics_dir = tempfile.mkdtemp(prefix="trionet-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+    sup = _Supervisor(
+        sockets, workers, reload_grace, check_reload, notifier or Notifier(), metrics_dir
+    )
     sup.configs[0] = _snapshot(config)
     # SIGHUP stays blocked in the parent, in every thread it starts (they
     # inherit the mask) and so in every worker from its first instruction:
@@ -323,14 +351,20 @@ def run_workers(
     # reload is exactly when workers start).
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     try:
-        return trio.run(sup.run)
+        return trio.run(sup.run, monitor)
     except KeyboardInterrupt:
         return 0
+    except BaseException as exc:
+        if not StartupError.report(exc):
+            raise
+        return 1
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for socks in sockets.values():
             for sock in socks:
                 sock.close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @attrs.define(eq=False)
@@ -371,6 +405,7 @@ class _Supervisor:
         reload_grace: float,
         check_reload: Callable[[], bytes | None] | None,
         notifier: Notifier,
+        metrics_dir: str | None = None,
     ) -> None:
         self.sockets = sockets
         self.count = count
@@ -388,6 +423,9 @@ class _Supervisor:
         self._fds = [s.fileno() for socks in sockets.values() for s in socks]
         #: Per generation: the descriptor of its config snapshot (or None).
         self.configs: dict[int, int | None] = {}
+        #: Workers that died and were replaced (a metric).
+        self.restarts = 0
+        self.metrics_dir = metrics_dir
 
     def _env(self, index: int, generation: int, link: int) -> dict[str, str]:
         spec = {
@@ -466,6 +504,8 @@ class _Supervisor:
             finally:
                 self.workers.discard(worker)
                 worker.link.close()
+                if self.metrics_dir is not None:
+                    mark_worker_dead(worker.proc.pid, self.metrics_dir)
             if self.stopping:
                 log.info("worker %d (pid %d) stopped", index, worker.proc.pid)
                 return
@@ -492,6 +532,7 @@ class _Supervisor:
                 how,
                 backoff,
             )
+            self.restarts += 1
             await trio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
@@ -521,6 +562,29 @@ class _Supervisor:
             text += f"; {len(draining)} old worker(s) finishing"
         return text
 
+    async def serve_monitor(
+        self, monitor: MonitorOptions, *, task_status: trio.TaskStatus[list[tuple[str, int]]]
+    ) -> None:
+        """/metrics and the health checks for every worker, from their metric files."""
+        assert self.metrics_dir is not None
+        registry = multiprocess_registry(self.metrics_dir, lambda: self.restarts)
+
+        async def render() -> tuple[bytes, str]:
+            from prometheus_client import generate_latest
+
+            # Reading the workers' files is disk I/O: not on the event loop.
+            text = await trio.to_thread.run_sync(read_retrying, lambda: generate_latest(registry))
+            return text, CONTENT_TYPE
+
+        async def readiness() -> str | None:
+            if self.stopping:
+                return "draining: shutting down"
+            return await trio.to_thread.run_sync(
+                read_retrying, lambda: multiprocess_readiness(registry)
+            )
+
+        await serve_monitor(monitor.host, monitor.port, render, readiness, task_status=task_status)
+
     async def reload(self, slots: trio.Nursery) -> None:
         """SIGHUP: a new generation on the same sockets, then retire the old one."""
         async with self.reloads.turn():
@@ -540,7 +604,7 @@ class _Supervisor:
             launch = _Launch(self.count)
             self.configs[new] = _snapshot(config)
             self.live.add(new)
-            for index in range(self.count):
+            for index in range(1, self.count + 1):
                 slots.start_soon(self.keep_running, index, new, launch)
             with trio.move_on_after(_READY_TIMEOUT):
                 await launch.done.wait()
@@ -562,7 +626,7 @@ class _Supervisor:
                 )
             self.notifier.ready(self.status())
 
-    async def run(self) -> int:
+    async def run(self, monitor: MonitorOptions | None = None) -> int:
         try:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
                 async with trio.open_nursery() as outer:
@@ -580,9 +644,11 @@ class _Supervisor:
 
                         outer.start_soon(forward)
                         outer.start_soon(self._hangups, outer, slots)
+                        if monitor is not None:
+                            await outer.start(self.serve_monitor, monitor)
                         launch = _Launch(self.count)
                         self.live.add(0)
-                        for index in range(self.count):
+                        for index in range(1, self.count + 1):
                             slots.start_soon(self.keep_running, index, 0, launch)
                         outer.start_soon(self._announce, launch, outer, slots)
                     outer.cancel_scope.cancel()

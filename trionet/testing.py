@@ -37,6 +37,7 @@ import trio
 import trio.testing
 
 from ._connection import Connection, LineError
+from ._metrics import Metrics
 from ._server import Server
 from ._service import Service
 
@@ -229,16 +230,19 @@ class MemoryServer:
 
 @asynccontextmanager
 async def open_memory_server(
-    *services: Service, grace: float = 5.0, lockstep: bool = False
+    *services: Service, grace: float = 5.0, lockstep: bool = False, metrics: Metrics | None = None
 ) -> AsyncIterator[MemoryServer]:
     """Run ``services`` on memory listeners inside the caller's task.
 
     On exit the server is shut down gracefully (if the test did not already)
-    and every handler has finished.
+    and every handler has finished. With ``metrics`` (a fresh
+    :class:`trionet.Metrics`) the server counts into it, as with
+    ``--metrics-port``: ``metrics.value("trionet_connections_total",
+    service="echo", end="eof")``.
     """
     listeners = {s.name: MemoryListener(lockstep=lockstep) for s in services}
     given: dict[str, Sequence[trio.abc.Listener[Any]]] = {n: [ln] for n, ln in listeners.items()}
-    server = Server(services, grace=grace, listeners=given)
+    server = Server(services, grace=grace, listeners=given, metrics=metrics)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         try:

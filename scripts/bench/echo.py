@@ -163,7 +163,9 @@ def gen_idle(port: int, pid: int, conns: int) -> dict[str, float]:
 
 
 class ServerProcess:
-    def __init__(self, kind: str) -> None:
+    """The server ``kind`` (``trionet``, with ``extra`` arguments, or ``baseline``)."""
+
+    def __init__(self, kind: str, extra: tuple[str, ...] = ()) -> None:
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{kind}-", suffix=".log")  # noqa: SIM115
         if kind == "trionet":
             args = [
@@ -176,6 +178,7 @@ class ServerProcess:
                 "20000",
                 "--max-per-address",
                 "20000",
+                *extra,
             ]
         else:
             args = [__file__, "_baseline"]
@@ -186,14 +189,15 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             preexec_fn=raise_fd_limit,
         )
-        self.port = self._wait_port()
+        self.port = self.wait_port("echo" if kind == "trionet" else kind)
 
-    def _wait_port(self) -> int:
+    def wait_port(self, name: str) -> int:
+        """The port of ``NAME listening on HOST:PORT`` in the server's log."""
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             text = Path(self.log.name).read_text()
             for line in text.splitlines():
-                if "listening on" in line:
+                if f"{name} listening on" in line:
                     return int(line.rsplit(":", 1)[1])
             time.sleep(0.05)
         raise RuntimeError(f"server did not start: {Path(self.log.name).read_text()}")

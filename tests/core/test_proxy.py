@@ -339,8 +339,8 @@ def test_over_a_real_socket(serve: Callable[..., Serve]) -> None:
     assert _exchange(port, v1("198.51.100.5", "127.0.0.1", 6001, port) + b"1+1\n") == b"OK 2\n"
     assert _refused(port, b"1+1\n")  # no header
     p.wait_for(r"calc 127\.0\.0\.1:\d+ refused: no PROXY protocol header")
-    p.wait_for(r"calc 198\.51\.100\.4:6000 #\d+ end=eof")
-    p.wait_for(r"calc 198\.51\.100\.5:6001 #\d+ end=eof")
+    p.wait_for(r"calc 198\.51\.100\.4:6000 #\S+ end=eof")
+    p.wait_for(r"calc 198\.51\.100\.5:6001 #\S+ end=eof")
     assert p.stop() == 0
 
 
@@ -353,7 +353,7 @@ def test_only_proxy_from_may_send_a_header_over_a_real_socket(
     assert _refused(port, header + b"1+1\n", source="127.0.0.1")
     assert _exchange(port, header + b"1+1\n", source="127.0.0.2") == b"OK 2\n"
     p.wait_for(r"calc 127\.0\.0\.1:\d+ refused: not a --proxy-from address")
-    p.wait_for(r"calc 198\.51\.100\.6:6002 #\d+ end=eof")
+    p.wait_for(r"calc 198\.51\.100\.6:6002 #\S+ end=eof")
     assert p.stop() == 0
 
 
@@ -411,8 +411,8 @@ def test_behind_haproxy_the_real_client_counts(
         assert _exchange(front, b"2+2\n", source="127.0.0.3") == b"OK 4\n"
         assert _exchange(front, b"3+3\n", source="127.0.0.2") == b"BYE busy\n"
         port = held.getsockname()[1]
-    p.wait_for(rf"calc 127\.0\.0\.2:{port} #\d+ end=eof")
-    p.wait_for(r"calc 127\.0\.0\.3:\d+ #\d+ end=eof")
+    p.wait_for(rf"calc 127\.0\.0\.2:{port} #\S+ end=eof")
+    p.wait_for(r"calc 127\.0\.0\.3:\d+ #\S+ end=eof")
     p.wait_for(r"calc 127\.0\.0\.2:\d+ turned away \(address limit for 127\.0\.0\.2\)")
     # haproxy's health checks (connect, close) are no warnings: nothing was refused.
     p.wait_for(r"calc \S+ closed before sending anything")
@@ -436,7 +436,7 @@ def test_behind_haproxy_with_tls_passed_through(
         tls.sendall(b"2**16\n")
         assert tls.recv(100) == b"OK 65536\n"
         port = tls.getsockname()[1]
-    p.wait_for(rf"calc 127\.0\.0\.4:{port} #\d+ end=\w+ .* tls")
+    p.wait_for(rf"calc 127\.0\.0\.4:{port} #\S+ end=\w+ .* tls")
     assert p.stop() == 0
 
 
@@ -493,6 +493,6 @@ def test_chat_behind_haproxy_logs_its_members_real_addresses(
                 reply += data
             assert f"OK nick {nick}\n".encode() in reply
             ports.append(s.getsockname()[1])
-    p.wait_for(rf"chat 127\.0\.0\.5:{ports[0]} #\d+ end=quit")
-    p.wait_for(rf"chat 127\.0\.0\.6:{ports[1]} #\d+ end=quit")
+    p.wait_for(rf"chat 127\.0\.0\.5:{ports[0]} #\S+ end=quit")
+    p.wait_for(rf"chat 127\.0\.0\.6:{ports[1]} #\S+ end=quit")
     assert p.stop() == 0

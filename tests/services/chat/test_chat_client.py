@@ -302,7 +302,7 @@ async def test_terminal_shows_history_on_joining_with_its_times() -> None:
     received: list[str] = []
 
     async def scripted(stream: trio.SocketStream) -> None:
-        peer = Client(stream, timeout=10)
+        peer = Client(stream, timeout=60)
         await peer.send_line(WELCOME)
         while (line := await peer.receive_line()) is not None:
             received.append(line)

@@ -460,6 +460,7 @@ async def test_workers_share_the_room(redis_server: Any, serve: Callable[..., An
     p = serve("chat", "--port", "0", "--workers", "2", "--redis", redis_server.url)
     port = p.port("chat")
     pids = {int(m[1]): int(m[2]) for m in p.wait_for(r"worker (\d+) started \(pid (\d+)\)", 2)}
+    first, second = sorted(pids)
     # Each worker names its Redis identity once connected: "[worker N] ... as ID".
     ids = {
         int(m[1]): m[2]
@@ -468,8 +469,8 @@ async def test_workers_share_the_room(redis_server: Any, serve: Callable[..., An
     assert len(set(ids.values())) == 2, ids
     clients: dict[int, Client] = {}
     with trio.fail_after(90):
-        for index in (0, 1):
-            other = pids[1 - index]
+        for index, other_index in ((first, second), (second, first)):
+            other = pids[other_index]
             os.kill(other, signal.SIGSTOP)
             try:
                 clients[index] = await _connect(port, f"m{index}")
@@ -478,10 +479,10 @@ async def test_workers_share_the_room(redis_server: Any, serve: Callable[..., An
             raw = redis_server.command("HGET", "trionet:chat:nicks", f"m{index}").decode()
             owner = re.search(rf"(\w+)/\d+ m{index}", raw)
             assert owner is not None and owner[1] == ids[index], (raw, ids)
-        await clients[1].send_line("across workers")
-        await _until(clients[0], lambda line: line == "MSG m1 across workers")
-        await clients[0].send_line("and back")
-        await _until(clients[1], lambda line: line == "MSG m0 and back")
+        await clients[second].send_line("across workers")
+        await _until(clients[first], lambda line: line == f"MSG m{second} across workers")
+        await clients[first].send_line("and back")
+        await _until(clients[second], lambda line: line == f"MSG m{first} and back")
     assert p.stop() == 0
 
 

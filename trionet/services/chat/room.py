@@ -345,6 +345,10 @@ class Room:
         self._ghosts: dict[str, Ghost] = {}
         #: Told of every change this process's members make (the bus publishes it).
         self.on_event: Callable[[RoomEvent], None] | None = None
+        #: Messages this process's members sent (MSG, ACTION, PRIV), for metrics.
+        self.messages = 0
+        #: Members evicted as slow consumers, for metrics.
+        self.evictions = 0
 
     def __len__(self) -> int:
         """Members this process serves (ghosts not counted)."""
@@ -459,6 +463,7 @@ class Room:
             return
         member.evicted = True
         member._closed = True
+        self.evictions += 1
         was_in = member._in_room
         if was_in:
             assert member.nick is not None
@@ -572,6 +577,7 @@ class Room:
     def _relay(self, member: Member, kind: str, text: str) -> None:
         nick = self._require(member)
         if text := sanitize(text):
+            self.messages += 1
             if self._history.maxlen or self.on_event is not None:
                 ms = int(self._clock() * 1000)
                 if self._history.maxlen:
@@ -598,10 +604,12 @@ class Room:
             if ghost is None:
                 raise ChatError("no-such-nick", sanitize(target))
             if text := sanitize(text):
+                self.messages += 1
                 # Delivered by the process the ghost lives on.
                 self._emit(RoomEvent("PRIV", nick, text, target=ghost.nick, origin=ghost.origin))
             return
         if text := sanitize(text):
+            self.messages += 1
             self.reply(other, f"PRIV {nick} {text}")
 
     def who(self, member: Member) -> None:

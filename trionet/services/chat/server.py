@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final, Self
 
 import attrs
@@ -79,6 +79,11 @@ class ChatService(Service):
     summary: ClassVar[str] = "a chat room: /nick, messages, /me, /msg, /who, /history, /quit"
     #: ``/quit [reason]`` ends a session (the connection's built-in quit).
     quit_command: ClassVar[str | None] = "/quit"
+    metric_help: ClassVar[Mapping[str, str]] = {
+        "chat_members": "Members in the room served by this process (ghosts not counted).",
+        "chat_messages_total": "Messages (MSG, ACTION, PRIV) sent by this process's members.",
+        "chat_evictions_total": "Members evicted as slow consumers.",
+    }
 
     #: Lines per second refilled into each client's bucket (0: no limit).
     rate: float = attrs.field(default=DEFAULT_RATE, validator=attrs.validators.ge(0))
@@ -253,6 +258,15 @@ class ChatService(Service):
         member = self._members.get(conn)
         if member is not None:
             self.room.reply(member, event.reply)
+
+    def metric_values(self) -> Mapping[str, float]:
+        """Members, messages and evictions (the room keeps plain counts)."""
+        room = self.room
+        return {
+            "chat_members": len(room),
+            "chat_messages_total": room.messages,
+            "chat_evictions_total": room.evictions,
+        }
 
     def workers_problem(self, workers: int) -> str | None:
         """One room per process would split the room: more than one worker needs Redis."""

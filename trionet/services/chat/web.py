@@ -45,6 +45,7 @@ import trio
 from trio_websocket import ConnectionClosed, wrap_server_stream
 
 from ..._connection import format_peer
+from ..._logs import log_access, next_conn_number
 
 __all__ = [
     "MessageSocket",
@@ -56,7 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("trionet.web")
-access_log = logging.getLogger("trionet.access")
 
 #: Seconds a client has to send its request head (and read the page, or
 #: finish the WebSocket handshake): slow-loris clients are dropped after it.
@@ -440,10 +440,38 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             # task it would end the whole program).
             log.error("%s %s: request failed", self.name, peer, exc_info=group)
 
+    def _access(
+        self,
+        stream: trio.abc.Stream,
+        peer: str,
+        method: str,
+        path: str,
+        status: int,
+        started: float,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None:
+        """One access line for a request answered here (a WebSocket gets the chat's own)."""
+        log_access(
+            self.name,
+            peer,
+            conn=next_conn_number(),
+            tls=isinstance(stream, trio.SSLStream),
+            end=f"http-{status}",
+            duration=trio.current_time() - started,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            message=f"{self.name} {peer} {method} {path} {status}",
+            method=method,
+            path=path,
+            status=status,
+        )
+
     async def _handle_request(
         self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str
     ) -> bool:
         """Answer one request; ``True`` once a WebSocket was handed to :meth:`accept`."""
+        started = trio.current_time()
         head = await self._read_head(stream)
         if head is None:
             return False
@@ -455,7 +483,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             if method != "GET":
                 raise _Refused(405, "method not allowed", [("Allow", "GET")])
             if path == "/":
-                access_log.info("%s %s %s %s 200", self.name, peer, method, path)
+                self._access(stream, peer, method, path, 200, started, len(head), len(self.page))
                 await stream.send_all(self.page)
                 return False
             if path != "/ws":
@@ -465,7 +493,8 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             if not _same_origin(headers):
                 raise _Refused(403, "WebSocket from another origin")
         except _Refused as refused:
-            access_log.info("%s %s %s %s %d", self.name, peer, method, path, refused.status)
+            sent = len(refused.response)
+            self._access(stream, peer, method, path, refused.status, started, len(head), sent)
             await stream.send_all(refused.response)
             return False
         # The handshake proper (and its 400 for a malformed one) is
@@ -514,13 +543,20 @@ class _TLSListener(trio.abc.Listener[trio.abc.Stream]):
     use it), so the person lands on the page.
     """
 
-    def __init__(self, transport_listener: trio.abc.Listener[Any], context: ssl.SSLContext):
+    def __init__(
+        self,
+        transport_listener: trio.abc.Listener[Any],
+        context: ssl.SSLContext,
+        name: str = "chat web",
+    ):
         self.transport_listener = transport_listener  # WebListener.socket looks for it
         self.context = context
+        self.name = name
 
     async def accept(self) -> trio.abc.Stream:
         """The next connection; its first bytes are looked at on first use."""
-        return _TLSOrPlainHTTP(await self.transport_listener.accept(), self.context)
+        stream = await self.transport_listener.accept()
+        return _TLSOrPlainHTTP(stream, self.context, self.name)
 
     async def aclose(self) -> None:
         """Close the TCP listener."""
@@ -540,9 +576,13 @@ class _TLSOrPlainHTTP(trio.abc.Stream):
     whose handshake fails as before.
     """
 
-    def __init__(self, transport_stream: trio.abc.Stream, context: ssl.SSLContext) -> None:
+    def __init__(
+        self, transport_stream: trio.abc.Stream, context: ssl.SSLContext, name: str
+    ) -> None:
         self.transport_stream = transport_stream  # format_peer follows it
         self.context = context
+        self.name = name
+        self._started = trio.current_time()
         self._tls: trio.SSLStream[trio.abc.Stream] | None = None
         self._answered = False  # plain HTTP was answered: the stream is done
 
@@ -578,12 +618,21 @@ class _TLSOrPlainHTTP(trio.abc.Stream):
                         f"This port speaks HTTPS: {where}\n".encode(),
                         headers=[("Location", where), ("Cache-Control", "no-store")],
                     )
-        access_log.info(
-            "chat web %s plain HTTP on the HTTPS port %s",
-            format_peer(self.transport_stream),
-            response.split(b" ", 2)[1].decode(),
-        )
         await self.transport_stream.send_all(response)
+        status = int(response.split(b" ", 2)[1])
+        peer = format_peer(self.transport_stream)
+        log_access(
+            self.name,
+            peer,
+            conn=next_conn_number(),
+            tls=False,
+            end=f"http-{status}",
+            duration=trio.current_time() - self._started,
+            bytes_in=len(head or b""),
+            bytes_out=len(response),
+            message=f"{self.name} {peer} plain HTTP on the HTTPS port {status}",
+            status=status,
+        )
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """Decrypted bytes (the first call decides between TLS and plain HTTP)."""
