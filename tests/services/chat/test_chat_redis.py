@@ -110,7 +110,7 @@ def test_rename_candidates_stay_valid() -> None:
     ["redis://", "http://h:1", "redis://h:notaport", "redis://h:1/x", "redis://h:1/0?a=b", "h:1"],
 )
 def test_bad_redis_urls_are_refused(url: str) -> None:
-    with pytest.raises(ValueError, match="redis://HOST:PORT"):
+    with pytest.raises(ValueError, match="needs a URL like redis://"):
         check_redis_url(url)
 
 
@@ -122,7 +122,7 @@ def test_redis_option_on_chat_and_guess_and_workers() -> None:
     assert chat.workers_problem(2) is None and guess.workers_problem(2) is None
     (alone,) = build_services(["chat"])
     assert alone.workers_problem(2) is not None
-    with pytest.raises(StartupError, match="redis://HOST:PORT"):
+    with pytest.raises(StartupError, match="needs a URL like redis://"):
         build_services(["chat", "--redis", "localhost:6379"])
 
 

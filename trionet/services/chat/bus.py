@@ -84,10 +84,10 @@ FLUSH_BATCH: Final = 500
 MAX_QUEUED: Final = 8 << 20
 #: How long an ``XREAD`` blocks, in ms; also how soon a dead link is noticed.
 BLOCK_MS: Final = 2_000
-#: Seconds between syncs (liveness key refreshed, dead processes reaped).
-TICK: Final = 2.0
-#: Milliseconds a process's liveness key lives without being refreshed.
-ALIVE_TTL_MS: Final = 6_000
+#: The liveness period, in seconds (``--redis-liveness``): a process silent
+#: this long is *suspect*. Everything else is a fraction or a multiple of it
+#: (see :class:`Liveness`).
+LIVENESS: Final = 6.0
 #: Seconds one Redis call may take before the link counts as failed.
 CALL_TIMEOUT: Final = 5.0
 #: Seconds a ``/nick`` waits for its claim before it goes ahead locally.
@@ -100,14 +100,26 @@ local function token(v) return string.match(v, '^(%S*)') end
 local function nick(v) return string.match(v, ' (.*)$') end
 """
 
-# KEYS: nicks. ARGV: nick key, value, this process.
-# Set the nick if it is free or already this process's; 1 if set.
+# Redis's clock in ms, as a string (stamps of the liveness set).
+_LUA_NOW: Final = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# KEYS: nicks, alive. ARGV: nick key, value, this process.
+# Set the nick if it is free or already this process's; 1 if set. (A claim
+# before this process's first sync registers it as alive, so that nobody
+# takes its claim for an orphan's.)
 _CLAIM: Final = (
     _LUA_HELPERS
+    + _LUA_NOW
     + """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and owner(cur) ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 'NX', string.format('%d', now_ms()), ARGV[3])
 return 1
 """
 )
@@ -138,25 +150,55 @@ return 1
 """
 )
 
-# KEYS: nicks, stream. ARGV: process, maxlen, alive ttl (ms), alive key
-# prefix, last id read ('' if none), '1' to return the hash, then triples:
-# mode ('E' ensure / 'K' keep), nick key, value ("<token> <nick>" / "<token>").
+# KEYS: nicks, stream, alive (sorted set: process -> last sync, Redis ms),
+# clock (the last sync of any process). ARGV: process, maxlen, suspect after
+# (ms), dead after (ms), last id read ('' if none), '1' to return the hash,
+# processes to reap (space-separated: suspects that the caller saw without a
+# connection long enough), then triples: mode ('E' ensure / 'K' keep), nick
+# key, value ("<token> <nick>" / "<token>").
 # Returns {stream still holds the last id (0/1), clashes (key, value, ...),
-# the hash if asked (key, value, ...), the newest stream id}.
+# the hash if asked (key, value, ...), the newest stream id, suspects}.
 _SYNC: Final = (
     _LUA_HELPERS
+    + _LUA_NOW
     + """
 local me = ARGV[1]
 local function xadd(who, line)
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'p', who, 'e', line)
 end
-redis.call('SET', ARGV[4] .. me, '1', 'PX', ARGV[3])
+local now = now_ms()
+local suspect_ms, dead_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
+local before = tonumber(redis.call('GET', KEYS[4]) or '0')
+redis.call('SET', KEYS[4], string.format('%d', now))
+-- Nobody synced for a whole period: Redis was paused, restarted or cut off
+-- from everyone, so the stamps say nothing about the processes. Each gets
+-- a fresh period to show it is alive; nobody is judged this round.
+local fresh = now - before > suspect_ms
+if fresh then
+  for _, p in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+    redis.call('ZADD', KEYS[3], string.format('%d', now), p)
+  end
+end
+redis.call('ZADD', KEYS[3], string.format('%d', now), me)
+local dead, suspects = {}, {}
+if not fresh then
+  local limit = string.format('%d', now - dead_ms)
+  for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', limit)) do dead[p] = true end
+  for p in string.gmatch(ARGV[7], '%S+') do
+    local s = redis.call('ZSCORE', KEYS[3], p)
+    if s and tonumber(s) < now - suspect_ms then dead[p] = true end
+  end
+  dead[me] = nil
+  for p in pairs(dead) do redis.call('ZREM', KEYS[3], p) end
+  limit = '(' .. string.format('%d', now - suspect_ms)
+  suspects = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', limit)
+end
 local continuous = 0
 if ARGV[5] ~= '' and #redis.call('XRANGE', KEYS[2], ARGV[5], ARGV[5]) == 1 then
   continuous = 1
 end
 local mine, clashes = {}, {}
-for i = 7, #ARGV, 3 do
+for i = 8, #ARGV, 3 do
   local mode, key, val = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   mine[key] = true
   if mode == 'E' then
@@ -181,7 +223,9 @@ for i = 1, #all, 2 do
   if who == me then
     gone = not mine[key]
   else
-    if alive[who] == nil then alive[who] = redis.call('EXISTS', ARGV[4] .. who) == 1 end
+    if alive[who] == nil then
+      alive[who] = not dead[who] and (fresh or redis.call('ZSCORE', KEYS[3], who) ~= false)
+    end
     gone = not alive[who]
   end
   if gone then
@@ -198,9 +242,45 @@ if #newest == 1 then
 else  -- an empty stream: an entry to hold a position by
   last = redis.call('XADD', KEYS[2], '*', 'p', me, 'e', 'HELLO')
 end
-return {continuous, clashes, snapshot, last}
+return {continuous, clashes, snapshot, last, suspects}
 """
 )
+
+
+class Liveness:
+    """How a process shows it is alive, and how long the others wait before they doubt it.
+
+    One number, the *period* (``--redis-liveness``, 6 s by default), sets
+    them all, so tests can run the same rules faster:
+
+    * every ``period / 3`` each process syncs (its stamp in the sorted set
+      ``alive`` is set to Redis's clock) and reconnects at least this often
+      while Redis is unreachable;
+    * a process whose stamp is older than ``period`` is a *suspect*. It is
+      dead only if it also has no connection to Redis (``CLIENT LIST``:
+      each process names its connections) for ``2 * period / 3``: a process
+      killed has none at once; a process merely cut off from Redis, or
+      stopped, still has its old ones, so its members are not shown leaving;
+    * a suspect for ``10 * period`` is dead even with a connection (a host
+      that vanished leaves its connections open in Redis until TCP
+      keepalive closes them);
+    * after Redis lost the room (restarted empty), the members of other
+      processes are kept ``2 * period / 3`` for their processes to claim
+      them again before they are announced as gone.
+
+    With the default that is a ``kill -9`` announced within about 12 s
+    (PROTOCOL.md promises 15), and a cut of up to a minute hidden.
+    """
+
+    def __init__(self, period: float = LIVENESS) -> None:
+        if not period > 0:
+            raise ValueError(f"the liveness period must be > 0, got {period}")
+        self.period = period
+        self.tick = period / 3
+        self.suspect_ms = round(period * 1000)
+        self.dead_ms = round(period * 10_000)
+        self.unconnected = 2 * period / 3
+        self.reclaim = 2 * period / 3
 
 
 def rename_candidate(nick: str, n: int) -> str:
@@ -216,6 +296,17 @@ def _cancelled(exc: BaseException) -> bool:
     return isinstance(exc, trio.Cancelled)
 
 
+async def _client_list(client: coredis.Redis[str]) -> tuple[Any, ...]:
+    """``CLIENT LIST``, or nothing where the Redis does not allow it (some hosted ones)."""
+    import coredis.exceptions
+
+    try:
+        with trio.fail_after(CALL_TIMEOUT):
+            return tuple(await client.client_list())
+    except coredis.exceptions.ResponseError:
+        return ()
+
+
 def _split_value(value: str) -> tuple[str, str, str]:
     """``"<process>/<n> <nick>"`` → (process, token, nick)."""
     token, _, nick = value.partition(" ")
@@ -224,6 +315,11 @@ def _split_value(value: str) -> tuple[str, str, str]:
 
 # A queued stream entry: line, ms, to, op, nick key, value (see _PUBLISH).
 _Entry = tuple[str, str, str, str, str, str]
+#: Events that are messages (what an outage's log line counts).
+_MESSAGES: Final = frozenset({"MSG", "ACTION", "PRIV"})
+_MESSAGE_LINES: Final = ("MSG ", "ACTION ", "PRIV ")
+#: Connection names in Redis: this, the process's id, ``-`` the session's number.
+_NAME: Final = "trionet-chat-"
 
 
 class RoomBus:
@@ -239,6 +335,8 @@ class RoomBus:
       history: public messages to load into the room's history at start.
       maxlen: events the stream keeps (tests lower it).
       prefix: the keys' prefix (rooms on one Redis need different ones, or DBs).
+      cafile: with ``rediss://``: the certificate authority to trust.
+      liveness: the liveness period in seconds (see :class:`Liveness`).
     """
 
     def __init__(
@@ -249,17 +347,29 @@ class RoomBus:
         history: int = 0,
         maxlen: int = STREAM_MAXLEN,
         prefix: str = "trionet:chat",
+        cafile: str | None = None,
+        liveness: float = LIVENESS,
     ) -> None:
         self.room = room
         room.on_event = self._on_event
-        self.link = RedisLink(url, "chat")
+        self.live = Liveness(liveness)
         #: This process's id in Redis (random: pids repeat across hosts).
         self.process = secrets.token_hex(6)
+        self._sessions = 0  # connections' names end with the session's number
+        self.link = RedisLink(
+            url,
+            "chat",
+            cafile=cafile,
+            backoff_max=self.live.tick,
+            name=self._next_name,
+            note=self._note,
+        )
         self.history = history
         self.maxlen = maxlen
         self._stream = f"{prefix}:stream"
         self._nicks = f"{prefix}:nicks"
-        self._alive = f"{prefix}:alive:"
+        self._alive = f"{prefix}:alive"
+        self._clock = f"{prefix}:clock"
         self._client: coredis.Redis[str] | None = None
         self._up = False  # publishing: a session is running
         self._queue: list[_Entry] = []
@@ -274,9 +384,28 @@ class RoomBus:
         self._last_id: str | None = None
         self._synced = False  # reached Redis at least once
         self._history_loaded = False
-        #: Events of this process's members not published (outage, or Redis too slow).
+        #: Messages of this process's members not published (outage, or Redis too slow).
         self.unpublished = 0
         self._slow_logged = False
+        self._stream_lost = False  # the room's stream was gone when we came back
+        # Suspects (see Liveness) seen without a connection: since when.
+        self._unconnected: dict[str, float] = {}
+        # Ghosts kept after Redis lost the room, until their process claims
+        # them again: key -> (ghost, when they are given up).
+        self._unconfirmed: dict[str, tuple[Ghost, float]] = {}
+
+    def _next_name(self) -> str:
+        """The next session's connection name (``CLIENT LIST`` shows it)."""
+        self._sessions += 1
+        return f"{_NAME}{self.process}-{self._sessions}"
+
+    def _note(self) -> str:
+        """What the link's "reachable again" line adds: what the outage cost."""
+        n, self.unpublished = self.unpublished, 0
+        note = f"{n} message(s) of this process's members not relayed to the other processes"
+        if self._stream_lost:
+            note += "; the room was gone from Redis (restarted empty?): members claimed again"
+        return note
 
     # -- the room's side (synchronous) ---------------------------------------------
 
@@ -313,12 +442,13 @@ class RoomBus:
         if not self._up:
             # Not published: the sync after the outage repairs the nicks;
             # messages are lost to the other processes.
-            self.unpublished += 1
+            if kind in _MESSAGES:
+                self.unpublished += 1
             return
         size = len(line)
         if op == "D":
             self._releasing[key] = value
-        elif kind in ("MSG", "ACTION", "PRIV") and self._queued_bytes + size > MAX_QUEUED:
+        elif kind in _MESSAGES and self._queued_bytes + size > MAX_QUEUED:
             self.unpublished += 1
             if not self._slow_logged:
                 self._slow_logged = True
@@ -357,7 +487,7 @@ class RoomBus:
         try:
             with trio.fail_after(CLAIM_TIMEOUT):
                 ok: Any = await client.register_script(_CLAIM)(
-                    keys=[self._nicks], args=[key, f"{token} {name}", self.process]
+                    keys=[self._nicks, self._alive], args=[key, f"{token} {name}", self.process]
                 )
         except Exception:
             # The link is failing (or closing under us): local for now, the
@@ -389,7 +519,7 @@ class RoomBus:
         the events still queued (those members' ``LEAVE``) are published on a
         fresh connection within 5 s, and this process's liveness key removed.
         """
-        log.info("chat: sharing the room through Redis at %s as %s", self.link.url, self.process)
+        log.info("chat: sharing the room through Redis at %s as %s", self.link.shown, self.process)
         try:
             await self.link.run(self._session, task_status=task_status)
         finally:
@@ -406,7 +536,7 @@ class RoomBus:
                 async with self.link.client() as client:
                     for start in range(0, len(queue), FLUSH_BATCH):
                         await self._publish(client, queue[start : start + FLUSH_BATCH])
-                    await client.delete([self._alive + self.process])
+                    await client.zrem(self._alive, [self.process])
             except redis_errors() as exc:
                 log.warning("chat: could not publish the last leaves to Redis: %s", exc)
 
@@ -417,18 +547,14 @@ class RoomBus:
             with trio.fail_after(CALL_TIMEOUT):
                 for script in (_CLAIM, _PUBLISH, _SYNC):  # (EVALSHA from here on)
                     await client.script_load(script)
+                if self._sessions > 1:
+                    await self._close_old_connections(client)
             await self._sync(client, first=True)
             if not self._history_loaded:
                 await self._load_history(client)
-            if self.unpublished:
-                log.info(
-                    "chat: %d event(s) of this process's members were not published to "
-                    "the other processes",
-                    self.unpublished,
-                )
-                self.unpublished = 0
             self._slow_logged = False
             ready()
+            self._stream_lost = False
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_loop, client)
                 nursery.start_soon(self._flush_loop, client)
@@ -438,7 +564,7 @@ class RoomBus:
                 # Redis failed: what was queued will not be published (the
                 # next sync repairs the nicks; the messages are lost to the
                 # others). On cancellation the last flush publishes it.
-                self.unpublished += sum(1 for e in self._queue if e[0])
+                self.unpublished += sum(1 for e in self._queue if e[0].startswith(_MESSAGE_LINES))
                 self._queue.clear()
                 self._queued_bytes = 0
                 self._releasing.clear()
@@ -447,9 +573,50 @@ class RoomBus:
             self._up = False
             self._client = None
 
+    async def _close_old_connections(self, client: coredis.Redis[str]) -> None:
+        """Close this process's connections of earlier sessions that Redis still holds.
+
+        After a network cut Redis keeps the connections it lost sight of
+        (until TCP keepalive), and they would keep this process looking
+        alive (see :class:`Liveness`) even after a later ``kill -9``.
+        """
+        mine = f"{_NAME}{self.process}-"
+        current = f"{mine}{self._sessions}"
+        for info in await _client_list(client):
+            name = str(info.get("name", ""))
+            if name.startswith(mine) and name != current:
+                await client.client_kill(identifier=int(info["id"]))
+
     async def _sync(self, client: coredis.Redis[str], *, first: bool = False) -> None:
-        """Run the sync script; on a first sync or a lost position, re-read the ghosts."""
-        want_snapshot = first or self._last_id is None
+        """Run the sync script (see the module docstring), then act on what it found."""
+        want_snapshot = first or self._last_id is None or bool(self._unconfirmed)
+        reply = await self._run_sync(client, want_snapshot, [])
+        suspects = [str(p) for p in reply[4]]
+        if suspects:
+            reap = await self._reapable(client, suspects)
+            if reap:
+                reply = await self._run_sync(client, want_snapshot, reap)
+        self._synced = True
+        continuous, clashes, snapshot, newest, _ = reply
+        if want_snapshot:
+            ghosts = {}
+            for key, value in zip(snapshot[::2], snapshot[1::2], strict=True):
+                origin, _, nick = _split_value(str(value))
+                if origin != self.process and valid_nick(nick):
+                    ghosts[str(key)] = Ghost(nick, origin)
+            if not (continuous and self._last_id is not None):
+                # No position to continue from: reading starts after the
+                # snapshot, which is the picture of the others.
+                self._stream_lost = self._last_id is not None
+                self._last_id = str(newest)
+                self._merge_ghosts(ghosts)
+            self._confirm_ghosts(ghosts)
+        if clashes:
+            await self._resolve(client, [str(c) for c in clashes])
+
+    async def _run_sync(
+        self, client: coredis.Redis[str], want_snapshot: bool, reap: list[str]
+    ) -> Any:
         entries: list[str] = []
         for key, nick in self.room.local_nicks().items():
             token = self._claims.get(key) or self._claims.setdefault(key, self._token())
@@ -460,32 +627,69 @@ class RoomBus:
         args = [
             self.process,
             self.maxlen,
-            ALIVE_TTL_MS,
-            self._alive,
+            self.live.suspect_ms,
+            self.live.dead_ms,
             self._last_id or "",
             "1" if want_snapshot else "0",
+            " ".join(reap),
             *entries,
         ]
         with trio.fail_after(CALL_TIMEOUT):
-            reply: Any = await client.register_script(_SYNC)(
-                keys=[self._nicks, self._stream], args=args
+            return await client.register_script(_SYNC)(
+                keys=[self._nicks, self._stream, self._alive, self._clock], args=args
             )
-        self._synced = True
-        continuous, clashes, snapshot, newest = reply
-        if want_snapshot and not (continuous and self._last_id is not None):
-            # No position to continue from: the picture of the others is
-            # the snapshot, and reading starts after it.
-            if self._last_id is not None:
-                log.warning("chat: lost the room's stream position: re-read the nicks")
-            self._last_id = str(newest)
-            ghosts = {}
-            for key, value in zip(snapshot[::2], snapshot[1::2], strict=True):
-                origin, _, nick = _split_value(str(value))
-                if origin != self.process and valid_nick(nick):
-                    ghosts[str(key)] = Ghost(nick, origin)
-            self.room.set_ghosts(ghosts)
-        if clashes:
-            await self._resolve(client, [str(c) for c in clashes])
+
+    async def _reapable(self, client: coredis.Redis[str], suspects: list[str]) -> list[str]:
+        """The suspects that have had no connection to Redis long enough to be dead."""
+        connected = {
+            name[len(_NAME) :].partition("-")[0]
+            for info in await _client_list(client)
+            if (name := str(info.get("name", ""))).startswith(_NAME)
+        }
+        now = trio.current_time()
+        for process in list(self._unconnected):
+            if process not in suspects or process in connected:
+                del self._unconnected[process]
+        return [
+            p
+            for p in suspects
+            if p not in connected
+            and now - self._unconnected.setdefault(p, now) >= self.live.unconnected
+        ]
+
+    def _merge_ghosts(self, ghosts: dict[str, Ghost]) -> None:
+        """A fresh picture of the others after the room's stream was lost.
+
+        Who is new is announced at once; who is missing is *kept* for a
+        while (Redis may have restarted empty, and their processes have not
+        claimed them again yet) and given up only if still missing then.
+        """
+        room = self.room
+        until = trio.current_time() + self.live.reclaim
+        for key, ghost in room.ghosts.items():
+            now = ghosts.get(key)
+            if now is None:
+                self._unconfirmed.setdefault(key, (ghost, until))
+            elif now.origin != ghost.origin:
+                room.remote_leave(ghost.origin, ghost.nick)
+        for ghost in ghosts.values():
+            room.remote_join(ghost.origin, ghost.nick)
+
+    def _confirm_ghosts(self, ghosts: dict[str, Ghost]) -> None:
+        """Settle the kept ghosts: claimed again, gone meanwhile, or given up."""
+        if not self._unconfirmed:
+            return
+        now = trio.current_time()
+        current = self.room.ghosts
+        for key, (ghost, until) in list(self._unconfirmed.items()):
+            here, there = current.get(key), ghosts.get(key)
+            if here is None or here.origin != ghost.origin:
+                del self._unconfirmed[key]  # left (or renamed) meanwhile: announced then
+            elif there is not None and there.origin == ghost.origin:
+                del self._unconfirmed[key]
+            elif now >= until:
+                del self._unconfirmed[key]
+                self.room.remote_leave(ghost.origin, ghost.nick)
 
     async def _resolve(self, client: coredis.Redis[str], clashes: list[str]) -> None:
         """Rename each of our members whose nick another process holds."""
@@ -560,7 +764,11 @@ class RoomBus:
 
     async def _tick_loop(self, client: coredis.Redis[str]) -> None:
         while True:
-            await trio.sleep(TICK)
+            delay = self.live.tick
+            if self._unconfirmed:  # settle them as soon as they are due
+                due = min(until for _, until in self._unconfirmed.values())
+                delay = max(0.0, min(delay, due - trio.current_time()))
+            await trio.sleep(delay)
             await self._sync(client)
 
     async def _read_loop(self, client: coredis.Redis[str]) -> None:
