@@ -157,7 +157,9 @@ return 1
 # connection long enough), then triples: mode ('E' ensure / 'K' keep), nick
 # key, value ("<token> <nick>" / "<token>").
 # Returns {stream still holds the last id (0/1), clashes (key, value, ...),
-# the hash if asked (key, value, ...), the newest stream id, suspects}.
+# the hash if asked (key, value, ...), the newest stream id, suspects, and
+# with the hash the processes that have synced (their claims in it are whole:
+# a sync ensures all of a process's claims at once)}.
 _SYNC: Final = (
     _LUA_HELPERS
     + _LUA_NOW
@@ -242,7 +244,9 @@ if #newest == 1 then
 else  -- an empty stream: an entry to hold a position by
   last = redis.call('XADD', KEYS[2], '*', 'p', me, 'e', 'HELLO')
 end
-return {continuous, clashes, snapshot, last, suspects}
+local synced = {}
+if ARGV[6] == '1' then synced = redis.call('ZRANGE', KEYS[3], 0, -1) end
+return {continuous, clashes, snapshot, last, suspects, synced}
 """
 )
 
@@ -265,8 +269,9 @@ class Liveness:
       that vanished leaves its connections open in Redis until TCP
       keepalive closes them);
     * after Redis lost the room (restarted empty), the members of other
-      processes are kept ``2 * period / 3`` for their processes to claim
-      them again before they are announced as gone.
+      processes are kept until their process has synced again (and so
+      claimed all its members again), for at most a ``period``; then those
+      not claimed are announced as gone.
 
     With the default that is a ``kill -9`` announced within about 12 s
     (PROTOCOL.md promises 15), and a cut of up to a minute hidden.
@@ -280,7 +285,7 @@ class Liveness:
         self.suspect_ms = round(period * 1000)
         self.dead_ms = round(period * 10_000)
         self.unconnected = 2 * period / 3
-        self.reclaim = 2 * period / 3
+        self.reclaim = period
 
 
 def rename_candidate(nick: str, n: int) -> str:
@@ -482,7 +487,9 @@ class RoomBus:
         token = self._token()
         self._claiming[key] = token
         client = self._client
-        if client is None or not self._up:
+        if client is None or not self.link.up:
+            # (Not before the session's first sync either: that sync is what
+            # makes this process's claims whole, which others rely on.)
             return token
         try:
             with trio.fail_after(CLAIM_TIMEOUT):
@@ -597,7 +604,7 @@ class RoomBus:
             if reap:
                 reply = await self._run_sync(client, want_snapshot, reap)
         self._synced = True
-        continuous, clashes, snapshot, newest, _ = reply
+        continuous, clashes, snapshot, newest, _, synced = reply
         if want_snapshot:
             ghosts = {}
             for key, value in zip(snapshot[::2], snapshot[1::2], strict=True):
@@ -610,7 +617,7 @@ class RoomBus:
                 self._stream_lost = self._last_id is not None
                 self._last_id = str(newest)
                 self._merge_ghosts(ghosts)
-            self._confirm_ghosts(ghosts)
+            self._confirm_ghosts(ghosts, {str(p) for p in synced})
         if clashes:
             await self._resolve(client, [str(c) for c in clashes])
 
@@ -668,15 +675,20 @@ class RoomBus:
         until = trio.current_time() + self.live.reclaim
         for key, ghost in room.ghosts.items():
             now = ghosts.get(key)
-            if now is None:
-                self._unconfirmed.setdefault(key, (ghost, until))
+            if now is None:  # (kept since an earlier loss: waited for afresh)
+                self._unconfirmed[key] = (ghost, until)
             elif now.origin != ghost.origin:
                 room.remote_leave(ghost.origin, ghost.nick)
         for ghost in ghosts.values():
             room.remote_join(ghost.origin, ghost.nick)
 
-    def _confirm_ghosts(self, ghosts: dict[str, Ghost]) -> None:
-        """Settle the kept ghosts: claimed again, gone meanwhile, or given up."""
+    def _confirm_ghosts(self, ghosts: dict[str, Ghost], synced: set[str]) -> None:
+        """Settle the kept ghosts: claimed again, gone meanwhile, or given up.
+
+        A ghost missing from the hash although its process has synced since
+        is gone (that sync claimed all the process's members at once); one
+        whose process has not synced yet is waited for until it is due.
+        """
         if not self._unconfirmed:
             return
         now = trio.current_time()
@@ -687,7 +699,7 @@ class RoomBus:
                 del self._unconfirmed[key]  # left (or renamed) meanwhile: announced then
             elif there is not None and there.origin == ghost.origin:
                 del self._unconfirmed[key]
-            elif now >= until:
+            elif ghost.origin in synced or now >= until:
                 del self._unconfirmed[key]
                 self.room.remote_leave(ghost.origin, ghost.nick)
 
