@@ -309,9 +309,11 @@ class RedisLink:
             except Exception as exc:  # (an ExceptionGroup too; never Cancelled)
                 refused = _find(exc, coredis.exceptions.AuthenticationError)
                 if refused is not None and not started:
-                    raise RedisRefused(
-                        self.who, self.url, f"refused the password ({refused})"
-                    ) from None
+                    if isinstance(refused, coredis.exceptions.AuthenticationRequiredError):
+                        why = "asks for a password: give it in the URL (redis://:PASSWORD@...)"
+                    else:
+                        why = f"refused the password ({refused})"
+                    raise RedisRefused(self.who, self.url, why) from None
                 if _only(exc, expected):
                     self._down(refused or exc)
                 else:

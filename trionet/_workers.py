@@ -44,7 +44,8 @@ __all__ = ["WORKER_ENV", "inherited_listeners", "run_workers", "watch_parent", "
 log = logging.getLogger("trionet")
 
 #: The environment variable that makes a process a worker: JSON
-#: ``{"fds": {service: [fd, ...]}, "parent": fd, "index": i}``.
+#: ``{"fds": {service: [fd, ...]}, "parent": fd, "index": i}`` (a service's
+#: extra ports are keyed ``"<service> <label>"``, e.g. ``"chat web"``).
 WORKER_ENV: Final = "TRIONET_WORKER"
 
 #: A worker that dies sooner than this after starting is restarted after a
@@ -54,10 +55,14 @@ _BACKOFF_FIRST: Final = 0.1
 _BACKOFF_MAX: Final = 10.0
 
 
-def _open_sockets(service: Service, host: str) -> list[socket.socket]:
-    """Bind and listen on every address ``host`` resolves to, as Trio would."""
+def _open_sockets(service: Service, host: str, port: int | None = None) -> list[socket.socket]:
+    """Bind and listen on every address ``host`` resolves to, as Trio would.
+
+    ``port``: one of the service's :meth:`~Service.extra_ports` (default:
+    its own port).
+    """
     host = service.host or host
-    port = service.effective_port
+    port = service.effective_port if port is None else port
     socks: list[socket.socket] = []
     try:
         infos = socket.getaddrinfo(
@@ -133,6 +138,9 @@ def run_workers(services: Sequence[Service], *, host: str, grace: float, workers
     try:
         for service in services:
             sockets[service.name] = _open_sockets(service, host)
+            # (chat's web page: "chat web", served by every worker too)
+            for label, port in service.extra_ports().items():
+                sockets[f"{service.name} {label}"] = _open_sockets(service, host, port)
     except StartupError as exc:
         log.error("%s", exc)
         for socks in sockets.values():

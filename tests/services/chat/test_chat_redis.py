@@ -476,3 +476,57 @@ def test_bus_keys_do_not_clash_between_rooms() -> None:
     one = RoomBus(ChatService().room, "redis://127.0.0.1:1", prefix="a")
     two = RoomBus(ChatService().room, "redis://127.0.0.1:1", prefix="b")
     assert one._stream != two._stream and one.process != two.process
+
+
+async def test_workers_serve_the_web_page_too(redis_server: Any, serve: Callable[..., Any]) -> None:
+    """``--workers 2 --web-port 0 --redis``: the parent opens the web port, every
+    worker serves it, and a browser member talks with a TCP member on another worker."""
+    from trio_websocket import connect_websocket_url
+
+    p = serve(
+        "chat", "--port", "0", "--web-port", "0", "--workers", "2", "--redis", redis_server.url
+    )
+    port = p.port("chat")
+    web_port = int(p.wait_for(r"chat web listening on 127\.0\.0\.1:(\d+)")[0][1])
+
+    def owner(nick: str) -> str:
+        raw = redis_server.command("HGET", "trionet:chat:nicks", nick).decode()
+        return re.search(r"(\w+)/\d+ " + nick, raw)[1]  # type: ignore[index]
+
+    with trio.fail_after(90):
+        async with trio.open_nursery() as keep:  # the WebSockets' own tasks
+            pages: dict[str, Any] = {}  # worker -> a browser member it serves
+
+            async def browse(i: int) -> None:
+                ws = await connect_websocket_url(keep, f"ws://127.0.0.1:{web_port}/ws")
+                assert await ws.get_message() == WELCOME
+                await ws.send_message(f"/nick w{i}")
+                assert await ws.get_message() == f"OK nick w{i}"
+                pages.setdefault(owner(f"w{i}"), (f"w{i}", ws))
+
+            # In bursts: an idle kernel hands one-by-one connections to the
+            # same worker; a burst keeps the first busy.
+            for burst in range(4):
+                async with trio.open_nursery() as nursery:
+                    for i in range(10):
+                        nursery.start_soon(browse, burst * 10 + i)
+                if len(pages) == 2:
+                    break
+            assert len(pages) == 2, "one worker never served the web port"
+            # A TCP member, and the browser member of the other worker.
+            tcp = await _connect(port, "tcpmember")
+            nick, ws = next(v for k, v in pages.items() if k != owner("tcpmember"))
+            await tcp.send_line("hello browser")
+            while (got := await ws.get_message()) != "MSG tcpmember hello browser":
+                assert got.startswith(("JOIN ", "LEAVE ")), got
+            await ws.send_message("hello tcp")
+            await _until(tcp, lambda line: line == f"MSG {nick} hello tcp")
+            keep.cancel_scope.cancel()
+    assert p.stop() == 0
+    assert p.count("Traceback") == 0
+
+
+def test_an_option_workers_cannot_honour_is_refused() -> None:
+    """Every option is honoured with --workers, or refused: --web-port is honoured."""
+    (chat,) = build_services(["chat", "--web-port", "0", "--redis", "redis://h:1"])
+    assert chat.extra_ports() == {"web": 0}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final, Self
 
 import attrs
@@ -248,13 +248,26 @@ class ChatService(Service):
             self.room.leave(member, reason)
             self.room.reply(member, "BYE")
 
-    async def open_extra_listeners(self, host: str) -> list[trio.abc.Listener[Any]]:
-        """With ``web_port``: the page and WebSocket listener(s) of :mod:`.web`."""
+    def extra_ports(self) -> dict[str, int]:
+        """With ``web_port``: ``{"web": web_port}`` (the parent of workers opens it)."""
+        return {} if self.web_port is None else {"web": self.web_port}
+
+    async def open_extra_listeners(
+        self, host: str, inherited: Mapping[str, Sequence[trio.abc.Listener[Any]]] | None = None
+    ) -> list[trio.abc.Listener[Any]]:
+        """With ``web_port``: the page and WebSocket listener(s) of :mod:`.web`.
+
+        In a worker (``inherited``) they serve the sockets the parent opened.
+        """
         if self.web_port is None:
             return []
         limit = message_limit(self.max_line)
         self._web = await open_web_listeners(
-            host, self.web_port, max_message_size=limit, tls=self.tls_context
+            host,
+            self.web_port,
+            max_message_size=limit,
+            tls=self.tls_context,
+            transports=(inherited or {}).get("web"),
         )
         return list(self._web)
 
