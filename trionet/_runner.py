@@ -37,7 +37,7 @@ from ._framing import DEFAULT_MAX_LINE
 from ._plugins import PluginError, builtin_names, load_service, service_names
 from ._server import Server, StartupError
 from ._service import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Service
-from ._workers import inherited_listeners, run_workers, watch_parent, worker_index
+from ._workers import CANNOT_START, inherited_listeners, run_workers, watch_parent, worker_index
 
 __all__ = ["ConfigError", "build_parser", "build_services", "run", "serve_forever"]
 
@@ -683,6 +683,6 @@ def serve_forever(
         if error is None:
             raise
         log.error("%s", error)
-        return 1
+        return 1 if parent_fd is None else CANNOT_START
     log.info("stopped")
     return 0

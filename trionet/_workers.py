@@ -39,7 +39,14 @@ import trio
 from ._server import Server, StartupError, _reason
 from ._service import Service
 
-__all__ = ["WORKER_ENV", "inherited_listeners", "run_workers", "watch_parent", "worker_index"]
+__all__ = [
+    "CANNOT_START",
+    "WORKER_ENV",
+    "inherited_listeners",
+    "run_workers",
+    "watch_parent",
+    "worker_index",
+]
 
 log = logging.getLogger("trionet")
 
@@ -47,6 +54,11 @@ log = logging.getLogger("trionet")
 #: ``{"fds": {service: [fd, ...]}, "parent": fd, "index": i}`` (a service's
 #: extra ports are keyed ``"<service> <label>"``, e.g. ``"chat web"``).
 WORKER_ENV: Final = "TRIONET_WORKER"
+
+#: A worker's exit status when a service cannot start in it (EX_CONFIG): the
+#: same would happen in every worker (a refused Redis password), so the
+#: parent stops them all and exits 1 instead of restarting them forever.
+CANNOT_START: Final = 78
 
 #: A worker that dies sooner than this after starting is restarted after a
 #: back-off that doubles each time, up to _BACKOFF_MAX seconds.
@@ -168,6 +180,7 @@ class _Supervisor:
         self.count = count
         self.grace = grace
         self.stopping = False
+        self.failed = False  # a worker could not start: the parent exits 1
         self.procs: dict[int, trio.Process] = {}
         # The pipe every worker watches: the parent keeps the write end
         # open for its whole life and never writes.
@@ -197,6 +210,11 @@ class _Supervisor:
             log.info("worker %d started (pid %d)", index, proc.pid)
             code = await proc.wait()
             del self.procs[index]
+            if code == CANNOT_START and not self.stopping:
+                log.error("worker %d cannot start (its error is above): stopping", index)
+                self.failed = self.stopping = True
+                self.signal_all(signal.SIGTERM)
+                return
             if self.stopping:
                 log.info("worker %d (pid %d) stopped", index, proc.pid)
                 return
@@ -247,5 +265,7 @@ async def _supervise(sockets: dict[str, list[socket.socket]], count: int, grace:
         sup.signal_all(signal.SIGKILL)
         os.close(sup.watch_w)
         os.close(sup.watch_r)
+    if sup.failed:
+        return 1
     log.info("stopped")
     return 0

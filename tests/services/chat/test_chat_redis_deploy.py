@@ -90,8 +90,13 @@ def test_a_wrong_password_stops_the_start(
 ) -> None:
     redis = redis_factory("--requirepass", PASSWORD)
     wrong = "not-the-pw-x9"
-    for url in (f"redis://:{wrong}@127.0.0.1:{redis.port}", f"redis://127.0.0.1:{redis.port}"):
-        process = serve(service, "--port", "0", "--redis", url)
+    for url, more in (
+        (f"redis://:{wrong}@127.0.0.1:{redis.port}", ()),
+        (f"redis://127.0.0.1:{redis.port}", ()),
+        # Workers: each fails the same way; the parent stops, not restarts them.
+        (f"redis://:{wrong}@127.0.0.1:{redis.port}", ("--workers", "2")),
+    ):
+        process = serve(service, "--port", "0", "--redis", url, *more)
         assert process.proc.wait(30) == 1
         process.wait_for("<eof>")
         text = "\n".join(process.lines)
