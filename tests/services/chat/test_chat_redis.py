@@ -426,11 +426,11 @@ async def test_a_stopped_process_costs_bounded_memory(
             grown = _rss_kib(a.proc.pid) - before
         finally:
             b.signal(signal.SIGCONT)
-        assert 10_000 <= xlen <= 11_000, xlen
+        assert 1_000 <= xlen <= 1_100, (xlen, a.lines[-5:])  # entries: batches of <= 16 KB
         assert grown < 40_000, f"the sender's process grew by {grown} KiB"
         # (stopped longer than its read's deadline, it reconnects instead: the
         # same resync, under another name)
-        b.wait_for("fell more than 10000 events behind|lost the room's stream", timeout=30)
+        b.wait_for("fell more than 1000 stream entries behind|moved past this process", timeout=30)
         async with trio.open_nursery() as nursery:
             # What is said while it skips ahead is skipped too: say it again
             # until it gets through.

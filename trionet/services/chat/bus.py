@@ -72,13 +72,19 @@ __all__ = ["STREAM_MAXLEN", "RoomBus", "rename_candidate"]
 
 log = logging.getLogger("trionet.chat")
 
-#: Events the stream keeps (``MAXLEN ~``: Redis trims whole blocks, so a bit more).
-STREAM_MAXLEN: Final = 10_000
-#: Events one ``XREAD`` returns at most; below the cap, so a full batch is
+#: Entries the stream keeps (``MAXLEN ~``: Redis trims whole blocks, so a bit
+#: more). An entry is a batch of one process's events: one event when the room
+#: is quiet, up to ENTRY_BYTES of them when it is busy; so the stream holds at
+#: least this many events and at most about 16 MB.
+STREAM_MAXLEN: Final = 1_000
+#: Entries one ``XREAD`` returns at most; below the cap, so a full read is
 #: the only sign that the reader may have fallen behind what the stream keeps.
-READ_COUNT: Final = 1_000
-#: Events one flush appends at most.
+READ_COUNT: Final = 500
+#: Events one flush appends at most (one script call).
 FLUSH_BATCH: Final = 500
+#: Bytes of event lines in one stream entry at most (one line more may pass it):
+#: a flush appends as many entries as it needs.
+ENTRY_BYTES: Final = 16 << 10
 #: Bytes of unpublished events held while Redis is slow; over it, messages are
 #: dropped (nick changes never: the sync repairs them anyway).
 MAX_QUEUED: Final = 8 << 20
@@ -124,27 +130,25 @@ return 1
 """
 )
 
-# KEYS: stream, nicks. ARGV: process, maxlen, then per event six values:
-# line, ms ('' if none), to ('' if none), op ('', 'D' release, 'U' update),
-# nick key, value ("<token>" or "<token> <nick>"). The op applies only if the
-# hash still holds that token.
+# KEYS: stream, nicks. ARGV: process, maxlen, n, then n entries (events, one
+# a line, see _event_line), then per nick change three values: op ('D'
+# release, 'U' update), nick key, value ("<token>" or "<token> <nick>"). A
+# change applies only if the hash still holds that token. An entry holds
+# many events: one XADD, and one entry for each reader to parse, per batch.
 _PUBLISH: Final = (
     _LUA_HELPERS
     + """
-for i = 3, #ARGV, 6 do
-  local op = ARGV[i + 3]
-  if op ~= '' then
-    local key, val = ARGV[i + 4], ARGV[i + 5]
-    local cur = redis.call('HGET', KEYS[2], key)
-    if cur and token(cur) == token(val) then
-      if op == 'D' then redis.call('HDEL', KEYS[2], key)
-      else redis.call('HSET', KEYS[2], key, val) end
-    end
+local n = tonumber(ARGV[3])
+for i = 4 + n, #ARGV, 3 do
+  local op, key, val = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local cur = redis.call('HGET', KEYS[2], key)
+  if cur and token(cur) == token(val) then
+    if op == 'D' then redis.call('HDEL', KEYS[2], key)
+    else redis.call('HSET', KEYS[2], key, val) end
   end
-  local fields = {'p', ARGV[1], 'e', ARGV[i]}
-  if ARGV[i + 1] ~= '' then table.insert(fields, 'ms'); table.insert(fields, ARGV[i + 1]) end
-  if ARGV[i + 2] ~= '' then table.insert(fields, 'to'); table.insert(fields, ARGV[i + 2]) end
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+end
+for i = 4, 3 + n do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'p', ARGV[1], 'b', ARGV[i])
 end
 return 1
 """
@@ -312,17 +316,58 @@ async def _client_list(client: coredis.Redis[str]) -> tuple[Any, ...]:
         return ()
 
 
+def _event_line(ms: int, to: str, line: str) -> str:
+    """One event in a batch: ``<ms or -> <to or -> <line>`` (lines hold no LF)."""
+    return f"{ms or '-'} {to or '-'} {line}"
+
+
+def _events(fields: Any) -> list[tuple[str, str, str]]:
+    """A stream entry's events as (ms, to, line): a batch, or one event (the syncs' own)."""
+    batch = fields.get("b")
+    if batch is None:
+        return [(str(fields.get("ms") or "-"), str(fields.get("to") or "-"), str(fields.get("e")))]
+    events = []
+    for event in str(batch).split("\n"):
+        ms, _, rest = event.partition(" ")
+        to, _, line = rest.partition(" ")
+        events.append((ms, to, line))
+    return events
+
+
+def _stream_entries(batch: list[_Entry]) -> list[str]:
+    """The events of ``batch`` as stream entries of about ENTRY_BYTES each."""
+    entries: list[str] = []
+    lines: list[str] = []
+    size = 0
+    for line, *_ in batch:
+        if not line:
+            continue
+        lines.append(line)
+        size += len(line) + 1
+        if size > ENTRY_BYTES:
+            entries.append("\n".join(lines))
+            lines, size = [], 0
+    if lines:
+        entries.append("\n".join(lines))
+    return entries
+
+
+def _is_message(event: str) -> bool:
+    """Is this queued event (see _event_line) a message (MSG, ACTION, PRIV)?"""
+    return event.split(" ", 3)[2:3] in (["MSG"], ["ACTION"], ["PRIV"])
+
+
 def _split_value(value: str) -> tuple[str, str, str]:
     """``"<process>/<n> <nick>"`` → (process, token, nick)."""
     token, _, nick = value.partition(" ")
     return token.partition("/")[0], token, nick
 
 
-# A queued stream entry: line, ms, to, op, nick key, value (see _PUBLISH).
-_Entry = tuple[str, str, str, str, str, str]
+# A queued event: its line in a batch ('' for a nick change alone), then op
+# ('' none, 'D' release, 'U' update), nick key, value (see _PUBLISH).
+_Entry = tuple[str, str, str, str]
 #: Events that are messages (what an outage's log line counts).
 _MESSAGES: Final = frozenset({"MSG", "ACTION", "PRIV"})
-_MESSAGE_LINES: Final = ("MSG ", "ACTION ", "PRIV ")
 #: Connection names in Redis: this, the process's id, ``-`` the session's number.
 _NAME: Final = "trionet-chat-"
 
@@ -409,7 +454,10 @@ class RoomBus:
         n, self.unpublished = self.unpublished, 0
         note = f"{n} message(s) of this process's members not relayed to the other processes"
         if self._stream_lost:
-            note += "; the room was gone from Redis (restarted empty?): members claimed again"
+            note += (
+                "; the room's stream had moved past this process's place (Redis restarted "
+                "empty, or trimmed it): the members were read again"
+            )
         return note
 
     # -- the room's side (synchronous) ---------------------------------------------
@@ -450,6 +498,7 @@ class RoomBus:
             if kind in _MESSAGES:
                 self.unpublished += 1
             return
+        line = _event_line(event.ms, event.origin, line)
         size = len(line)
         if op == "D":
             self._releasing[key] = value
@@ -459,8 +508,7 @@ class RoomBus:
                 self._slow_logged = True
                 log.warning("chat: Redis is not keeping up: messages not published to others")
             return
-        ms = str(event.ms) if event.ms else ""
-        self._queue.append((line, ms, event.origin, op, key, value))
+        self._queue.append((line, op, key, value))
         self._queued_bytes += size
         self._wake.set()
 
@@ -468,7 +516,7 @@ class RoomBus:
         """Give back a claim no member took (a ``/nick`` that did not happen)."""
         if self._up:
             self._releasing[key] = token
-            self._queue.append(("", "", "", "D", key, token))
+            self._queue.append(("", "D", key, token))
             self._wake.set()
 
     # -- claims (awaited by a /nick) -------------------------------------------------
@@ -571,7 +619,7 @@ class RoomBus:
                 # Redis failed: what was queued will not be published (the
                 # next sync repairs the nicks; the messages are lost to the
                 # others). On cancellation the last flush publishes it.
-                self.unpublished += sum(1 for e in self._queue if e[0].startswith(_MESSAGE_LINES))
+                self.unpublished += sum(1 for e in self._queue if _is_message(e[0]))
                 self._queue.clear()
                 self._queued_bytes = 0
                 self._releasing.clear()
@@ -738,10 +786,13 @@ class RoomBus:
                 page = await client.xrevrange(self._stream, end=end, start="-", count=500)
             for entry in page:
                 fields = entry.field_values
-                kind, _, rest = str(fields.get("e", "")).partition(" ")
-                if kind in ("MSG", "ACTION") and fields.get("p") != self.process:
-                    nick, _, text = rest.partition(" ")
-                    entries.append((int(fields.get("ms") or 0), kind, nick, text))
+                if fields.get("p") == self.process:
+                    continue
+                for ms, _, line in reversed(_events(fields)):
+                    kind, _, rest = line.partition(" ")
+                    if kind in ("MSG", "ACTION"):
+                        nick, _, text = rest.partition(" ")
+                        entries.append((int(ms) if ms.isdigit() else 0, kind, nick, text))
             if len(page) < 500:
                 break
             end = "(" + str(page[-1].identifier)
@@ -762,14 +813,16 @@ class RoomBus:
             await self._publish(client, batch)
             del self._queue[: len(batch)]
             self._queued_bytes -= sum(len(e[0]) for e in batch)
-            for _, _, _, op, key, value in batch:
+            for _, op, key, value in batch:
                 if op == "D" and self._releasing.get(key) == value:
                     del self._releasing[key]
 
     async def _publish(self, client: coredis.Redis[str], batch: list[_Entry]) -> None:
-        args: list[str | int] = [self.process, self.maxlen]
-        for entry in batch:
-            args.extend(entry)
+        entries = _stream_entries(batch)
+        args: list[str | int] = [self.process, self.maxlen, len(entries), *entries]
+        for _, op, key, value in batch:
+            if op:
+                args += [op, key, value]
         with trio.fail_after(CALL_TIMEOUT):
             # EVALSHA (the script is loaded once per Redis, again after a restart).
             await client.register_script(_PUBLISH)(keys=[self._stream, self._nicks], args=args)
@@ -803,7 +856,7 @@ class RoomBus:
                     kept = await client.xrange(stream, last, last)
                 if not kept:
                     log.warning(
-                        "chat: fell more than %d events behind the room: skipping ahead",
+                        "chat: fell more than %d stream entries behind the room: skipping ahead",
                         self.maxlen,
                     )
                     self._last_id = None
@@ -814,29 +867,26 @@ class RoomBus:
             self._last_id = str(entries[-1].identifier)
 
     def _apply(self, fields: Any) -> None:
-        """One event of the stream, applied to the local room (ours are skipped)."""
+        """One entry of the stream, applied to the local room (ours are skipped)."""
         origin = fields.get("p")
         if origin == self.process or origin is None:
             return
-        kind, _, rest = str(fields.get("e", "")).partition(" ")
         room = self.room
-        if kind in ("MSG", "ACTION"):
-            nick, _, text = rest.partition(" ")
-            try:
-                ms = int(fields.get("ms") or 0)
-            except ValueError:
-                ms = 0
-            room.remote_relay(origin, kind, nick, text, ms)
-        elif kind == "JOIN":
-            room.remote_join(origin, rest)
-        elif kind == "NICK":
-            old, _, new = rest.partition(" ")
-            room.remote_nick(origin, old, new)
-        elif kind == "LEAVE":
-            nick, _, reason = rest.partition(" ")
-            room.remote_leave(origin, nick, reason)
-        elif kind == "PRIV" and fields.get("to") == self.process:
-            sender, _, rest = rest.partition(" ")
-            target, _, text = rest.partition(" ")
-            room.remote_whisper(sender, target, text)
+        for ms, to, line in _events(fields):
+            kind, _, rest = line.partition(" ")
+            if kind in ("MSG", "ACTION"):
+                nick, _, text = rest.partition(" ")
+                room.remote_relay(origin, kind, nick, text, int(ms) if ms.isdigit() else 0)
+            elif kind == "JOIN":
+                room.remote_join(origin, rest)
+            elif kind == "NICK":
+                old, _, new = rest.partition(" ")
+                room.remote_nick(origin, old, new)
+            elif kind == "LEAVE":
+                nick, _, reason = rest.partition(" ")
+                room.remote_leave(origin, nick, reason)
+            elif kind == "PRIV" and to == self.process:
+                sender, _, rest = rest.partition(" ")
+                target, _, text = rest.partition(" ")
+                room.remote_whisper(sender, target, text)
         # Anything else (HELLO, the stream's first entry) is not for the room.
