@@ -57,6 +57,8 @@ BACKOFF_FIRST: Final = 0.1
 BACKOFF_MAX: Final = 5.0
 #: Seconds a connection attempt may take (an unreachable host never answers).
 CONNECT_TIMEOUT: Final = 2.0
+#: Connections a link's client keeps to Redis at most.
+MAX_CONNECTIONS: Final = 4
 
 #: What ``--help`` says of ``--redis`` (chat and guess must declare it alike).
 _HELP: Final = (
@@ -250,6 +252,11 @@ class RedisLink:
             stream_timeout=None,
             # The link reconnects (and logs it once): no retries underneath.
             retry_policy=NoRetryPolicy(),
+            # coredis multiplexes calls on a connection; without a bound a
+            # burst of concurrent calls (50 members joining at once) opens a
+            # connection each, every one a handshake. A blocking XREAD holds
+            # one for itself: a few are plenty.
+            max_connections=MAX_CONNECTIONS,
             client_name=self._name() if self._name is not None else None,
             **extra,
         )

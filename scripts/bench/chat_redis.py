@@ -25,7 +25,8 @@ of 500 (the chat's flush: one Lua script call per batch), the same for
 ``PUBLISH``, and what a subscriber that reconnects misses with pub/sub
 versus a stream reader that continues from its last id.
 
-Usage: python scripts/bench/chat_redis.py [--rounds 5] [--micro]
+Usage: python scripts/bench/chat_redis.py [--rounds 5] [--messages 200] [--micro]
+       [--before DIR]
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
-def start_chat(redis_port: int | None) -> tuple[subprocess.Popen[bytes], int]:
+def start_chat(redis_port: int | None, tree: Path = ROOT) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     cmd = [
         sys.executable, "-m", "trionet.serve", "chat", "--log-level", "WARNING",
@@ -70,7 +71,8 @@ def start_chat(redis_port: int | None) -> tuple[subprocess.Popen[bytes], int]:
     ]  # fmt: skip
     if redis_port is not None:
         cmd += ["--redis", f"redis://127.0.0.1:{redis_port}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    # (python -m puts the working directory first on sys.path: ``tree``'s trionet runs)
+    proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.DEVNULL)
     wait_listening(port, proc)
     return proc, port
 
@@ -169,6 +171,13 @@ def main() -> int:
         "--window", type=int, default=16, help="own messages in flight (default: %(default)s)"
     )
     p.add_argument("--micro", action="store_true", help="also run the Redis micro-measurements")
+    p.add_argument(
+        "--before",
+        metavar="DIR",
+        type=Path,
+        help="also run the redis setup from another checkout (e.g. a git worktree of an "
+        "older commit), on its own Redis, interleaved with the others: before vs after",
+    )
     a = p.parse_args()
     a.load_procs = 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,6 +186,11 @@ def main() -> int:
             "one": [start_chat(None)],
             "redis": [start_chat(redis_port), start_chat(redis_port)],
         }
+        servers = [redis]
+        if a.before is not None:
+            other, other_port = start_redis(tmp)
+            servers.append(other)
+            setups["before"] = [start_chat(other_port, a.before), start_chat(other_port, a.before)]
         rows: dict[str, list[dict[str, float]]] = {n: [] for n in setups}
         print(
             f"{a.clients} clients, {a.senders} senders x {a.messages} messages, window "
@@ -187,7 +201,7 @@ def main() -> int:
         try:
             names = list(setups)
             for r in range(a.rounds):
-                for name in names[r % 2 :] + names[: r % 2]:
+                for name in names[r % len(names) :] + names[: r % len(names)]:
                     for proc, _ in setups[name]:
                         if proc.poll() is not None:
                             raise SystemExit(f"a {name} server died (exit {proc.returncode})")
@@ -212,8 +226,9 @@ def main() -> int:
                 for proc, _ in procs:
                     proc.terminate()
                     proc.wait(10)
-            redis.terminate()
-            redis.wait(10)
+            for server in servers:
+                server.terminate()
+                server.wait(10)
     keys = ("rate", "p50_ms", "p99_ms", "server_cpu", "load_cpu")
     med = {n: {k: statistics.median(row[k] for row in rows[n]) for k in keys} for n in rows}
     print("\nmedian over rounds:")
@@ -222,6 +237,11 @@ def main() -> int:
             f"  {n:<6} {m['rate']:>9.0f} deliveries/s  p50 {m['p50_ms']:.1f} ms  "
             f"p99 {m['p99_ms']:.1f} ms  servers' CPU {m['server_cpu']:.0%}  "
             f"busiest generator's CPU {m['load_cpu']:.0%}"
+        )
+    if "before" in med:
+        print(
+            f"  redis / before: {med['redis']['rate'] / med['before']['rate']:.2f}x "
+            f"deliveries/s, {med['redis']['p99_ms'] / med['before']['p99_ms']:.2f}x p99"
         )
     ratio = med["redis"]["rate"] / med["one"]["rate"]
     p99 = med["redis"]["p99_ms"] / med["one"]["p99_ms"]
