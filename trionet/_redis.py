@@ -313,7 +313,16 @@ class RedisLink:
                         await client.ping()
                     delay = BACKOFF_FIRST
                     await session(client, ready)
-            except Exception as exc:  # (an ExceptionGroup too; never Cancelled)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    # Cancelled: a call that failed because of it (coredis
+                    # closes a connection when a blocking call is cancelled)
+                    # must not turn the cancellation into an error.
+                    if isinstance(exc, BaseExceptionGroup):
+                        cancelled, rest = exc.split(trio.Cancelled)
+                        if cancelled is not None and rest is not None and _only(rest, expected):
+                            raise cancelled from None
+                    raise
                 refused = _find(exc, coredis.exceptions.AuthenticationError)
                 if refused is not None and not started:
                     if isinstance(refused, coredis.exceptions.AuthenticationRequiredError):
