@@ -141,11 +141,15 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 
 
 class Serve:
-    """``python -m trionet.serve ARGS`` with its log (stderr) read in a thread."""
+    """``python -m trionet.serve ARGS`` with its log (stderr) read in a thread.
 
-    def __init__(self, *args: str) -> None:
+    ``prefix``: a command that runs it (``ip netns exec NS``); it must exec
+    the server, so that :attr:`proc` is the server's process.
+    """
+
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trionet.serve", *args],
+            [*prefix, sys.executable, "-m", "trionet.serve", *args],
             cwd=ROOT,
             stderr=subprocess.PIPE,
             text=True,
@@ -204,8 +208,8 @@ def serve() -> Iterator[Callable[..., Serve]]:
     """Start ``python -m trionet.serve`` processes; every one is killed after the test."""
     started: list[Serve] = []
 
-    def start(*args: str) -> Serve:
-        process = Serve(*args)
+    def start(*args: str, prefix: tuple[str, ...] = ()) -> Serve:
+        process = Serve(*args, prefix=prefix)
         started.append(process)
         return process
 
