@@ -526,7 +526,9 @@ async def test_workers_serve_the_web_page_too(redis_server: Any, serve: Callable
     assert p.count("Traceback") == 0
 
 
-def test_an_option_workers_cannot_honour_is_refused() -> None:
-    """Every option is honoured with --workers, or refused: --web-port is honoured."""
+def test_the_web_port_is_an_extra_port_for_the_parent_to_open() -> None:
+    """What run_workers opens besides a service's own port (none without --web-port)."""
     (chat,) = build_services(["chat", "--web-port", "0", "--redis", "redis://h:1"])
     assert chat.extra_ports() == {"web": 0}
+    (chat,) = build_services(["chat", "--redis", "redis://h:1"])
+    assert chat.extra_ports() == {}

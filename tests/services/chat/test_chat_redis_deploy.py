@@ -14,21 +14,14 @@ from typing import Any
 import pytest
 import trio
 
+from tests.conftest import _free_port
+from tests.services.chat.test_chat_redis import _connect
 from trionet import StartupError
 from trionet._redis import check_redis_url, shown_url
 from trionet._runner import build_services
-from trionet.services.chat.server import WELCOME, ChatService
-from trionet.testing import Client
+from trionet.services.chat.server import ChatService
 
 PASSWORD = "pw-7Hq2xZ"
-
-
-async def _join(port: int, nick: str) -> Client:
-    client = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=20)
-    await client.expect(WELCOME)
-    await client.send_line(f"/nick {nick}")
-    await client.expect(f"OK nick {nick}")
-    return client
 
 
 async def _two_talk(serve: Callable[..., Any], *args: str) -> list[Any]:
@@ -36,8 +29,8 @@ async def _two_talk(serve: Callable[..., Any], *args: str) -> list[Any]:
     processes = [serve("chat", "--port", "0", *args) for _ in range(2)]
     pa, pb = (p.port("chat") for p in processes)
     with trio.fail_after(60):
-        alice = await _join(pa, "alice")
-        bob = await _join(pb, "bob")
+        alice = await _connect(pa, "alice")
+        bob = await _connect(pb, "bob")
         await alice.expect("JOIN bob")
         await bob.send_line("hello over redis")
         await alice.expect("MSG bob hello over redis")
@@ -63,6 +56,8 @@ def test_urls_with_a_password_and_tls_are_accepted_and_shown_without_it() -> Non
     # --redis-cafile means TLS to Redis: with redis:// it would be ignored.
     with pytest.raises(StartupError, match="--redis-cafile needs a rediss://"):
         build_services(["chat", "--redis", "redis://h:1", "--redis-cafile", "/etc/hostname"])
+    with pytest.raises(StartupError, match="--redis-liveness needs --redis"):
+        build_services(["chat", "--redis-liveness", "2"])
     with pytest.raises(StartupError, match="--redis-cafile /nonexistent"):
         build_services(["chat", "--redis", "rediss://h:1", "--redis-cafile", "/nonexistent"])
 
@@ -129,11 +124,3 @@ async def test_redis_over_tls(
     untrusting = serve("chat", "--port", "0", "--redis", url)
     untrusting.wait_for("unreachable .*certificate verify failed")
     assert untrusting.stop() == 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -111,6 +111,11 @@ class ChatService(Service):
     def _make_room(self) -> Room:
         return Room(history=self.history, clock=self.clock)
 
+    @redis_liveness.validator
+    def _liveness_needs_redis(self, attr: Any, value: float) -> None:
+        if self.redis is None and value != LIVENESS:
+            raise ValueError("--redis-liveness needs --redis (it would be ignored)")
+
     def __attrs_post_init__(self) -> None:
         if self.redis is not None:
             self.bus = RoomBus(
