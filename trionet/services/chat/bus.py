@@ -9,16 +9,18 @@ in one step, locally.
 **The stream** (``trionet:chat:stream``). Every event of this process's
 members (``JOIN``, ``NICK``, ``MSG``, ``ACTION``, ``PRIV``, ``LEAVE``) is
 applied to the local room at once and queued; a flusher appends everything
-queued in one call (one Lua script: a batch of ``XADD ... MAXLEN ~``, with
-the nick bookkeeping of the same events, atomically). Each process reads
-the stream with ``XREAD BLOCK`` from the last id it has seen and applies the
-other processes' events to its room (its own are skipped: they were applied
+queued in one call (one Lua script: the nick bookkeeping of those events and
+the events themselves, a line each, in stream entries of up to 16 KB,
+``XADD ... MAXLEN ~``, atomically). Each process reads the stream with
+``XREAD BLOCK`` from the last id it has seen and applies the other
+processes' events to its room (its own are skipped: they were applied
 already). One stream, one writer per process writing in order, one reader
 per process reading in order: each sender's order is kept everywhere, and a
 member's ``JOIN`` is always before its ``MSG``. Why a stream and not
 pub/sub: a reader that reconnects continues from its last id and loses
-nothing, and the stream is the history too (docs/protocol/chat.md has the
-measurements).
+nothing, and the stream is the history too; why many events per entry:
+coredis's cost is per argument and per entry, not per byte
+(docs/protocol/chat.md and docs/benchmarks.md have the measurements).
 
 **Nicks** (the hash ``trionet:chat:nicks``: nick key → ``"<token> <nick>"``,
 the token being ``<process>/<n>``). ``/nick`` first *claims* the nick in
@@ -27,32 +29,42 @@ the local room; a leave or rename releases the claim in the flush that
 publishes it, and only if the token still matches, so a quick re-claim of
 the same nick is never undone.
 
-**Liveness**. Every 2 s each process refreshes its key
-``trionet:chat:alive:<process>`` (6 s to live) and runs the *sync* script,
-which in one atomic step: makes sure each of its members' claims is there
-(re-claiming after an outage, announcing ``JOIN`` for any the others could
-not know), drops its own claims no member holds any more (announcing
-``LEAVE``), and removes the claims of every process whose key has expired,
+**Liveness** (:class:`Liveness`: one period ``L``, 6 s). Every ``L/3`` each
+process runs the *sync* script, which in one atomic step: stamps the process
+in the sorted set ``trionet:chat:alive`` with Redis's clock; makes sure each
+of its members' claims is there (re-claiming after an outage, announcing
+``JOIN`` for any the others could not know); drops its own claims no member
+holds any more (announcing ``LEAVE``); and reaps the processes found dead,
 announcing each of their members' ``LEAVE`` once (the script is atomic, so
-exactly one process does it). A process killed with ``kill -9`` has its
-members announced within about 8 s.
+exactly one process does it). Dead means: stamp older than ``L`` *and* no
+connection in Redis's ``CLIENT LIST`` for ``2L/3`` (seen by the caller, who
+names the suspects to reap), or stamp older than ``10L``. If nobody synced
+for ``L`` (Redis was paused, restarted or cut off from everyone) every
+process gets a fresh stamp instead: nobody is judged on a clock that stood
+still. A process killed with ``kill -9`` has its members announced within
+about ``2L``; one cut off from Redis, or stopped, keeps its connections
+open in Redis and so its members.
 
 **Outages**. While Redis is unreachable each process serves its own members
-(the local room works: nicks are checked locally only), logs the outage
-once, and reconnects with a back-off (:class:`~trionet._redis.RedisLink`).
-What its members say meanwhile is not published; what others said is not
-received. When Redis is back the sync script re-claims this process's
+(the local room works: nicks are checked locally only), and the link logs
+the outage once and its end once (:class:`~trionet._redis.RedisLink`; the
+end's line says how many messages were not relayed). What its members say
+meanwhile is not published; what others said is received afterwards if the
+stream survived. When Redis is back the sync re-claims this process's
 nicks; a nick another process took meanwhile is a clash: the member of the
 process that finds it taken is renamed ``nick-2`` (``NICK old new`` to
 everyone, that member included). If the stream still holds the last event
 this process read, reading continues from there; if not (Redis restarted
-empty, or this process fell further behind than the stream keeps), the
-ghosts are replaced by a fresh snapshot of the nicks, the differences
-announced to local members as ``JOIN``/``LEAVE``.
+empty, or this process fell further behind than the stream keeps), a fresh
+snapshot of the nicks is taken: newcomers are announced at once, but a
+ghost missing from it is kept until its process has synced again (its
+claims are then whole: a ghost still missing has left) or for ``L`` at most,
+so that nobody is announced leaving just because Redis forgot them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import secrets
@@ -635,19 +647,25 @@ class RoomBus:
         (until TCP keepalive), and they would keep this process looking
         alive (see :class:`Liveness`) even after a later ``kill -9``.
         """
+        import coredis.exceptions
+
         mine = f"{_NAME}{self.process}-"
         current = f"{mine}{self._sessions}"
         for info in await _client_list(client):
             name = str(info.get("name", ""))
             if name.startswith(mine) and name != current:
-                await client.client_kill(identifier=int(info["id"]))
+                # (gone meanwhile, or CLIENT KILL not allowed on this Redis)
+                with contextlib.suppress(coredis.exceptions.ResponseError):
+                    await client.client_kill(identifier=int(info["id"]))
 
     async def _sync(self, client: coredis.Redis[str], *, first: bool = False) -> None:
         """Run the sync script (see the module docstring), then act on what it found."""
         want_snapshot = first or self._last_id is None or bool(self._unconfirmed)
         reply = await self._run_sync(client, want_snapshot, [])
         suspects = [str(p) for p in reply[4]]
-        if suspects:
+        if not suspects:
+            self._unconnected.clear()
+        else:
             reap = await self._reapable(client, suspects)
             if reap:
                 reply = await self._run_sync(client, want_snapshot, reap)
