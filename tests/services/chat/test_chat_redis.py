@@ -11,6 +11,7 @@ room goes on, ``--workers 2``. Every wait is bounded.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import time
@@ -453,19 +454,23 @@ async def test_workers_share_the_room(redis_server: Any, serve: Callable[..., An
     p = serve("chat", "--port", "0", "--workers", "2", "--redis", redis_server.url)
     port = p.port("chat")
     with trio.fail_after(60):
+        p.wait_for("sharing the room through Redis", count=2)  # both workers are up
+        pids = [int(m[1]) for m in p.wait_for(r"worker \d started \(pid (\d+)\)", count=2)]
+        # An idle kernel hands connections to whichever worker waits first,
+        # often the same one: stop one worker while the other takes a member.
         clients: dict[str, Client] = {}
-        owners: dict[str, str] = {}
-        # Connect until two members are served by different workers (the
-        # hash of nicks says which process holds each).
-        for i in range(40):
-            nick = f"m{i}"
-            clients[nick] = await _connect(port, nick)
+        for nick, stopped in (("m0", pids[0]), ("m1", pids[1])):
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                clients[nick] = await _connect(port, nick)
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+        owners = {}
+        for nick in clients:
             raw = redis_server.command("HGET", "trionet:chat:nicks", nick).decode()
             owners[nick] = re.search(r"(\w+)/\d+ " + nick, raw)[1]  # type: ignore[index]
-            if len(set(owners.values())) == 2:
-                break
-        first, last = next(iter(clients)), nick
-        assert owners[first] != owners[last]
+        assert owners["m0"] != owners["m1"]
+        first, last = "m0", "m1"
         await clients[last].send_line("across workers")
         await _until(clients[first], lambda line: line == f"MSG {last} across workers")
     assert p.stop() == 0
@@ -496,23 +501,21 @@ async def test_workers_serve_the_web_page_too(redis_server: Any, serve: Callable
     with trio.fail_after(90):
         async with trio.open_nursery() as keep:  # the WebSockets' own tasks
             pages: dict[str, Any] = {}  # worker -> a browser member it serves
-
-            async def browse(i: int) -> None:
-                ws = await connect_websocket_url(keep, f"ws://127.0.0.1:{web_port}/ws")
-                assert await ws.get_message() == WELCOME
-                await ws.send_message(f"/nick w{i}")
-                assert await ws.get_message() == f"OK nick w{i}"
-                pages.setdefault(owner(f"w{i}"), (f"w{i}", ws))
-
-            # In bursts: an idle kernel hands one-by-one connections to the
-            # same worker; a burst keeps the first busy.
-            for burst in range(4):
-                async with trio.open_nursery() as nursery:
-                    for i in range(10):
-                        nursery.start_soon(browse, burst * 10 + i)
-                if len(pages) == 2:
-                    break
-            assert len(pages) == 2, "one worker never served the web port"
+            p.wait_for("sharing the room through Redis", count=2)  # both workers are up
+            pids = [int(m[1]) for m in p.wait_for(r"worker \d started \(pid (\d+)\)", count=2)]
+            # One worker stopped while the other takes a browser member, in
+            # turn: each worker must serve the web port.
+            for i, stopped in enumerate(pids):
+                os.kill(stopped, signal.SIGSTOP)
+                try:
+                    ws = await connect_websocket_url(keep, f"ws://127.0.0.1:{web_port}/ws")
+                    assert await ws.get_message() == WELCOME
+                    await ws.send_message(f"/nick w{i}")
+                    assert await ws.get_message() == f"OK nick w{i}"
+                finally:
+                    os.kill(stopped, signal.SIGCONT)
+                pages[owner(f"w{i}")] = (f"w{i}", ws)
+            assert len(pages) == 2, "one worker did not serve the web port"
             # A TCP member, and the browser member of the other worker.
             tcp = await _connect(port, "tcpmember")
             nick, ws = next(v for k, v in pages.items() if k != owner("tcpmember"))
