@@ -195,7 +195,7 @@ async def test_a_paused_redis_announces_nobody_falsely(
             await _settled([alice, bob], "WHO alice bob")
             assert time.monotonic() - back < TRUTH_WITHIN
             # Some more periods: the fresh stamps expire again, still nobody leaves.
-            await trio.sleep(3 * float(LIVENESS))
+            await trio.sleep(2 * float(LIVENESS))
             await _settled([alice, bob], "WHO alice bob")
             assert alice.joins_and_leaves()[before:] == ["LEAVE dan"]
             nursery.cancel_scope.cancel()
@@ -277,13 +277,13 @@ async def test_a_cut_link_announces_nobody_falsely(
             await trio.sleep(1)
             await dan.quit()  # on the side still linked
             await amy.quit()  # on the side cut off
-            await trio.sleep(8)  # several periods, and past a call's deadline
+            await trio.sleep(6.5)  # several periods, and past a call's deadline (5 s)
             await trio.to_thread.run_sync(lambda: a.wait_for(r"unreachable \("))
             assert b.count("unreachable") == 0
             proxy.heal()
             await trio.to_thread.run_sync(lambda: a.wait_for("reachable again", timeout=20))
             await _settled([alice, bob], "WHO alice bob")
-            await trio.sleep(3 * float(LIVENESS))
+            await trio.sleep(2 * float(LIVENESS))
             await _settled([alice, bob], "WHO alice bob")
             for m in (alice, bob):  # each heard of both, once
                 news = m.joins_and_leaves()[before[m.nick] :]
