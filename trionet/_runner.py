@@ -40,7 +40,7 @@ from ._monitor import serve_monitor
 from ._plugins import PluginError, builtin_names, load_service, service_names
 from ._server import Server, StartupError
 from ._service import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Service
-from ._workers import inherited_listeners, run_workers, watch_parent, worker_index
+from ._workers import CANNOT_START, inherited_listeners, run_workers, watch_parent, worker_index
 
 __all__ = ["ConfigError", "build_parser", "build_services", "run", "serve_forever"]
 
@@ -774,7 +774,7 @@ def serve_forever(
     except BaseException as exc:
         if not StartupError.report(exc):
             raise
-        return 1
+        return 1 if parent_fd is None else CANNOT_START
     finally:
         flush_bursts(final=True)
     log.info("stopped")

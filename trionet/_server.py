@@ -229,17 +229,27 @@ class Server:
 
     async def _open_listeners(self, service: Service) -> list[trio.abc.Listener[Any]]:
         given = self._given_listeners.get(service.name)
-        if given is not None:
-            return list(given)
         host = service.host or self.host
+        listeners: list[trio.abc.Listener[Any]]
+        if given is not None:
+            listeners = list(given)
+        else:
+            try:
+                listeners = list(await trio.open_tcp_listeners(service.effective_port, host=host))
+            except OSError as exc:
+                raise StartupError(
+                    service.name, host, service.effective_port, _reason(exc)
+                ) from exc
         try:
-            listeners: list[trio.abc.Listener[Any]] = list(
-                await trio.open_tcp_listeners(service.effective_port, host=host)
-            )
-        except OSError as exc:
-            raise StartupError(service.name, host, service.effective_port, _reason(exc)) from exc
-        try:
-            extra = await service.open_extra_listeners(host)
+            inherited = {
+                label: self._given_listeners[key]
+                for label in service.extra_ports()
+                if (key := f"{service.name} {label}") in self._given_listeners
+            }
+            if inherited:  # a worker: the parent opened them
+                extra = await service.open_extra_listeners(host, inherited)
+            else:
+                extra = await service.open_extra_listeners(host)
             # They speak their own protocol (chat's web page does its own
             # TLS, as HTTPS): the service's TLS wraps its own listeners only.
             self._extra.update(map(id, extra))

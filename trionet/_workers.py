@@ -58,13 +58,26 @@ from ._service import Service
 if TYPE_CHECKING:
     from ._runner import MonitorOptions
 
-__all__ = ["WORKER_ENV", "inherited_listeners", "run_workers", "watch_parent", "worker_index"]
+__all__ = [
+    "CANNOT_START",
+    "WORKER_ENV",
+    "inherited_listeners",
+    "run_workers",
+    "watch_parent",
+    "worker_index",
+]
 
 log = logging.getLogger("trionet")
 
 #: The environment variable that makes a process a worker: JSON
-#: ``{"fds": {service: [fd, ...]}, "parent": fd, "index": i}``.
+#: ``{"fds": {service: [fd, ...]}, "parent": fd, "index": i}`` (a service's
+#: extra ports are keyed ``"<service> <label>"``, e.g. ``"chat web"``).
 WORKER_ENV: Final = "TRIONET_WORKER"
+
+#: A worker's exit status when a service cannot start in it (EX_CONFIG): the
+#: same would happen in every worker (a refused Redis password), so the
+#: parent stops them all and exits 1 instead of restarting them forever.
+CANNOT_START: Final = 78
 
 #: A worker that dies sooner than this after starting is restarted after a
 #: back-off that doubles each time, up to _BACKOFF_MAX seconds.
@@ -73,10 +86,14 @@ _BACKOFF_FIRST: Final = 0.1
 _BACKOFF_MAX: Final = 10.0
 
 
-def _open_sockets(service: Service, host: str) -> list[socket.socket]:
-    """Bind and listen on every address ``host`` resolves to, as Trio would."""
+def _open_sockets(service: Service, host: str, port: int | None = None) -> list[socket.socket]:
+    """Bind and listen on every address ``host`` resolves to, as Trio would.
+
+    ``port``: one of the service's :meth:`~Service.extra_ports` (default:
+    its own port).
+    """
     host = service.host or host
-    port = service.effective_port
+    port = service.effective_port if port is None else port
     socks: list[socket.socket] = []
     try:
         infos = socket.getaddrinfo(
@@ -168,6 +185,9 @@ def run_workers(
     try:
         for service in services:
             sockets[service.name] = _open_sockets(service, host)
+            # (chat's web page: "chat web", served by every worker too)
+            for label, port in service.extra_ports().items():
+                sockets[f"{service.name} {label}"] = _open_sockets(service, host, port)
     except StartupError as exc:
         log.error("%s", exc)
         for socks in sockets.values():
@@ -212,6 +232,7 @@ class _Supervisor:
         self.count = count
         self.grace = grace
         self.stopping = False
+        self.failed = False  # a worker could not start: the parent exits 1
         self.procs: dict[int, trio.Process] = {}
         #: Workers that died and were replaced (a metric).
         self.restarts = 0
@@ -246,6 +267,11 @@ class _Supervisor:
             del self.procs[index]
             if self.metrics_dir is not None:
                 mark_worker_dead(proc.pid, self.metrics_dir)
+            if code == CANNOT_START and not self.stopping:
+                log.error("worker %d cannot start (its error is above): stopping", index)
+                self.failed = self.stopping = True
+                self.signal_all(signal.SIGTERM)
+                return
             if self.stopping:
                 log.info("worker %d (pid %d) stopped", index, proc.pid)
                 return
@@ -328,5 +354,7 @@ async def _supervise(
         sup.signal_all(signal.SIGKILL)
         os.close(sup.watch_w)
         os.close(sup.watch_r)
+    if sup.failed:
+        return 1
     log.info("stopped")
     return 0
