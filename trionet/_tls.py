@@ -28,15 +28,12 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import trio
 
-from ._connection import format_peer
 from ._socket import SocketTransport
-
-if TYPE_CHECKING:
-    from ._service import Service
+from ._transport import format_peer
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -148,26 +145,22 @@ async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
 
 
 async def accept_tls(
-    service: Service,
+    ctx: ssl.SSLContext,
     stream: trio.abc.Stream,
+    name: str,
     shutdown: trio.Event | None = None,
     *,
     timeout: float = HANDSHAKE_TIMEOUT,
 ) -> trio.SSLStream[Any] | None:
-    """Do the server side of the TLS handshake on ``stream`` for ``service``.
+    """Do the server side of the TLS handshake on ``stream`` for the service ``name``.
 
     Returns the ready :class:`trio.SSLStream`, or ``None`` when the
     handshake failed, timed out or was cut by ``shutdown``: then the stream
     is closed and the failure was logged in one access-log line. Only a
     cancellation of the caller's own scope propagates.
     """
-    ctx = service.tls_context
-    assert ctx is not None, "accept_tls needs a service with TLS settings"
     peer = format_peer(stream)
     tls = trio.SSLStream(transport_for(stream), ctx, server_side=True, https_compatible=False)
-    idle = service.effective_idle_timeout
-    if idle is not None:
-        timeout = min(timeout, idle)
     # Stays the reason unless the handshake ends by itself (shutdown cancels it).
     failure: str | None = "abandoned: the server is shutting down"
     try:
@@ -192,5 +185,5 @@ async def accept_tls(
         return tls
     with trio.CancelScope(shield=True):
         await trio.aclose_forcefully(tls)
-    access_log.info("%s %s tls handshake failed: %s", service.name, peer, failure)
+    access_log.info("%s %s tls handshake failed: %s", name, peer, failure)
     return None

@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from trionet import Connection, LineError, Service
+from trionet._socket import SocketTransport
 from trionet.testing import open_memory_server
 
 
@@ -114,7 +115,7 @@ async def test_socket_fast_path_is_a_half_closeable_trio_stream() -> None:
     async def make() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
         a, b = trio.socket.socketpair()
         ca, cb = Connection(trio.SocketStream(a)), Connection(trio.SocketStream(b))
-        assert ca._sock is not None  # the fast path is the one under test
+        assert isinstance(ca._transport, SocketTransport)  # the fast path is under test
         return ca.as_stream(), cb.as_stream()
 
     await trio.testing.check_half_closeable_stream(make, None)
@@ -209,7 +210,7 @@ async def test_busy_suspends_the_idle_deadline(autojump_clock: trio.testing.Mock
 def test_socket_errors_become_trio_stream_errors() -> None:
     import errno
 
-    from trionet._connection import translate_os_error
+    from trionet._socket import translate_os_error
 
     for code in (errno.ECONNRESET, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH):
         assert isinstance(translate_os_error(OSError(code, "x")), trio.BrokenResourceError)
