@@ -153,7 +153,10 @@ class SocketTransport(Transport, trio.abc.HalfCloseableStream):
         # Trio's own coroutine, not ours: no extra layer per message. (A
         # close during the wait wakes it with an error first, so the number
         # is still this socket's afterwards.)
-        return trio.lowlevel.wait_readable(self._fd())  # noqa: ASYNC105 (awaited by the caller)
+        fd = self.socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the connection was closed")
+        return trio.lowlevel.wait_readable(fd)  # noqa: ASYNC105 (awaited by the caller)
 
     def try_send(self, data: bytes | bytearray | memoryview) -> int:
         fd = self.socket.fileno()  # even an empty send on a closed connection is an error

@@ -14,7 +14,7 @@ printed:
   (c) idle: 5,000 connections, each after one round trip; the server's RSS
       growth per connection, in KiB.
 
-Usage: scripts/bench/echo.py [--rounds 5] [--seconds 3] [--idle 5000]
+Usage: scripts/bench/echo.py [--rounds 5] [--seconds 3] [--idle 5000] [--before TREE]
 """
 
 from __future__ import annotations
@@ -23,23 +23,24 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import select
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from harness import (
+    Server,
+    add_before_argument,
+    describe_machine,
+    median,
+    raise_fd_limit,
+    rounds,
+    sides,
+)
+
 MESSAGE = b"m" * 64
-
-
-def raise_fd_limit() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 # -- the baseline: Trio's tutorial echo server --------------------------------------------------
@@ -162,65 +163,24 @@ def gen_idle(port: int, pid: int, conns: int) -> dict[str, float]:
 # -- orchestration ------------------------------------------------------------------------------
 
 
-class ServerProcess:
-    def __init__(self, kind: str) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{kind}-", suffix=".log")  # noqa: SIM115
-        if kind == "trionet":
-            args = [
-                "-m",
-                "trionet.serve",
-                "echo",
-                "--port",
-                "0",
-                "--max-connections",
-                "20000",
-                "--max-per-address",
-                "20000",
-            ]
-        else:
-            args = [__file__, "_baseline"]
-        self.proc = subprocess.Popen(
-            [sys.executable, *args],
-            cwd=ROOT,
-            stderr=self.log,
-            stdout=subprocess.DEVNULL,
-            preexec_fn=raise_fd_limit,
-        )
-        self.port = self._wait_port()
-
-    def _wait_port(self) -> int:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            text = Path(self.log.name).read_text()
-            for line in text.splitlines():
-                if "listening on" in line:
-                    return int(line.rsplit(":", 1)[1])
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not start: {Path(self.log.name).read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+def start(kind: str, tree: str | None) -> Server:
+    if kind == "baseline":
+        argv = [sys.executable, __file__, "_baseline"]
+    else:
+        limits = ["--max-connections", "20000", "--max-per-address", "20000"]
+        argv = [sys.executable, "-m", "trionet.serve", "echo", "--port", "0", *limits]
+    return Server(argv, tree=tree if kind == "before" else None, preexec_fn=raise_fd_limit)
 
 
-def measure(kind: str, test: str, seconds: float, idle: int) -> float:
-    server = ServerProcess(kind)
-    try:
+def measure(kind: str, test: str, seconds: float, idle: int, tree: str | None) -> float:
+    with start(kind, tree) as server:
         out = subprocess.run(
             [
                 sys.executable,
                 __file__,
                 "_gen",
                 test,
-                str(server.port),
-                str(seconds),
-                str(server.proc.pid),
-                str(idle),
+                *map(str, [server.port, seconds, server.pid, idle]),
             ],
             capture_output=True,
             text=True,
@@ -229,8 +189,6 @@ def measure(kind: str, test: str, seconds: float, idle: int) -> float:
             check=True,
         )
         return float(json.loads(out.stdout)["value"])
-    finally:
-        server.stop()
 
 
 def main() -> None:
@@ -240,6 +198,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--idle", type=int, default=5000, help="connections for (c)")
+    add_before_argument(parser)
     args = parser.parse_args()
 
     tests = {
@@ -247,26 +206,26 @@ def main() -> None:
         "b": ("stream", "MB/s", "higher"),
         "c": ("idle", "KiB RSS per idle connection", "lower"),
     }
+    kinds = sides(args)
     results: dict[tuple[str, str], list[float]] = {}
-    for r in range(args.rounds):
-        order = ["trionet", "baseline"] if r % 2 == 0 else ["baseline", "trionet"]
+    for r, order in rounds(args.rounds, kinds):
         for key, (test, unit, _) in tests.items():
             for kind in order:
-                value = measure(kind, test, args.seconds, args.idle)
+                value = measure(kind, test, args.seconds, args.idle, args.before)
                 results.setdefault((key, kind), []).append(value)
                 print(f"round {r + 1} ({key}) {test:8} {kind:8} {value:12.1f} {unit}", flush=True)
 
-    print(
-        f"\nmedians over {args.rounds} interleaved rounds (python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} cores):"
-    )
+    print(f"\nmedians over {args.rounds} interleaved rounds ({describe_machine()}):")
     for key, (test, unit, better) in tests.items():
-        t = statistics.median(results[key, "trionet"])
-        b = statistics.median(results[key, "baseline"])
+        t = median(results[key, "trionet"])
+        b = median(results[key, "baseline"])
         print(
             f"  ({key}) {test:8} trionet {t:10.1f}  baseline {b:10.1f}  {unit:28} "
             f"ratio trionet/baseline {t / b:.2f} ({better} is better)"
         )
+        if "before" in kinds:
+            was = median(results[key, "before"])
+            print(f"  ({key}) {test:8} before  {was:10.1f}  ratio trionet/before {t / was:.2f}")
 
 
 if __name__ == "__main__":
