@@ -38,6 +38,7 @@ from harness import (
     raise_fd_limit,
     rounds,
     sides,
+    start_pingpong,
 )
 
 MESSAGE = b"m" * 64
@@ -75,13 +76,7 @@ def gen_pingpong(port: int, seconds: float, conns: int = 100) -> dict[str, float
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.setblocking(False)
         socks.append(s)
-    by_fd = {s.fileno(): s for s in socks}
-    pending = dict.fromkeys(by_fd, 0)
-    ep = select.epoll()
-    for fd, s in by_fd.items():
-        ep.register(fd, select.EPOLLIN)
-        s.send(MESSAGE)
-        pending[fd] = len(MESSAGE)
+    ep, by_fd, pending = start_pingpong(socks, MESSAGE)
     count = 0
     warm_until = time.monotonic() + 0.5
     end = warm_until + seconds

@@ -44,7 +44,6 @@ import hashlib
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,29 +52,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from harness import ROOT, free_port, median, rounds, wait_listening
+
 CHUNK = 16 << 20
 #: The discard clients' receive buffer (preallocated, reused).
 DISCARD_BUFFER = 4 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited early with status {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on port {port} after {timeout}s")
 
 
 def make_file(path: Path, size: int) -> None:
@@ -290,8 +271,7 @@ def main() -> int:
         contenders["h sha256 alone"] = lambda: sha256_alone(size)
         times: dict[str, list[float]] = {k: [] for k in contenders}
         keys = list(contenders)
-        for r in range(args.rounds):
-            order = keys[r % len(keys) :] + keys[: r % len(keys)]
+        for r, order in rounds(args.rounds, keys):
             row = []
             for key in order:
                 fresh(out)
@@ -303,7 +283,7 @@ def main() -> int:
             print(f"round {r + 1}: " + "  ".join(sorted(row)), flush=True)
         fresh(out)
 
-        med = {key: statistics.median(times[key]) for key in keys}
+        med = {key: median(times[key]) for key in keys}
         base = med[keys[2]]
         print(f"\nmedian of {args.rounds} rounds, {args.size_mib} MiB:")
         for key in keys:

@@ -19,6 +19,7 @@ import contextlib
 import os
 import re
 import resource
+import select
 import signal
 import socket
 import statistics
@@ -28,10 +29,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+_T = TypeVar("_T")
+_S = TypeVar("_S", bound=socket.socket)
 _LISTENING = re.compile(r"listening on [^\s:]+:(\d+)")
 
 
@@ -149,7 +152,21 @@ class Server:
         self.stop()
 
 
-def rounds(count: int, names: Sequence[str]) -> Iterator[tuple[int, list[str]]]:
+def start_pingpong(
+    socks: Sequence[_S], message: bytes
+) -> tuple[select.epoll, dict[int, _S], dict[int, int]]:
+    """Send ``message`` on every socket of a ping-pong load: (epoll, sockets by descriptor,
+    bytes of the echo still awaited by descriptor). The load's loop is its own."""
+    by_fd = {s.fileno(): s for s in socks}
+    pending = dict.fromkeys(by_fd, len(message))
+    ep = select.epoll()
+    for fd, s in by_fd.items():
+        ep.register(fd, select.EPOLLIN)
+        s.send(message)
+    return ep, by_fd, pending
+
+
+def rounds(count: int, names: Sequence[_T]) -> Iterator[tuple[int, list[_T]]]:
     """``(round, order)`` for each round: every name once, the order rotated each round."""
     for r in range(count):
         shift = r % len(names)

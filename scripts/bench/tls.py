@@ -36,7 +36,6 @@ import argparse
 import functools
 import json
 import os
-import select
 import shutil
 import socket
 import ssl
@@ -56,6 +55,7 @@ from harness import (
     median,
     rounds,
     sides,
+    start_pingpong,
 )
 
 MESSAGE = b"m" * 64
@@ -167,13 +167,7 @@ def gen_pingpong(
         s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")  # handshake, blocking
         s.setblocking(False)
         socks.append(s)
-    by_fd = {s.fileno(): s for s in socks}
-    pending = dict.fromkeys(by_fd, 0)
-    ep = select.epoll()
-    for fd, s in by_fd.items():
-        ep.register(fd, select.EPOLLIN)
-        s.send(MESSAGE)
-        pending[fd] = len(MESSAGE)
+    ep, by_fd, pending = start_pingpong(socks, MESSAGE)
     count = 0
     warm_until = time.monotonic() + 0.5
     end = warm_until + seconds
