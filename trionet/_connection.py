@@ -54,12 +54,10 @@ from ._socket import make_transport
 from ._transport import RECEIVE_SIZE, Transport, format_peer
 
 __all__ = [
-    "RECEIVE_SIZE",
     "Connection",
     "ConnectionStream",
     "LineError",
     "SupportsFileno",
-    "format_peer",
 ]
 
 #: Seconds a connection may run without yielding to the scheduler: work on
@@ -115,6 +113,8 @@ class Connection:
       service: name used in log lines.
       logger: parent logger for :attr:`log`.
       conn_id: the id shown in logs (default: the next process-wide number).
+      peer: the client's address as logs show it (default: asked of the
+        socket; a PROXY protocol header knows better).
     """
 
     # Slots: a server may hold many thousands of idle connections, and a
@@ -163,6 +163,7 @@ class Connection:
         service: str = "",
         logger: logging.Logger | None = None,
         conn_id: int | None = None,
+        peer: str | None = None,
     ) -> None:
         # Everything this connection sends or receives goes through here.
         self._transport = transport = (
@@ -197,7 +198,7 @@ class Connection:
         self._input_closed = False
         self._logger = logger
         self._log: _ConnectionLog | None = None
-        self._peer: str | None = None
+        self._peer = peer
         self._lines = LineBuffer(max_line)
         if pre_read:
             self._lines.feed(pre_read)

@@ -111,6 +111,17 @@ class Transport:
         """Send all of ``data``, waiting for room (called when :meth:`try_send` fell short)."""
         raise NotImplementedError
 
+    async def receive(self, max_bytes: int = RECEIVE_SIZE) -> bytes | bytearray:
+        """Wait for and return the next bytes (``b""`` at EOF).
+
+        For code before a connection exists (a listener reading a PROXY
+        protocol header); a :class:`~trionet.Connection` inlines this.
+        """
+        while (data := await self.wait_receive(max_bytes)) is None:
+            if (data := self.try_receive(max_bytes)) is not None:
+                break
+        return data
+
     async def send_file(self, fd: int, offset: int, count: int) -> int:
         """Send ``count`` bytes of the file ``fd`` from ``offset``; return ``count``.
 

@@ -19,7 +19,8 @@ import trio
 import trio.testing
 
 from trionet import Connection, LineError, Service
-from trionet._socket import SocketTransport
+from trionet._socket import SocketTransport, make_transport
+from trionet._transport import StreamTransport, Transport
 from trionet.testing import open_memory_server
 
 
@@ -303,3 +304,43 @@ async def test_work_outliving_the_grace_still_gets_its_bye() -> None:
         server.shutdown()
         await client.expect("did x", "BYE shutdown")
         await client.expect_closed()
+
+
+# -- the transport seam: a connection over a transport something already read from ----
+
+
+async def _proxy_style_handoff(client: trio.abc.Stream, transport: Transport) -> None:
+    """A listener reads a header line through the transport, then hands the connection
+    the transport, what it read past the header, and the peer the header named."""
+    await client.send_all(b"HELLO 192.0.2.7:4242\nfirst line\nsecond")
+    got = b""
+    while b"\n" not in got:
+        got += await transport.receive()
+    header, _, rest = got.partition(b"\n")
+    conn = Connection(transport, pre_read=rest, peer=header.split()[1].decode())
+    assert conn.peer == "192.0.2.7:4242"
+    assert conn.bytes_in == len(rest)
+    assert await conn.receive_line() == "first line"
+    await client.send_all(b" half\nthird\n")
+    assert await conn.receive_line() == "second half"
+    assert await conn.receive_line() == "third"
+    await conn.send_line("OK")
+    assert await client.receive_some(10) == b"OK\n"
+    assert conn.bytes_in == len(b"first line\nsecond half\nthird\n")
+    assert conn.bytes_out == 3
+    await conn.aclose()
+    await client.aclose()
+
+
+async def test_connection_over_a_socket_transport_with_pre_read_bytes() -> None:
+    a, b = trio.socket.socketpair()
+    transport = make_transport(trio.SocketStream(b))
+    assert isinstance(transport, SocketTransport)
+    await _proxy_style_handoff(trio.SocketStream(a), transport)
+
+
+async def test_connection_over_a_stream_transport_with_pre_read_bytes() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    transport = make_transport(b)
+    assert isinstance(transport, StreamTransport)
+    await _proxy_style_handoff(a, transport)
