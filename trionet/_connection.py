@@ -62,7 +62,7 @@ __all__ = [
 
 #: Seconds a connection may run without yielding to the scheduler: work on
 #: lines it already holds, and sends the kernel takes at once (see
-#: ``_maybe_yield``).
+#: ``_yield_after_work`` and ``send_all``).
 _RUN_BUDGET: Final = 0.005
 
 _ids = itertools.count(1)
