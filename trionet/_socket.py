@@ -96,8 +96,8 @@ class SocketTransport(Transport, trio.abc.HalfCloseableStream):
     ``stream``. ``checkpoints`` applies to the Trio stream methods only
     (``receive_some``, ``send_all``): ``False`` drops the checkpoint of calls
     that need not wait, for use under a stream that checkpoints around every
-    transport call (:class:`trio.SSLStream`). The transport methods never
-    checkpoint by themselves: the connection decides.
+    transport call (:class:`trio.SSLStream`). Of the transport methods, those
+    that complete at once (``try_*``) never checkpoint: the connection decides.
     """
 
     # Slots: one per connection, and a server may hold many thousands.
