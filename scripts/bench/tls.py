@@ -366,9 +366,12 @@ def main() -> None:
             print(f"      before {was:8.0f} round trips/s, ratio trionet/before {t / was:.2f}")
         for part in ("user", "system"):
             t, b = (median(results[f"a-{part}", w]) for w in ("trionet", "baseline"))
+            was = ""
+            if args.before:
+                was = f", before {median(results[f'a-{part}', 'before']):5.1f} us"
             print(
                 f"      server {part:6} CPU per round trip: trionet {t:5.1f} us, "
-                f"baseline {b:5.1f} us, ratio baseline/trionet {b / t:.2f} (higher is better)"
+                f"baseline {b:5.1f} us{was}, ratio baseline/trionet {b / t:.2f} (higher is better)"
             )
     if ("b", "trionet") in results:
         b = median(results["b", "baseline"])
