@@ -8,7 +8,7 @@ hits both sides alike, and medians plus the trionet/baseline ratio are
 printed:
 
   (a) ping-pong: 100 connections, one 64-byte message in flight each;
-      round trips per second.
+      round trips per second (and the server's CPU time per round trip).
   (b) streaming: one connection sending continuously while reading the
       echo back; MB/s echoed.
   (c) idle: 5,000 connections, each after one round trip; the server's RSS
@@ -33,6 +33,7 @@ from pathlib import Path
 from harness import (
     Server,
     add_before_argument,
+    cpu_seconds,
     describe_machine,
     median,
     raise_fd_limit,
@@ -69,7 +70,7 @@ def baseline_server() -> None:
 # -- load generators (run in their own process) -------------------------------------------------
 
 
-def gen_pingpong(port: int, seconds: float, conns: int = 100) -> dict[str, float]:
+def gen_pingpong(port: int, pid: int, seconds: float, conns: int = 100) -> dict[str, float]:
     socks = []
     for _ in range(conns):
         s = socket.create_connection(("127.0.0.1", port))
@@ -81,12 +82,13 @@ def gen_pingpong(port: int, seconds: float, conns: int = 100) -> dict[str, float
     warm_until = time.monotonic() + 0.5
     end = warm_until + seconds
     counting = False
+    cpu = 0.0
     while True:
         now = time.monotonic()
         if now >= end:
             break
         if not counting and now >= warm_until:
-            counting, count = True, 0
+            counting, count, cpu = True, 0, sum(cpu_seconds(pid))
         for fd, _ in ep.poll(0.2):
             s = by_fd[fd]
             data = s.recv(4096)
@@ -97,9 +99,12 @@ def gen_pingpong(port: int, seconds: float, conns: int = 100) -> dict[str, float
                 count += 1
                 s.send(MESSAGE)
                 pending[fd] = len(MESSAGE)
+    cpu = sum(cpu_seconds(pid)) - cpu
     for s in socks:
         s.close()
-    return {"value": count / seconds}
+    # The server's CPU per round trip: this shared machine's noise moves it
+    # far less than the rate.
+    return {"value": count / seconds, "cpu_us": cpu / max(count, 1) * 1e6}
 
 
 def gen_stream(port: int, seconds: float) -> dict[str, float]:
@@ -167,7 +172,7 @@ def start(kind: str, tree: str | None) -> Server:
     return Server(argv, tree=tree if kind == "before" else None, preexec_fn=raise_fd_limit)
 
 
-def measure(kind: str, test: str, seconds: float, idle: int, tree: str | None) -> float:
+def measure(kind: str, test: str, seconds: float, idle: int, tree: str | None) -> dict[str, float]:
     with start(kind, tree) as server:
         out = subprocess.run(
             [
@@ -183,7 +188,7 @@ def measure(kind: str, test: str, seconds: float, idle: int, tree: str | None) -
             preexec_fn=raise_fd_limit,
             check=True,
         )
-        return float(json.loads(out.stdout)["value"])
+        return dict(json.loads(out.stdout))
 
 
 def main() -> None:
@@ -206,8 +211,11 @@ def main() -> None:
     for r, order in rounds(args.rounds, kinds):
         for key, (test, unit, _) in tests.items():
             for kind in order:
-                value = measure(kind, test, args.seconds, args.idle, args.before)
+                result = measure(kind, test, args.seconds, args.idle, args.before)
+                value = result["value"]
                 results.setdefault((key, kind), []).append(value)
+                if "cpu_us" in result:
+                    results.setdefault(("cpu", kind), []).append(result["cpu_us"])
                 print(f"round {r + 1} ({key}) {test:8} {kind:8} {value:12.1f} {unit}", flush=True)
 
     print(f"\nmedians over {args.rounds} interleaved rounds ({describe_machine()}):")
@@ -221,6 +229,12 @@ def main() -> None:
         if "before" in kinds:
             was = median(results[key, "before"])
             print(f"  ({key}) {test:8} before  {was:10.1f}  ratio trionet/before {t / was:.2f}")
+        if key == "a":
+            cpu = {kind: median(results["cpu", kind]) for kind in kinds}
+            print(
+                "      server CPU per round trip: "
+                + ", ".join(f"{k} {v:.1f} us" for k, v in cpu.items())
+            )
 
 
 if __name__ == "__main__":
@@ -229,7 +243,7 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "_gen":
         _, _, test, port, seconds, pid, idle = sys.argv
         if test == "pingpong":
-            result = gen_pingpong(int(port), float(seconds))
+            result = gen_pingpong(int(port), int(pid), float(seconds))
         elif test == "stream":
             result = gen_stream(int(port), float(seconds))
         else:
