@@ -1,5 +1,7 @@
-"""The plain-TCP fast transport: the only code in trionet that calls
-``os.read``, ``os.write`` or ``os.sendfile`` on a socket.
+"""The plain-TCP fast transport, and the clients' TLS socket stream.
+
+This is the only code in trionet that calls ``os.read``, ``os.write`` or
+``os.sendfile`` on a socket (``tests/core/test_layers.py`` checks).
 
 :class:`SocketTransport` is two things over one descriptor:
 
