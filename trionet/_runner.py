@@ -36,7 +36,7 @@ import trio
 from ._framing import DEFAULT_MAX_LINE
 from ._logs import flush_bursts, setup_logging
 from ._metrics import CONTENT_TYPE, Metrics
-from ._monitor import serve_monitor
+from ._monitor import MonitorOptions, serve_monitor
 from ._plugins import PluginError, builtin_names, load_service, service_names
 from ._server import Server, StartupError
 from ._service import DEFAULT_LINE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Service
@@ -584,14 +584,6 @@ async def _watch_signals(
             else:
                 log.warning("%s received again: stopping now", signal.Signals(signum).name)
                 cancel.cancel()
-
-
-@attrs.frozen
-class MonitorOptions:
-    """``--metrics-port`` and ``--metrics-host``: where to serve /metrics and the health checks."""
-
-    port: int
-    host: str = "127.0.0.1"
 
 
 async def _housekeeping(server: Server, refresh: bool) -> None:

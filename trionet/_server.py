@@ -29,11 +29,12 @@ from typing import Any
 
 import trio
 
-from ._connection import Connection, format_peer
+from ._connection import Connection
 from ._logs import log_access, next_conn_number
 from ._metrics import Metrics, set_redis_reporter
 from ._service import Service
-from ._tls import accept_tls, transport_for
+from ._tls import HANDSHAKE_TIMEOUT, accept_tls, transport_for
+from ._transport import format_peer
 
 __all__ = ["Server", "StartupError", "serve"]
 
@@ -465,7 +466,11 @@ class Server:
         if tls is not None:
             # The handshake runs here, in the connection's own task, so a slow
             # one never holds up accepting. A failure is logged and closed.
-            tls_stream = await accept_tls(service, stream, self._shutdown)
+            # Its deadline: its own, or the idle timeout if that is shorter.
+            timeout = min(HANDSHAKE_TIMEOUT, service.effective_idle_timeout or HANDSHAKE_TIMEOUT)
+            tls_stream = await accept_tls(
+                tls, stream, service.name, self._shutdown, timeout=timeout
+            )
             if tls_stream is None:
                 self._release(service, key)
                 return

@@ -39,7 +39,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import trio
 
@@ -51,12 +51,9 @@ from ._metrics import (
     multiprocess_registry,
     read_retrying,
 )
-from ._monitor import serve_monitor
+from ._monitor import MonitorOptions, serve_monitor
 from ._server import Server, StartupError, _reason
 from ._service import Service
-
-if TYPE_CHECKING:
-    from ._runner import MonitorOptions
 
 __all__ = [
     "CANNOT_START",

@@ -46,7 +46,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from chat import free_port, run_round, wait_listening  # noqa: E402  (scripts/bench/chat.py)
+from chat import run_round  # noqa: E402  (scripts/bench/chat.py)
+from harness import free_port, wait_listening  # noqa: E402
 
 
 def start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], int]:

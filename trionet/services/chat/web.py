@@ -45,8 +45,8 @@ from typing import Any, Final, Protocol
 import trio
 from trio_websocket import ConnectionClosed, wrap_server_stream
 
-from ..._connection import format_peer
 from ..._logs import log_access, next_conn_number
+from ..._transport import format_peer
 
 __all__ = [
     "MessageSocket",
