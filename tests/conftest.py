@@ -53,11 +53,17 @@ def redis_command(port: int, *words: str, timeout: float = 2.0) -> bytes:
 
 
 class RedisServer:
-    """One ``redis-server`` process on a fixed port; :meth:`kill` and :meth:`start` again."""
+    """One ``redis-server`` process on a fixed port; :meth:`kill` and :meth:`start` again.
 
-    def __init__(self, directory: Path) -> None:
+    ``args`` go to ``redis-server`` as they are (``--requirepass PW``, the
+    TLS options with a ``--tls-port``); the plain port always answers, for
+    :meth:`command` and the start-up check.
+    """
+
+    def __init__(self, directory: Path, args: tuple[str, ...] = ()) -> None:
         self.dir = directory
         self.port = _free_port()
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -80,6 +86,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.dir),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -87,7 +94,8 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:
             try:
-                if redis_command(self.port, "PING", timeout=0.5).startswith(b"+PONG"):
+                # (NOAUTH: up, and asking for the password it was given)
+                if redis_command(self.port, "PING", timeout=0.5).startswith((b"+PONG", b"-NOAUTH")):
                     return
             except OSError:
                 pass
@@ -107,23 +115,37 @@ class RedisServer:
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
     """A fresh, empty redis-server for this test (killed afterwards)."""
+    return redis_factory()
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start redis-servers with extra arguments (``--requirepass ...``); all killed afterwards."""
     if not os.path.exists(REDIS_SERVER):
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    server = RedisServer(tmp_path)
-    server.start()
+    started: list[RedisServer] = []
+
+    def start(*args: str) -> RedisServer:
+        server = RedisServer(tmp_path, args)
+        started.append(server)
+        server.start()
+        return server
+
     try:
-        yield server
+        yield start
     finally:
-        server.kill()
+        for server in started:
+            server.kill()
 
 
 class Serve:
     """``python -m trionet.serve ARGS`` with its log (stderr) read in a thread.
 
-    ``prefix`` runs it under another program (``systemd-socket-activate
-    ...``); ``env`` adds environment variables.
+    ``prefix``: a command that runs it (``ip netns exec NS``,
+    ``systemd-socket-activate ...``); it must exec the server, so that
+    :attr:`proc` is the server's process. ``env`` adds environment variables.
     """
 
     def __init__(

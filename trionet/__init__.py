@@ -13,13 +13,14 @@ The public API, re-exported from small private modules:
 * :mod:`trionet.testing` — memory listeners and a scripted client for tests.
 """
 
-from ._connection import RECEIVE_SIZE, Connection, LineError, format_peer
+from ._connection import Connection, LineError
 from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineBuffer, LineEvent, LineTooLong
 from ._metrics import Metrics
 from ._plugins import PluginError
 from ._runner import ConfigError, build_services, run
 from ._server import Server, StartupError, serve
 from ._service import DEFAULT_MAX_CONNECTIONS, Service
+from ._transport import RECEIVE_SIZE, format_peer
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",

@@ -23,9 +23,13 @@ PROTOCOL.md's shared rules applied in one place:
 * the peer address, a logger tagged with the connection id, byte counts,
   and :attr:`end_reason` for the access log.
 
-Everything that touches the socket itself lives in this module (the
-*socket fast path*, below), so every service, and every user's service,
-gets it by writing its handler once against :class:`Connection`.
+It owns the handler's view of a connection (lines, limits, accounting,
+quit, the run budget, the waits the server's deadlines watch) and no
+socket code: bytes reach the peer through one
+:class:`~trionet._transport.Transport`, the plain-TCP fast one of
+:mod:`trionet._socket` or any Trio stream's adapter (TLS, memory), so every
+service, and every user's service, gets the fast path by writing its
+handler once against :class:`Connection`.
 
 The server's machinery (the cancel scope it runs the handler in, idle and
 line deadlines, shutdown requests) is kept in private attributes that only
@@ -34,7 +38,6 @@ line deadlines, shutdown requests) is kept in private attributes that only
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import math
@@ -42,46 +45,29 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol
 
 import trio
 
 from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineBuffer, LineTooLong
 from ._logs import conn_label
+from ._socket import make_transport
+from ._transport import RECEIVE_SIZE, Transport, format_peer
 
 __all__ = [
-    "RECEIVE_SIZE",
     "Connection",
     "ConnectionStream",
     "LineError",
     "SupportsFileno",
-    "format_peer",
 ]
-
-#: Bytes asked of the transport per receive. Large chunks keep the number of
-#: system calls down for bulk transfers; the buffer is allocated by the
-#: kernel read only when data arrives, so idle connections do not pay for it.
-RECEIVE_SIZE: Final = 65536
 
 #: Seconds a connection may run without yielding to the scheduler: work on
 #: lines it already holds, and sends the kernel takes at once (see
-#: ``_maybe_yield``).
+#: ``_yield_after_work`` and ``send_all``).
 _RUN_BUDGET: Final = 0.005
-
-#: Bytes read per chunk when a file cannot be sent with ``os.sendfile``
-#: (TLS, memory streams); 64 KiB was measured 5x slower.
-FILE_CHUNK: Final = 1 << 20
-#: Most bytes asked of one ``sendfile`` call; the kernel sends what fits in
-#: the socket buffer and we wait for room before the next call.
-_SENDFILE_MAX: Final = 16 << 20
-#: Read-ahead window asked of the kernel ahead of ``sendfile`` (see _prefetch).
-_PREFETCH: Final = 32 << 20
-# sendfile errors that come from the peer, not from the file.
-_PEER_ERRNOS: Final = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT}
 
 _ids = itertools.count(1)
 _INF: Final = math.inf
-_T = TypeVar("_T")
 
 LineErrorHook = Callable[["Connection", LineTooLong | BadEncoding], Awaitable[None]]
 QuitHook = Callable[["Connection", str], Awaitable[None]]
@@ -101,30 +87,6 @@ class LineError(ValueError):
         self.event = event
 
 
-def format_peer(stream: trio.abc.Stream) -> str:
-    """Describe the remote end of ``stream`` as ``host:port`` (or a kind name)."""
-    seen: Any = stream
-    for _ in range(8):  # unwrap TLS and similar wrappers
-        named = getattr(seen, "trionet_peer", None)
-        if named is not None:  # set by trionet.testing for memory streams
-            return str(named)
-        sock = getattr(seen, "socket", None)
-        if sock is not None:
-            try:
-                addr = sock.getpeername()
-            except OSError:
-                return "disconnected"
-            if isinstance(addr, tuple):
-                host = addr[0]
-                return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
-            return str(addr) or "unix"
-        inner = getattr(seen, "transport_stream", None)
-        if inner is None:
-            break
-        seen = inner
-    return "memory"
-
-
 class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
     # The tag starts the text; the fields go to a JSON log as they are.
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
@@ -137,7 +99,11 @@ class Connection:
     """A client connection wrapping ``stream``.
 
     Args:
-      stream: the transport.
+      stream: the Trio stream to serve, or a
+        :class:`~trionet._transport.Transport` already made for it (a
+        listener that read something first, e.g. a PROXY protocol header).
+      pre_read: bytes already read from the peer, handed out before any
+        new ones (they count in :attr:`bytes_in`).
       max_line: the longest line accepted, in bytes, terminator excluded.
       on_line_error: awaited with each :class:`LineTooLong` /
         :class:`BadEncoding` event; ``None`` makes :meth:`receive_line`
@@ -151,6 +117,8 @@ class Connection:
       service: name used in log lines.
       logger: parent logger for :attr:`log`.
       conn_id: the id shown in logs (default: the next process-wide number).
+      peer: the client's address as logs show it (default: asked of the
+        socket; a PROXY protocol header knows better).
     """
 
     # Slots: a server may hold many thousands of idle connections, and a
@@ -158,7 +126,6 @@ class Connection:
     __slots__ = (
         "_busy",
         "_eof_sent",
-        "_expect_data",
         "_expired",
         "_input_closed",
         "_line_since",
@@ -175,13 +142,11 @@ class Connection:
         "_scope",
         "_send_busy",
         "_send_interrupted",
-        "_send_since",
         "_shutdown_requested",
-        "_sock",
+        "_transport",
         "_wait_since",
         "_waiting",
         "bytes_in",
-        "bytes_out",
         "end_reason",
         "eof_received",
         "id",
@@ -192,8 +157,9 @@ class Connection:
 
     def __init__(
         self,
-        stream: trio.abc.Stream,
+        stream: trio.abc.Stream | Transport,
         *,
+        pre_read: bytes = b"",
         max_line: int = DEFAULT_MAX_LINE,
         on_line_error: LineErrorHook | None = None,
         quit_command: str | None = None,
@@ -201,19 +167,23 @@ class Connection:
         service: str = "",
         logger: logging.Logger | None = None,
         conn_id: int | None = None,
+        peer: str | None = None,
     ) -> None:
-        #: The transport. Handlers should use the connection's own methods:
-        #: bytes sent or read behind its back escape its accounting.
-        self.stream = stream
+        # Everything this connection sends or receives goes through here.
+        self._transport = transport = (
+            stream if isinstance(stream, Transport) else make_transport(stream)
+        )
+        #: The Trio stream underneath. Handlers should use the connection's
+        #: own methods: bytes sent or read behind its back escape its accounting.
+        self.stream = transport.stream
         #: A number unique in this process, for logs (``conn_id`` overrides).
         self.id = next(_ids) if conn_id is None else conn_id
         #: The service's name, for logs.
         self.service = service
         #: The longest line accepted, in bytes.
         self.max_line = max_line
-        #: Bytes received from and sent to the client.
-        self.bytes_in = 0
-        self.bytes_out = 0
+        #: Bytes received from the client (:attr:`bytes_out`: sent to it).
+        self.bytes_in = len(pre_read)
         #: Why the connection ended, for the access log's ``end=`` field. A
         #: handler may set it (``"slow-consumer"``, ``"truncated"``...); the
         #: server fills in the rest (see docs/framework.md, "End reasons").
@@ -232,29 +202,22 @@ class Connection:
         self._input_closed = False
         self._logger = logger
         self._log: _ConnectionLog | None = None
-        self._peer: str | None = None
+        self._peer = peer
         self._lines = LineBuffer(max_line)
+        if pre_read:
+            self._lines.feed(pre_read)
         self._out = bytearray()
         # The scope the server runs the handler in (deadlines, shutdown).
         self._scope = trio.CancelScope()
         self._expired: str | None = None
         self._waiting = False
         self._wait_since = math.inf
-        self._send_since = math.inf
         self._line_since = math.inf
         self._busy = 0
         self._shutdown_requested = False
         self._send_busy = False
         self._send_interrupted = False
         self._eof_sent = False  # set by send_eof: sends then go the slow way, which refuses
-        # The socket fast path (below): for a plain TCP socket we call
-        # os.read/os.write on its descriptor and only ask Trio to wait when
-        # the kernel would block. Any other stream (TLS, memory) goes
-        # through its own receive_some/send_all.
-        self._sock: trio.socket.SocketType | None = (
-            stream.socket if type(stream) is trio.SocketStream else None
-        )
-        self._expect_data = False
         self._ran_since = 0.0
 
     # -- identity and logging ------------------------------------------------
@@ -265,6 +228,11 @@ class Connection:
         if self._peer is None:
             self._peer = format_peer(self.stream)
         return self._peer
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes sent to the client (counted by the transport, partial sends included)."""
+        return self._transport.bytes_sent
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -302,8 +270,9 @@ class Connection:
     # -- the server's side: deadlines and shutdown ------------------------------
     #
     # A connection records when it started waiting on its client: for input
-    # (``_wait_since``), for room to send (``_send_since``), and when the
-    # line it is waiting to complete began (``_line_since``); infinity
+    # (``_wait_since``), for room to send (the transport's
+    # ``send_stalled_since``), and when the line it is waiting to complete
+    # began (``_line_since``); infinity
     # otherwise. The server's reaper, one task per service, cancels the
     # connection's scope once a wait has lasted the idle timeout or a line
     # the line timeout; the handler unwinds and the runner says BYE. This
@@ -318,8 +287,11 @@ class Connection:
 
     def _idle_since(self) -> float:
         # Input and send waits are tracked apart (a reader and a writer task
-        # may do both at once); the older one counts.
-        return min(self._wait_since, self._send_since)
+        # may do both at once); the older one counts. The transport knows
+        # when a send began waiting for room (progress restarts the clock).
+        if self._busy:
+            return self._wait_since
+        return min(self._wait_since, self._transport.send_stalled_since)
 
     def _expire(self, reason: str) -> None:
         if self._expired is None:
@@ -337,17 +309,22 @@ class Connection:
 
     async def _receive(self, max_bytes: int) -> bytes | bytearray:
         # The hot path of every service: written out inline (each layer of
-        # coroutine calls costs measurably per request).
-        sock = self._sock
-        if self._out:
+        # coroutine calls costs measurably per request), the transport's
+        # waits awaited right here (see trionet._transport).
+        tr = self._transport
+        out = self._out
+        if out:
             # Replies queued with write_line leave now, in one write, just
             # before we wait for the client (no yield of their own: the wait
             # below is one). On a socket the queue goes straight to the
             # kernel, without a copy, in the common case that it fits.
             partial = False
-            if sock is not None and not self._send_busy and not self._eof_sent:
-                partial = self._write_queued(sock)
-            if self._out:
+            if not self._send_busy and not self._eof_sent:
+                sent = tr.try_send(out)
+                if sent:
+                    del out[:sent]
+                    partial = bool(out)
+            if out:
                 # The peer may hold half a line until the rest is sent: if
                 # that is cut short, no BYE may follow.
                 self._send_interrupted |= partial
@@ -363,26 +340,19 @@ class Connection:
             self._wait_since = trio.lowlevel.current_clock().current_time()
         self._waiting = True
         try:
-            if sock is None:
-                data: bytes | bytearray = await self.stream.receive_some(max_bytes)
-            elif self._expect_data:
-                data = await self._receive_fd_eager(sock, max_bytes)
-            else:
-                fd = sock.fileno()
-                if fd < 0:
-                    raise trio.ClosedResourceError("the connection was closed")
-                while True:
-                    # (A close during the wait wakes it with an error first,
-                    # so the number is still this socket's afterwards.)
-                    await trio.lowlevel.wait_readable(fd)
-                    try:
-                        data = os.read(fd, max_bytes)
-                        break
-                    except BlockingIOError:  # a spurious wake-up
-                        continue
-                    except OSError as exc:
-                        raise translate_os_error(exc) from exc
-                self._expect_data = len(data) == max_bytes
+            data: bytes | bytearray | None = None
+            if tr.eager:
+                # The last read filled the buffer: more is probably queued,
+                # so read before waiting (and still yield, shielded: the
+                # data is ours).
+                await trio.lowlevel.checkpoint_if_cancelled()
+                data = tr.try_receive(max_bytes)
+                if data is not None:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+            while data is None:
+                data = await tr.wait_receive(max_bytes)
+                if data is None:  # readable now (or a spurious wake-up)
+                    data = tr.try_receive(max_bytes)
         finally:
             self._waiting = False
             self._wait_since = _INF
@@ -551,51 +521,55 @@ class Connection:
         loop that only sends still yields, and can be cancelled, every few
         milliseconds. A writer loop that yields on its own between sends
         anyway may pass ``checkpoint=False`` to skip even that yield. On
-        other streams this is the stream's own ``send_all``.
+        other streams this is the stream's own ``send_all`` (a checkpoint).
         """
         if self._out:
             await self._flush(checkpoint=False)
-        sock = self._sock
-        if sock is None or self._send_busy or self._eof_sent or not data:
+        if self._send_busy or self._eof_sent or not data:
             await self._send(data, checkpoint)
             return
-        # The socket fast path, inline. Right after a wait (the usual reply)
+        # The fast path, inline. Right after a wait (the usual reply)
         # cancellation was just checked and the task just yielded: only a
         # connection that has run for the budget checks and yields again.
-        fd = sock.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("the connection was closed")
         ran_long = time.perf_counter() - self._ran_since > _RUN_BUDGET
         if ran_long:
             await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            sent = os.write(fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise translate_os_error(exc) from exc
-        self.bytes_out += sent
+        sent = self._transport.try_send(data)
         if sent < len(data):
-            self._send_busy = True
-            try:
-                await self._send_rest(sock, data, sent)
-            finally:
-                self._send_busy = False
+            await self._send(data, checkpoint, sent)
         elif ran_long and checkpoint:
             await trio.lowlevel.cancel_shielded_checkpoint()
             self._ran_since = time.perf_counter()
 
-    async def _send(self, data: bytes | bytearray | memoryview, checkpoint: bool = True) -> None:
+    async def _send(
+        self, data: bytes | bytearray | memoryview, checkpoint: bool = True, sent: int = -1
+    ) -> None:
+        """Send ``data``; ``sent`` >= 0: the caller's ``try_send`` already took that much."""
         # The send guard, inlined: this runs once per reply. Two tasks
         # sending at once would interleave bytes mid-line.
         if self._send_busy:
             raise trio.BusyResourceError("another task is already sending on this connection")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("can't send data after sending EOF")
+        tr = self._transport
         self._send_busy = True
         try:
-            if self._sock is not None:
-                await self._send_fd(self._sock, data, checkpoint)
-            else:
-                await self._send_stream(data)
+            if sent < 0:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                # The common case, a reply the transport takes whole, costs one call.
+                sent = tr.try_send(data)
+                if sent == len(data) and data:
+                    if checkpoint and time.perf_counter() - self._ran_since > _RUN_BUDGET:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                        self._ran_since = time.perf_counter()
+                    return
+            try:
+                await tr.send_rest(memoryview(data)[sent:] if sent else data)
+            except BaseException:
+                if sent or tr.partial:  # the peer holds part of it
+                    self._send_interrupted = True
+                raise
+            self._ran_since = time.perf_counter()  # it waited for room, or the stream yielded
         finally:
             self._send_busy = False
 
@@ -617,33 +591,15 @@ class Connection:
             count = max(0, os.fstat(fd).st_size - offset)
         if self._out:
             await self._flush(checkpoint=False)
-        if self._send_busy:
-            raise trio.BusyResourceError("another task is already sending on this connection")
-        self._send_busy = True
-        sent = 0
-        try:
-            if self._sock is not None:
-                sent = await self._sendfile(self._sock, fd, offset, count)
-            else:
-                sent = await self._send_file_chunks(fd, offset, count)
-        except BaseException:
-            # The peer may hold part of the file: no line can follow it.
-            self._send_interrupted = True
-            raise
-        finally:
-            self._send_busy = False
+        with self._send_guard():
+            try:
+                sent = await self._transport.send_file(fd, offset, count)
+            except BaseException:
+                # The peer may hold part of the file: no line can follow it.
+                self._send_interrupted = True
+                raise
+        self._ran_since = time.perf_counter()
         return sent
-
-    async def _send_file_chunks(self, fd: int, offset: int, count: int) -> int:
-        pos, end = offset, offset + count
-        while pos < end:
-            data = await trio.to_thread.run_sync(os.pread, fd, min(FILE_CHUNK, end - pos), pos)
-            if not data:
-                raise EOFError(f"file ended after {pos - offset} of {count} bytes")
-            await self._send_stream(data)
-            pos += len(data)
-        await trio.lowlevel.checkpoint()
-        return count
 
     async def send_eof(self) -> None:
         """Flush queued lines, then half-close the sending side."""
@@ -651,18 +607,18 @@ class Connection:
             raise TypeError(f"{type(self.stream).__name__} cannot half-close")
         await self.flush()
         with self._send_guard():
-            await self.stream.send_eof()
+            await self._transport.send_eof()
             self._eof_sent = True
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until sending might not block (see Trio's documentation)."""
         with self._send_guard():
-            await self.stream.wait_send_all_might_not_block()
+            await self._transport.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
         """Close the transport (queued but unflushed lines are dropped)."""
         self._out.clear()
-        await self.stream.aclose()
+        await self._transport.aclose()
 
     @contextmanager
     def _send_guard(self) -> Iterator[None]:
@@ -683,196 +639,6 @@ class Connection:
         idle deadline), so raw and line reads can be mixed safely.
         """
         return ConnectionStream(self)
-
-    # -- the transport for streams other than a plain TCP socket ---------------
-
-    async def _send_stream(self, data: bytes | bytearray | memoryview) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if not self._busy:
-            self._send_since = trio.current_time()
-        try:
-            await self.stream.send_all(data)
-        except BaseException:
-            # The stream cannot say how much it sent: assume part of it.
-            self._send_interrupted = True
-            raise
-        finally:
-            self._send_since = math.inf
-        self.bytes_out += len(data)
-
-    # -- the socket fast path ---------------------------------------------------
-    #
-    # Why: Trio's SocketStream.receive_some first tries recv and, when the
-    # client has sent nothing yet (the usual case for a server that just
-    # replied), pays a failed system call before waiting; its send_all
-    # yields to the scheduler after every send the kernel took at once. For
-    # small request/reply protocols those costs dominate. Here a request is
-    # one readiness wait, one read, one write. The rules of Trio's own
-    # methods are kept where they matter: a connection never runs more than
-    # _RUN_BUDGET without yielding (so a client streaming data cannot starve
-    # others), cancellation is honoured at every wait and before every
-    # send, data read or written is never lost to a cancellation (we yield
-    # with cancel_shielded_checkpoint after a successful call), and resets
-    # surface as trio.BrokenResourceError.
-
-    async def _receive_fd_eager(self, sock: trio.socket.SocketType, max_bytes: int) -> bytes:
-        # The last read filled the buffer: more is probably queued, so read
-        # before waiting (and still yield, shielded: the data is ours).
-        await trio.lowlevel.checkpoint_if_cancelled()
-        data = _nonblocking(os.read, _live_fd(sock), max_bytes)
-        if data is not None:
-            self._expect_data = len(data) == max_bytes
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
-        fd = _live_fd(sock)
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            data = _nonblocking(os.read, fd, max_bytes)
-            if data is not None:  # (None: a spurious wake-up)
-                self._expect_data = len(data) == max_bytes
-                return data
-
-    def _write_queued(self, sock: trio.socket.SocketType) -> bool:
-        """Write what write_line queued, as far as the kernel takes it now.
-
-        Returns True if only part of it left.
-        """
-        out = self._out
-        sent = _nonblocking(os.write, _live_fd(sock), out)
-        if sent is None:
-            return False
-        self.bytes_out += sent
-        del out[:sent]
-        return bool(sent and out)
-
-    async def _send_fd(
-        self, sock: trio.socket.SocketType, data: bytes | bytearray | memoryview, checkpoint: bool
-    ) -> None:
-        if sock.did_shutdown_SHUT_WR:
-            raise trio.ClosedResourceError("can't send data after sending EOF")
-        fd = _live_fd(sock)  # even an empty send on a closed connection is an error
-        await trio.lowlevel.checkpoint_if_cancelled()
-        # The common case, a reply the kernel takes whole, costs one call.
-        sent = (_nonblocking(os.write, fd, data) or 0) if data else 0
-        self.bytes_out += sent
-        if sent < len(data):
-            await self._send_rest(sock, data, sent)
-        elif checkpoint and time.perf_counter() - self._ran_since > _RUN_BUDGET:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            self._ran_since = time.perf_counter()
-
-    async def _send_rest(
-        self, sock: trio.socket.SocketType, data: bytes | bytearray | memoryview, sent: int
-    ) -> None:
-        """Send ``data[sent:]``, waiting for room whenever the kernel has none."""
-        with memoryview(data) as whole:
-            view = whole[sent:]
-            try:
-                while view:
-                    await self._wait_writable(sock)
-                    sent = _nonblocking(os.write, _live_fd(sock), view) or 0
-                    self.bytes_out += sent
-                    view = view[sent:]
-            except BaseException:
-                if len(view) < len(whole):  # the peer holds part of it
-                    self._send_interrupted = True
-                raise
-            finally:
-                view.release()
-
-    async def _wait_writable(self, sock: trio.socket.SocketType) -> None:
-        # A client that stops reading stalls our sends: that is the client
-        # doing nothing, so the stall counts as waiting on it (idle reaper).
-        if not self._busy:
-            self._send_since = trio.current_time()
-        try:
-            await trio.lowlevel.wait_writable(_live_fd(sock))
-        finally:
-            self._send_since = math.inf
-        self._ran_since = time.perf_counter()
-
-    async def _sendfile(
-        self, sock: trio.socket.SocketType, fd: int, offset: int, count: int
-    ) -> int:
-        pos, end = offset, offset + count
-        prefetched = pos
-        while pos < end:
-            if pos >= prefetched:
-                prefetched = await _prefetch(fd, pos)
-            want = min(_SENDFILE_MAX, end - pos, prefetched - pos)
-            await trio.lowlevel.checkpoint_if_cancelled()
-            try:
-                sent = os.sendfile(_live_fd(sock), fd, pos, want)
-            except BlockingIOError:
-                await self._wait_writable(sock)
-                continue
-            except OSError as exc:
-                if exc.errno in _PEER_ERRNOS or exc.errno == errno.EBADF:
-                    raise translate_os_error(exc) from exc
-                raise  # the file's error (EIO...): let the service report it
-            if sent == 0:
-                raise EOFError(f"file ended after {pos - offset} of {count} bytes")
-            pos += sent
-            self.bytes_out += sent
-            # A short send means the socket buffer is full: wait for room (a
-            # yield). After a full send, yield within the run budget.
-            if sent < want:
-                await self._wait_writable(sock)
-            elif time.perf_counter() - self._ran_since > _RUN_BUDGET:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                self._ran_since = time.perf_counter()
-        await trio.lowlevel.checkpoint()
-        return count
-
-
-async def _prefetch(fd: int, pos: int) -> int:
-    """Ask the kernel to read ahead ``_PREFETCH`` bytes from ``pos``; return the window end.
-
-    ``sendfile`` reads the file inside the system call, on the event loop's
-    thread: on a cold page cache it would block there on the disk. The
-    read-ahead hint, issued from a worker thread, starts that disk I/O
-    early so ``sendfile`` mostly finds the pages in memory.
-    """
-    if hasattr(os, "posix_fadvise"):
-        await trio.to_thread.run_sync(os.posix_fadvise, fd, pos, _PREFETCH, os.POSIX_FADV_WILLNEED)
-    return pos + _PREFETCH
-
-
-def _nonblocking(call: Callable[..., _T], *args: Any) -> _T | None:
-    """``call(*args)`` on a non-blocking descriptor: ``None`` if it would block.
-
-    Every other error means the connection is unusable and is raised as
-    Trio's streams raise it (see :func:`translate_os_error`).
-    """
-    try:
-        return call(*args)
-    except BlockingIOError:
-        return None
-    except OSError as exc:
-        raise translate_os_error(exc) from exc
-
-
-def translate_os_error(exc: OSError) -> BaseException:
-    """Map an error from a raw socket call to what Trio's streams raise.
-
-    A closed descriptor becomes :class:`trio.ClosedResourceError`; every
-    other error (reset, broken pipe, host unreachable, ...) means the
-    connection is unusable and becomes :class:`trio.BrokenResourceError`,
-    as in Trio's ``SocketStream``. The runner logs those as ``end=reset``,
-    not as a crash, and one connection's failure never reaches the server.
-    """
-    if exc.errno == errno.EBADF:
-        return trio.ClosedResourceError("the connection was closed")
-    return trio.BrokenResourceError(f"socket connection broken: {exc.strerror or exc}")
-
-
-def _live_fd(sock: trio.socket.SocketType) -> int:
-    # Ask the socket every time rather than caching the number: after a
-    # close, the same number may already belong to another connection.
-    fd = sock.fileno()
-    if fd < 0:
-        raise trio.ClosedResourceError("the connection was closed")
-    return fd
 
 
 class ConnectionStream(trio.abc.HalfCloseableStream):

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import attrs
 
@@ -41,7 +41,25 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
 
-    from ._service import Service
+
+class Service(Protocol):
+    """What metrics read of a service (:class:`trionet.Service` has it all).
+
+    A protocol rather than the class itself, so this module needs nothing
+    of the service layer (which needs TLS, which reports here).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def tls_context(self) -> Any: ...
+
+    @property
+    def metric_help(self) -> Mapping[str, str]: ...
+
+    def metric_values(self) -> Mapping[str, float]: ...
+
 
 __all__ = [
     "CONTENT_TYPE",

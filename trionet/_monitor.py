@@ -28,7 +28,16 @@ import trio
 
 from ._server import StartupError, _reason
 
-__all__ = ["BadRequest", "Request", "parse_request", "serve_monitor"]
+__all__ = ["BadRequest", "MonitorOptions", "Request", "parse_request", "serve_monitor"]
+
+
+@attrs.frozen
+class MonitorOptions:
+    """``--metrics-port`` and ``--metrics-host``: where to serve /metrics and the health checks."""
+
+    port: int
+    host: str = "127.0.0.1"
+
 
 log = logging.getLogger("trionet")
 

@@ -43,7 +43,7 @@ import trio
 from ._framing import DEFAULT_MAX_LINE
 from ._logs import flush_bursts, setup_logging
 from ._metrics import CONTENT_TYPE, Metrics
-from ._monitor import serve_monitor
+from ._monitor import MonitorOptions, serve_monitor
 from ._plugins import PluginError, builtin_names, load_service, service_names
 from ._privileges import Identity, PrivilegeError, drop_privileges, resolve_identity
 from ._proxy import parse_networks
@@ -58,6 +58,7 @@ from ._service import (
 from ._systemd import ActivationError, Notifier, activated_sockets, assign_sockets
 from ._tls import server_context
 from ._workers import (
+    CANNOT_START,
     EarlyHangup,
     ParentLink,
     ReloadQueue,
@@ -818,14 +819,6 @@ async def _watch_signals(
                 nursery.cancel_scope.cancel()
 
 
-@attrs.frozen
-class MonitorOptions:
-    """``--metrics-port`` and ``--metrics-host``: where to serve /metrics and the health checks."""
-
-    port: int
-    host: str = "127.0.0.1"
-
-
 async def _housekeeping(server: Server, refresh: bool) -> None:
     """Every second: close third-party log bursts; in a worker, publish the services' figures."""
     while True:
@@ -1116,13 +1109,15 @@ def serve_forever(
         log.info("interrupted")
         return 0
     except BaseException as exc:
+        # In a worker the same would happen in every worker: CANNOT_START
+        # tells the parent to stop rather than restart it forever.
         if StartupError.report(exc):
-            return 1
+            return 1 if link is None else CANNOT_START
         privilege = _privilege_error(exc)
         if privilege is None:
             raise
         log.error("%s", privilege)
-        return 1
+        return 1 if link is None else CANNOT_START
     finally:
         flush_bursts(final=True)
     log.info("stopped")

@@ -29,13 +29,14 @@ from typing import Any
 
 import trio
 
-from ._connection import Connection, format_peer
+from ._connection import Connection
 from ._logs import log_access, next_conn_number
 from ._metrics import Metrics, set_redis_reporter
 from ._proxy import ProxyProtocolError, address_allowed
 from ._proxy_stream import HEADER_TIMEOUT, NoHeader, read_proxy_header
 from ._service import Service
-from ._tls import accept_tls, transport_for
+from ._tls import HANDSHAKE_TIMEOUT, accept_tls, transport_for
+from ._transport import format_peer
 
 __all__ = ["Server", "StartupError", "serve"]
 
@@ -288,17 +289,27 @@ class Server:
 
     async def _open_listeners(self, service: Service) -> list[trio.abc.Listener[Any]]:
         given = self._given_listeners.get(service.name)
-        if given is not None:
-            return list(given)
         host = service.host or self.host
+        listeners: list[trio.abc.Listener[Any]]
+        if given is not None:
+            listeners = list(given)
+        else:
+            try:
+                listeners = list(await trio.open_tcp_listeners(service.effective_port, host=host))
+            except OSError as exc:
+                raise StartupError(
+                    service.name, host, service.effective_port, _reason(exc)
+                ) from exc
         try:
-            listeners: list[trio.abc.Listener[Any]] = list(
-                await trio.open_tcp_listeners(service.effective_port, host=host)
-            )
-        except OSError as exc:
-            raise StartupError(service.name, host, service.effective_port, _reason(exc)) from exc
-        try:
-            extra = await service.open_extra_listeners(host)
+            inherited = {
+                label: self._given_listeners[key]
+                for label in service.extra_ports()
+                if (key := f"{service.name} {label}") in self._given_listeners
+            }
+            if inherited:  # a worker: the parent opened them
+                extra = await service.open_extra_listeners(host, inherited)
+            else:
+                extra = await service.open_extra_listeners(host)
             # They speak their own protocol (chat's web page does its own
             # TLS, as HTTPS): the service's TLS wraps its own listeners only.
             self._extra.update(map(id, extra))
@@ -624,7 +635,11 @@ class Server:
         if tls is not None:
             # The handshake runs here, in the connection's own task, so a slow
             # one never holds up accepting. A failure is logged and closed.
-            tls_stream = await accept_tls(service, stream, self._shutdown, peer=peer)
+            # Its deadline: its own, or the idle timeout if that is shorter.
+            timeout = min(HANDSHAKE_TIMEOUT, service.effective_idle_timeout or HANDSHAKE_TIMEOUT)
+            tls_stream = await accept_tls(
+                tls, stream, service.name, self._shutdown, timeout=timeout, peer=peer
+            )
             if tls_stream is None:
                 self._release(service, key)
                 return

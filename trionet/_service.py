@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Self
 
 import attrs
@@ -231,13 +231,27 @@ class Service:
         """
         return None
 
-    async def open_extra_listeners(self, host: str) -> list[trio.abc.Listener[Any]]:
+    def extra_ports(self) -> dict[str, int]:
+        """Ports this service listens on besides its own, by label (default: none).
+
+        Chat's browser page is ``{"web": PORT}``. With ``--workers`` the
+        parent opens these like the service's own port and hands them to
+        every worker, which gets them in :meth:`open_extra_listeners`.
+        """
+        return {}
+
+    async def open_extra_listeners(
+        self, host: str, inherited: Mapping[str, Sequence[trio.abc.Listener[Any]]] | None = None
+    ) -> list[trio.abc.Listener[Any]]:
         """Listeners this service needs besides its TCP port (default: none).
 
         Their connections are served by :meth:`handle` exactly like TCP ones
         (limits, timeouts, shutdown). A listener may carry a ``label``
         attribute (e.g. ``"web"``): its address is then logged and reported
         as ``"<name> <label>"``. Chat's browser page uses this.
+
+        ``inherited`` (label of :meth:`extra_ports` → listening sockets) is
+        given in a worker process: serve those instead of opening new ones.
         """
         return []
 

@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import os
 import ssl
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import trio
 
-from ._connection import format_peer
 from ._logs import log_access, next_conn_number
 from ._metrics import current_metrics
 from ._socket import SocketTransport
-
-if TYPE_CHECKING:
-    from ._service import Service
+from ._transport import format_peer
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -147,14 +144,15 @@ async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
 
 
 async def accept_tls(
-    service: Service,
+    ctx: ssl.SSLContext,
     stream: trio.abc.Stream,
+    name: str,
     shutdown: trio.Event | None = None,
     *,
     timeout: float = HANDSHAKE_TIMEOUT,
     peer: str | None = None,
 ) -> trio.SSLStream[Any] | None:
-    """Do the server side of the TLS handshake on ``stream`` for ``service``.
+    """Do the server side of the TLS handshake on ``stream`` for the service ``name``.
 
     Returns the ready :class:`trio.SSLStream`, or ``None`` when the
     handshake failed, timed out or was cut by ``shutdown``: then the stream
@@ -162,14 +160,9 @@ async def accept_tls(
     cancellation of the caller's own scope propagates. ``peer`` is the
     address to log (default: the stream's; behind a PROXY header, the client's).
     """
-    ctx = service.tls_context
-    assert ctx is not None, "accept_tls needs a service with TLS settings"
     peer = peer or format_peer(stream)
     started = trio.current_time()
     tls = trio.SSLStream(transport_for(stream), ctx, server_side=True, https_compatible=False)
-    idle = service.effective_idle_timeout
-    if idle is not None:
-        timeout = min(timeout, idle)
     # Stays the reason unless the handshake ends by itself (shutdown cancels it).
     failure: str | None = "abandoned: the server is shutting down"
     try:
@@ -195,15 +188,15 @@ async def accept_tls(
     with trio.CancelScope(shield=True):
         await trio.aclose_forcefully(tls)
     if (metrics := current_metrics()) is not None:
-        metrics.tls_failed(service.name)
+        metrics.tls_failed(name)
     log_access(
-        service.name,
+        name,
         peer,
         conn=next_conn_number(),
         tls=True,
         end="tls-failed",
         duration=trio.current_time() - started,
-        message=f"{service.name} {peer} tls handshake failed: {failure}",
+        message=f"{name} {peer} tls handshake failed: {failure}",
         error=failure,
     )
     return None

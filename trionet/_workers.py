@@ -51,7 +51,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import attrs
 import trio
@@ -64,15 +64,13 @@ from ._metrics import (
     multiprocess_registry,
     read_retrying,
 )
-from ._monitor import serve_monitor
+from ._monitor import MonitorOptions, serve_monitor
 from ._server import Server, StartupError, _reason
 from ._service import Service
 from ._systemd import Notifier
 
-if TYPE_CHECKING:
-    from ._runner import MonitorOptions
-
 __all__ = [
+    "CANNOT_START",
     "WORKER_ENV",
     "EarlyHangup",
     "ParentLink",
@@ -87,8 +85,15 @@ __all__ = [
 log = logging.getLogger("trionet")
 
 #: The environment variable that makes a process a worker: JSON
-#: ``{"fds": {service: [fd, ...]}, "link": fd, "index": i, "generation": g}``.
+#: ``{"fds": {service: [fd, ...]}, "link": fd, "index": i, "generation": g,
+#: "config": fd}`` (a service's extra ports are keyed ``"<service> <label>"``,
+#: e.g. ``"chat web"``).
 WORKER_ENV: Final = "TRIONET_WORKER"
+
+#: A worker's exit status when a service cannot start in it (EX_CONFIG): the
+#: same would happen in every worker (a refused Redis password), so the
+#: parent stops them all and exits 1 instead of restarting them forever.
+CANNOT_START: Final = 78
 
 #: A worker that dies sooner than this after starting is restarted after a
 #: back-off that doubles each time, up to _BACKOFF_MAX seconds.
@@ -101,10 +106,14 @@ _READY_TIMEOUT: Final = 60.0
 _MAX_MESSAGE: Final = 256
 
 
-def open_sockets(service: Service, host: str) -> list[socket.socket]:
-    """Bind and listen on every address ``host`` resolves to, as Trio would."""
+def open_sockets(service: Service, host: str, port: int | None = None) -> list[socket.socket]:
+    """Bind and listen on every address ``host`` resolves to, as Trio would.
+
+    ``port``: one of the service's :meth:`~Service.extra_ports` (default:
+    its own port).
+    """
     host = service.host or host
-    port = service.effective_port
+    port = service.effective_port if port is None else port
     socks: list[socket.socket] = []
     try:
         infos = socket.getaddrinfo(
@@ -322,6 +331,9 @@ def run_workers(
         for service in services:
             given = (given_sockets or {}).get(service.name)
             sockets[service.name] = given or open_sockets(service, host)
+            # (chat's web page: "chat web", served by every worker too)
+            for label, port in service.extra_ports().items():
+                sockets[f"{service.name} {label}"] = open_sockets(service, host, port)
     except StartupError as exc:
         log.error("%s", exc)
         for socks in sockets.values():
@@ -423,6 +435,7 @@ class _Supervisor:
         self._fds = [s.fileno() for socks in sockets.values() for s in socks]
         #: Per generation: the descriptor of its config snapshot (or None).
         self.configs: dict[int, int | None] = {}
+        self.failed = False  # a worker could not start: the parent exits 1
         #: Workers that died and were replaced (a metric).
         self.restarts = 0
         self.metrics_dir = metrics_dir
@@ -522,6 +535,11 @@ class _Supervisor:
                 # A new generation that cannot start: give the reload up
                 # rather than restart it (the old generation still serves).
                 launch.fail(f"worker {index} (pid {worker.proc.pid}) exited ({how}) at start")
+                return
+            if code == CANNOT_START:
+                log.error("worker %d cannot start (its error is above): stopping", index)
+                self.failed = self.stopping = True
+                self.signal_all(signal.SIGTERM)
                 return
             if trio.current_time() - started >= _HEALTHY_AFTER:
                 backoff = _BACKOFF_FIRST
@@ -656,6 +674,8 @@ class _Supervisor:
             self.signal_all(signal.SIGKILL)
             for generation in list(self.configs):
                 self._forget_config(generation)
+        if self.failed:
+            return 1
         log.info("stopped")
         return 0
 

@@ -37,10 +37,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from harness import ROOT, Server, median
+from harness import rounds as harness_rounds  # (bench_* take a parameter "rounds")
+
 sys.path.insert(0, str(ROOT))
 
 FUNCS_1 = ["sqrt", "abs", "floor", "ceil", "sin", "cos", "log10", "exp", "round", "atan"]
@@ -179,7 +180,8 @@ def serve_trionet() -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             addrs = await nursery.start(trionet.serve, [CalcService(port=0)])
-            print(addrs["calc"][0][1], flush=True)
+            port = addrs["calc"][0][1]
+            print(f"trionet listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
 
     trio.run(main)
 
@@ -217,22 +219,10 @@ def serve_baseline() -> None:
             listeners = await nursery.start(
                 functools.partial(trio.serve_tcp, host="127.0.0.1"), handle, 0
             )
-            print(listeners[0].socket.getsockname()[1], flush=True)
+            port = listeners[0].socket.getsockname()[1]
+            print(f"baseline listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
 
     trio.run(main)
-
-
-def start_server(kind: str) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind], stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout is not None
-    first = proc.stdout.readline()
-    if not first.strip().isdigit():
-        proc.kill()
-        proc.wait(10)
-        raise SystemExit(f"the {kind} server did not start")
-    return proc, int(first)
 
 
 def load(port: int, payloads: list[bytes], expected: int, timeout: float = 120.0) -> float:
@@ -281,22 +271,16 @@ def bench_end_to_end(mix: list[str], conns: int, lines: int, rounds: int) -> tup
     for c in range(conns):
         picked = [mix[(c * lines + i) % len(mix)] for i in range(lines)]
         payloads.append("".join(line + "\n" for line in picked).encode())
-    servers: dict[str, tuple[subprocess.Popen[str], int]] = {}
     rates: dict[str, list[float]] = {"trionet": [], "baseline": []}
-    try:
-        for kind in ("trionet", "baseline"):
-            servers[kind] = start_server(kind)
-        for _proc, port in servers.values():  # warm up
-            load(port, payloads[:5], 5 * lines)
-        for i in range(rounds):
-            kinds = ["trionet", "baseline"] if i % 2 == 0 else ["baseline", "trionet"]
-            for kind in kinds:
-                rates[kind].append(load(servers[kind][1], payloads, conns * lines))
-    finally:
-        for proc, _port in servers.values():
-            proc.terminate()
-            proc.wait(10)
-    return statistics.median(rates["trionet"]), statistics.median(rates["baseline"])
+    argv = [sys.executable, __file__, "--serve"]
+    with Server([*argv, "trionet"]) as ours, Server([*argv, "baseline"]) as theirs:
+        servers = {"trionet": ours, "baseline": theirs}
+        for server in servers.values():  # warm up
+            load(server.port, payloads[:5], 5 * lines)
+        for _, order in harness_rounds(rounds, list(servers)):
+            for kind in order:
+                rates[kind].append(load(servers[kind].port, payloads, conns * lines))
+    return median(rates["trionet"]), median(rates["baseline"])
 
 
 # -- (c) hostile lines --------------------------------------------------------------------------
@@ -389,8 +373,8 @@ def main() -> None:
     )
 
     print("(c) hostile lines, CPU time per reply, median and worst of 5:")
-    for name, reply, median, worst in bench_hostile():
-        print(f"    {name:<30} {median:6.2f} ms {worst:6.2f} ms  {reply}")
+    for name, reply, typical, worst in bench_hostile():
+        print(f"    {name:<30} {typical:6.2f} ms {worst:6.2f} ms  {reply}")
 
 
 if __name__ == "__main__":

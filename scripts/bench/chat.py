@@ -31,49 +31,22 @@ from __future__ import annotations
 
 import argparse
 import array
-import contextlib
 import importlib.util
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-TICK = os.sysconf("SC_CLK_TCK")
+from harness import HERE, ROOT, cpu_seconds, free_port, median, rounds, wait_listening
 
 
 def ensure_twisted() -> None:
     if importlib.util.find_spec("twisted") is None:
         print("note: installing Twisted for the baseline (benchmark only)", flush=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "twisted"], check=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server on port {port} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"server on port {port} did not start")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
 def start_servers(names: list[str]) -> dict[str, tuple[subprocess.Popen[bytes], int]]:
@@ -133,7 +106,7 @@ def run_round(
         if p.stdout.readline().strip() != "ready":
             raise SystemExit("a load process failed to join")
     time.sleep(settle)  # let the JOIN announcements settle
-    cpu0 = sum(cpu_seconds(pid) for pid, _ in servers)
+    cpu0 = sum(sum(cpu_seconds(pid)) for pid, _ in servers)
     for p in procs:
         assert p.stdin is not None
         p.stdin.write("go\n")
@@ -143,7 +116,7 @@ def run_round(
         assert p.stdout is not None
         results.append(json.loads(p.stdout.readline()))
         p.wait()
-    cpu = sum(cpu_seconds(pid) for pid, _ in servers) - cpu0
+    cpu = sum(sum(cpu_seconds(pid)) for pid, _ in servers) - cpu0
     lat = array.array("q")
     for k in range(a.load_procs):
         with open(f"{tmp}/lat{k}", "rb") as f:
@@ -211,8 +184,7 @@ def main() -> int:
           f"{'srv CPU':>7} {'gen CPU':>7} {'delivered':>15}")  # fmt: skip
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for r in range(a.rounds):
-                order = names[r % len(names) :] + names[: r % len(names)]
+            for r, order in rounds(a.rounds, names):
                 for name in order:
                     proc, port = servers[name]
                     if proc.poll() is not None:
@@ -232,7 +204,7 @@ def main() -> int:
             proc.wait(10)
     print("\nmedian over rounds:")
     med = {
-        n: {k: statistics.median(row[k] for row in rows[n]) for k in ("rate", "p50_ms", "p99_ms")}
+        n: {k: median([row[k] for row in rows[n]]) for k in ("rate", "p50_ms", "p99_ms")}
         for n in names
     }
     for n in names:

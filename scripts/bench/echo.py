@@ -8,13 +8,13 @@ hits both sides alike, and medians plus the trionet/baseline ratio are
 printed:
 
   (a) ping-pong: 100 connections, one 64-byte message in flight each;
-      round trips per second.
+      round trips per second (and the server's CPU time per round trip).
   (b) streaming: one connection sending continuously while reading the
       echo back; MB/s echoed.
   (c) idle: 5,000 connections, each after one round trip; the server's RSS
       growth per connection, in KiB.
 
-Usage: scripts/bench/echo.py [--rounds 5] [--seconds 3] [--idle 5000]
+Usage: scripts/bench/echo.py [--rounds 5] [--seconds 3] [--idle 5000] [--before TREE]
 """
 
 from __future__ import annotations
@@ -23,23 +23,26 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import select
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from harness import (
+    Server,
+    add_before_argument,
+    cpu_seconds,
+    describe_machine,
+    median,
+    raise_fd_limit,
+    rounds,
+    sides,
+    start_pingpong,
+)
+
 MESSAGE = b"m" * 64
-
-
-def raise_fd_limit() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 # -- the baseline: Trio's tutorial echo server --------------------------------------------------
@@ -67,30 +70,25 @@ def baseline_server() -> None:
 # -- load generators (run in their own process) -------------------------------------------------
 
 
-def gen_pingpong(port: int, seconds: float, conns: int = 100) -> dict[str, float]:
+def gen_pingpong(port: int, pid: int, seconds: float, conns: int = 100) -> dict[str, float]:
     socks = []
     for _ in range(conns):
         s = socket.create_connection(("127.0.0.1", port))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.setblocking(False)
         socks.append(s)
-    by_fd = {s.fileno(): s for s in socks}
-    pending = dict.fromkeys(by_fd, 0)
-    ep = select.epoll()
-    for fd, s in by_fd.items():
-        ep.register(fd, select.EPOLLIN)
-        s.send(MESSAGE)
-        pending[fd] = len(MESSAGE)
+    ep, by_fd, pending = start_pingpong(socks, MESSAGE)
     count = 0
     warm_until = time.monotonic() + 0.5
     end = warm_until + seconds
     counting = False
+    cpu = 0.0
     while True:
         now = time.monotonic()
         if now >= end:
             break
         if not counting and now >= warm_until:
-            counting, count = True, 0
+            counting, count, cpu = True, 0, sum(cpu_seconds(pid))
         for fd, _ in ep.poll(0.2):
             s = by_fd[fd]
             data = s.recv(4096)
@@ -101,9 +99,12 @@ def gen_pingpong(port: int, seconds: float, conns: int = 100) -> dict[str, float
                 count += 1
                 s.send(MESSAGE)
                 pending[fd] = len(MESSAGE)
+    cpu = sum(cpu_seconds(pid)) - cpu
     for s in socks:
         s.close()
-    return {"value": count / seconds}
+    # The server's CPU per round trip: this shared machine's noise moves it
+    # far less than the rate.
+    return {"value": count / seconds, "cpu_us": cpu / max(count, 1) * 1e6}
 
 
 def gen_stream(port: int, seconds: float) -> dict[str, float]:
@@ -162,69 +163,24 @@ def gen_idle(port: int, pid: int, conns: int) -> dict[str, float]:
 # -- orchestration ------------------------------------------------------------------------------
 
 
-class ServerProcess:
-    """The server ``kind`` (``trionet``, with ``extra`` arguments, or ``baseline``)."""
-
-    def __init__(self, kind: str, extra: tuple[str, ...] = ()) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{kind}-", suffix=".log")  # noqa: SIM115
-        if kind == "trionet":
-            args = [
-                "-m",
-                "trionet.serve",
-                "echo",
-                "--port",
-                "0",
-                "--max-connections",
-                "20000",
-                "--max-per-address",
-                "20000",
-                *extra,
-            ]
-        else:
-            args = [__file__, "_baseline"]
-        self.proc = subprocess.Popen(
-            [sys.executable, *args],
-            cwd=ROOT,
-            stderr=self.log,
-            stdout=subprocess.DEVNULL,
-            preexec_fn=raise_fd_limit,
-        )
-        self.port = self.wait_port("echo" if kind == "trionet" else kind)
-
-    def wait_port(self, name: str) -> int:
-        """The port of ``NAME listening on HOST:PORT`` in the server's log."""
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            text = Path(self.log.name).read_text()
-            for line in text.splitlines():
-                if f"{name} listening on" in line:
-                    return int(line.rsplit(":", 1)[1])
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not start: {Path(self.log.name).read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+def start(kind: str, tree: str | None) -> Server:
+    if kind == "baseline":
+        argv = [sys.executable, __file__, "_baseline"]
+    else:
+        limits = ["--max-connections", "20000", "--max-per-address", "20000"]
+        argv = [sys.executable, "-m", "trionet.serve", "echo", "--port", "0", *limits]
+    return Server(argv, tree=tree if kind == "before" else None, preexec_fn=raise_fd_limit)
 
 
-def measure(kind: str, test: str, seconds: float, idle: int) -> float:
-    server = ServerProcess(kind)
-    try:
+def measure(kind: str, test: str, seconds: float, idle: int, tree: str | None) -> dict[str, float]:
+    with start(kind, tree) as server:
         out = subprocess.run(
             [
                 sys.executable,
                 __file__,
                 "_gen",
                 test,
-                str(server.port),
-                str(seconds),
-                str(server.proc.pid),
-                str(idle),
+                *map(str, [server.port, seconds, server.pid, idle]),
             ],
             capture_output=True,
             text=True,
@@ -232,9 +188,7 @@ def measure(kind: str, test: str, seconds: float, idle: int) -> float:
             preexec_fn=raise_fd_limit,
             check=True,
         )
-        return float(json.loads(out.stdout)["value"])
-    finally:
-        server.stop()
+        return dict(json.loads(out.stdout))
 
 
 def main() -> None:
@@ -244,6 +198,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--idle", type=int, default=5000, help="connections for (c)")
+    add_before_argument(parser)
     args = parser.parse_args()
 
     tests = {
@@ -251,26 +206,35 @@ def main() -> None:
         "b": ("stream", "MB/s", "higher"),
         "c": ("idle", "KiB RSS per idle connection", "lower"),
     }
+    kinds = sides(args)
     results: dict[tuple[str, str], list[float]] = {}
-    for r in range(args.rounds):
-        order = ["trionet", "baseline"] if r % 2 == 0 else ["baseline", "trionet"]
+    for r, order in rounds(args.rounds, kinds):
         for key, (test, unit, _) in tests.items():
             for kind in order:
-                value = measure(kind, test, args.seconds, args.idle)
+                result = measure(kind, test, args.seconds, args.idle, args.before)
+                value = result["value"]
                 results.setdefault((key, kind), []).append(value)
+                if "cpu_us" in result:
+                    results.setdefault(("cpu", kind), []).append(result["cpu_us"])
                 print(f"round {r + 1} ({key}) {test:8} {kind:8} {value:12.1f} {unit}", flush=True)
 
-    print(
-        f"\nmedians over {args.rounds} interleaved rounds (python {sys.version.split()[0]}, "
-        f"{os.cpu_count()} cores):"
-    )
+    print(f"\nmedians over {args.rounds} interleaved rounds ({describe_machine()}):")
     for key, (test, unit, better) in tests.items():
-        t = statistics.median(results[key, "trionet"])
-        b = statistics.median(results[key, "baseline"])
+        t = median(results[key, "trionet"])
+        b = median(results[key, "baseline"])
         print(
             f"  ({key}) {test:8} trionet {t:10.1f}  baseline {b:10.1f}  {unit:28} "
             f"ratio trionet/baseline {t / b:.2f} ({better} is better)"
         )
+        if "before" in kinds:
+            was = median(results[key, "before"])
+            print(f"  ({key}) {test:8} before  {was:10.1f}  ratio trionet/before {t / was:.2f}")
+        if key == "a":
+            cpu = {kind: median(results["cpu", kind]) for kind in kinds}
+            print(
+                "      server CPU per round trip: "
+                + ", ".join(f"{k} {v:.1f} us" for k, v in cpu.items())
+            )
 
 
 if __name__ == "__main__":
@@ -279,7 +243,7 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "_gen":
         _, _, test, port, seconds, pid, idle = sys.argv
         if test == "pingpong":
-            result = gen_pingpong(int(port), float(seconds))
+            result = gen_pingpong(int(port), int(pid), float(seconds))
         elif test == "stream":
             result = gen_stream(int(port), float(seconds))
         else:

@@ -34,7 +34,7 @@ Before the rounds it also shows that hashing does not stall the server:
 while the first GET of the fresh file is being hashed, another client's
 ``LIST`` is timed.
 
-Usage: python scripts/bench/files.py [--size-mib 1024] [--rounds 7]
+Usage: python scripts/bench/files.py [--size-mib 1024] [--rounds 7] [--before TREE]
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ import hashlib
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,29 +52,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from harness import ROOT, add_before_argument, free_port, median, rounds, wait_listening
+
 CHUNK = 16 << 20
 #: The discard clients' receive buffer (preallocated, reused).
 DISCARD_BUFFER = 4 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited early with status {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on port {port} after {timeout}s")
 
 
 def make_file(path: Path, size: int) -> None:
@@ -240,6 +221,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="file size (default: 1024)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default: 7)")
+    add_before_argument(parser)
     args = parser.parse_args()
     if args.rounds < 1 or args.size_mib < 1:
         parser.error("--rounds and --size-mib must be at least 1")
@@ -288,10 +270,17 @@ def main() -> int:
         contenders["p plain discard"] = lambda: trionet_discard(tport, name, batch=False)
         contenders["s client start-up"] = client_startup
         contenders["h sha256 alone"] = lambda: sha256_alone(size)
+        if args.before:  # row a's server from another checkout
+            bport = free_port()
+            before = [*serve[:5], str(bport), *serve[6:]]
+            env_before = {**os.environ, "PYTHONPATH": args.before}
+            procs.append(subprocess.Popen(before, cwd=args.before, env=env_before))
+            wait_listening(bport, procs[-1])
+            trionet_discard(bport, name)  # warm-up: its digest of the file
+            contenders["A before discard"] = lambda: trionet_discard(bport, name)
         times: dict[str, list[float]] = {k: [] for k in contenders}
         keys = list(contenders)
-        for r in range(args.rounds):
-            order = keys[r % len(keys) :] + keys[: r % len(keys)]
+        for r, order in rounds(args.rounds, keys):
             row = []
             for key in order:
                 fresh(out)
@@ -303,11 +292,11 @@ def main() -> int:
             print(f"round {r + 1}: " + "  ".join(sorted(row)), flush=True)
         fresh(out)
 
-        med = {key: statistics.median(times[key]) for key in keys}
+        med = {key: median(times[key]) for key in keys}
         base = med[keys[2]]
         print(f"\nmedian of {args.rounds} rounds, {args.size_mib} MiB:")
         for key in keys:
-            rate = f"{size / med[key] / 1e6:7.0f} MB/s" if key[0] in "abcdph" else " " * 12
+            rate = f"{size / med[key] / 1e6:7.0f} MB/s" if key[0] in "abcdphA" else " " * 12
             print(f"  {key:20} {med[key]:6.3f} s  {rate}  {base / med[key]:4.2f}x (c)")
         ratio_a = base / med[keys[0]]
         ratio_b = base / med[keys[1]]

@@ -34,11 +34,12 @@ import re
 import select
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from harness import ROOT, Server, cpu_seconds, median, rounds
 
 # Run from a checkout: import this tree's trionet even if it is not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -49,8 +50,6 @@ from trionet.services.guess.rules import (
     optimal_worst_case,
     parse_reply,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # -- the baseline: a plain-Trio guess server, written the obvious way -------------
 
@@ -104,7 +103,8 @@ def baseline_server(port: int, lo: int, hi: int) -> None:
 
     async def main() -> None:
         listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-        print(f"PORT {listeners[0].socket.getsockname()[1]}", flush=True)
+        bound = listeners[0].socket.getsockname()[1]
+        print(f"baseline listening on 127.0.0.1:{bound}", file=sys.stderr, flush=True)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, handler, listeners)
             with trio.open_signal_receiver(signal.SIGINT) as signals:
@@ -133,7 +133,8 @@ def trionet_server(port: int, lo: int, hi: int) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.run)
-            print(f"PORT {addresses['guess'][0][1]}", flush=True)
+            bound = addresses["guess"][0][1]
+            print(f"trionet listening on 127.0.0.1:{bound}", file=sys.stderr, flush=True)
             with trio.open_signal_receiver(signal.SIGINT) as signals:
                 async for _ in signals:
                     server.shutdown()
@@ -233,22 +234,9 @@ def loadgen(port: int, players: int, seconds: float, warmup: float) -> dict[str,
 # -- the driver -------------------------------------------------------------------
 
 
-def _start_server(role: str, lo: int, hi: int, pin: bool) -> tuple[subprocess.Popen[bytes], int]:
-    cmd = [sys.executable, __file__, role, "--range", str(lo), str(hi)]
-    cmd += ["--pin"] if pin else []
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode()
-    if not line.startswith("PORT "):
-        proc.kill()
-        raise SystemExit(f"{role} did not start")
-    return proc, int(line.split()[1])
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _start_server(role: str, lo: int, hi: int, pin: bool) -> Server:
+    argv = [sys.executable, __file__, role, "--range", str(lo), str(hi)]
+    return Server(argv + (["--pin"] if pin else []))
 
 
 def _run_load(port: int, args: argparse.Namespace) -> dict[str, float]:
@@ -264,15 +252,6 @@ def _run_load(port: int, args: argparse.Namespace) -> dict[str, float]:
     return dict(result)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def drive(args: argparse.Namespace) -> None:
     """Start both servers, alternate the load between them, print medians and ratio."""
     lo, hi = args.range
@@ -281,23 +260,22 @@ def drive(args: argparse.Namespace) -> None:
         f"{args.seconds}s per measurement, {args.rounds} interleaved rounds, "
         f"{os.cpu_count()} CPUs, {'' if args.pin else 'not '}pinned"
     )
-    trionet_proc, trionet_port = _start_server("trionet-server", lo, hi, args.pin)
-    baseline_proc, baseline_port = _start_server("baseline-server", lo, hi, args.pin)
+    servers = {
+        "trionet": _start_server("trionet-server", lo, hi, args.pin),
+        "baseline": _start_server("baseline-server", lo, hi, args.pin),
+    }
     results: dict[str, list[float]] = {"trionet": [], "baseline": []}
     cpu: dict[str, list[float]] = {"trionet": [], "baseline": []}
-    procs = {"trionet": trionet_proc, "baseline": baseline_proc}
-    ports = {"trionet": trionet_port, "baseline": baseline_port}
     try:
-        for i in range(args.rounds):
-            order = ["trionet", "baseline"] if i % 2 == 0 else ["baseline", "trionet"]
+        for i, order in rounds(args.rounds, list(servers)):
             for name in order:
-                before = _cpu_seconds(procs[name].pid)
-                result = _run_load(ports[name], args)
+                before = sum(cpu_seconds(servers[name].pid))
+                result = _run_load(servers[name].port, args)
                 # The server's CPU time over the whole load run (warm-up and
                 # connection setup included) per game played in it: a
                 # secondary figure that other processes on the machine
                 # disturb far less than games/s.
-                used = _cpu_seconds(procs[name].pid) - before
+                used = sum(cpu_seconds(servers[name].pid)) - before
                 rate = result["games_per_s"]
                 results[name].append(rate)
                 cpu[name].append(1e6 * used / max(1, result["total_games"]))
@@ -308,10 +286,10 @@ def drive(args: argparse.Namespace) -> None:
                     flush=True,
                 )
     finally:
-        _stop(trionet_proc)
-        _stop(baseline_proc)
-    med = {name: statistics.median(rates) for name, rates in results.items()}
-    mcpu = {name: statistics.median(v) for name, v in cpu.items()}
+        for server in servers.values():
+            server.stop(signal.SIGINT, timeout=10)
+    med = {name: median(rates) for name, rates in results.items()}
+    mcpu = {name: median(v) for name, v in cpu.items()}
     print(
         f"median trionet  {med['trionet']:9.1f} games/s  server CPU {mcpu['trionet']:.0f} us/game"
     )
@@ -321,7 +299,7 @@ def drive(args: argparse.Namespace) -> None:
     )
     print(f"ratio trionet/baseline {med['trionet'] / med['baseline']:.2f}x")
     paired = [t / b for t, b in zip(results["trionet"], results["baseline"], strict=True)]
-    print(f"median of per-round ratios {statistics.median(paired):.2f}x")
+    print(f"median of per-round ratios {median(paired):.2f}x")
     print(
         f"server CPU per game, baseline/trionet {mcpu['baseline'] / mcpu['trionet']:.2f}x "
         "(higher: trionet does a game with less CPU)"

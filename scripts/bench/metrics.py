@@ -31,6 +31,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import select
 import socket
 import statistics
@@ -46,10 +47,10 @@ sys.path.insert(0, str(HERE))
 
 from echo import (  # noqa: E402  (scripts/bench/echo.py)
     MESSAGE,
-    ServerProcess,
     gen_pingpong,
     raise_fd_limit,
 )
+from harness import Server as _Server  # noqa: E402  (scripts/bench/harness.py)
 
 
 def gen_churn(port: int, seconds: float, clients: int = 4) -> dict[str, float]:
@@ -128,12 +129,29 @@ def gen_alternating(port_on: int, port_off: int, seconds: float) -> dict[str, fl
     return {"on": on.count / on.busy, "off": off.count / off.busy}
 
 
-class Server(ServerProcess):
+_ECHO_PORT = re.compile(r"echo listening on [\d.]+:(\d+)")
+_METRICS_PORT = re.compile(r"metrics listening on [\d.]+:(\d+)")
+
+
+class Server(_Server):
     """trionet's echo, with ``--metrics-port 0`` when ``metrics``."""
 
     def __init__(self, metrics: bool) -> None:
-        super().__init__("trionet", ("--metrics-port", "0") if metrics else ())
-        self.metrics_port = self.wait_port("metrics") if metrics else None
+        limits = ["--max-connections", "20000", "--max-per-address", "20000"]
+        extra = ["--metrics-port", "0"] if metrics else []
+        argv = [sys.executable, "-m", "trionet.serve", "echo", "--port", "0", *limits, *extra]
+        super().__init__(
+            argv,
+            preexec_fn=raise_fd_limit,
+            ready=lambda text: (
+                bool(_ECHO_PORT.search(text)) and (not metrics or bool(_METRICS_PORT.search(text)))
+            ),
+        )
+        # Both lines are there (ready said so): read each port by its name.
+        text = self.log_text()
+        self.port = int(_ECHO_PORT.search(text)[1])  # type: ignore[index]
+        found = _METRICS_PORT.search(text)
+        self.metrics_port = int(found[1]) if metrics and found else None
 
 
 def scrape_every_second(port: int, done: threading.Event) -> None:

@@ -27,7 +27,7 @@ Certificates come from ``trustme`` (in the ``test`` extra: run from the
 project's .venv). Temporary files are deleted at the end.
 
 Usage: .venv/bin/python scripts/bench/tls.py [--rounds 5] [--seconds 3] [--size-mib 1024]
-       [--only a|b]
+       [--only a|b] [--before TREE]
 """
 
 from __future__ import annotations
@@ -36,11 +36,9 @@ import argparse
 import functools
 import json
 import os
-import select
 import shutil
 import socket
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +46,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from harness import (
+    ROOT,
+    Server,
+    add_before_argument,
+    cpu_seconds,
+    describe_machine,
+    median,
+    rounds,
+    sides,
+    start_pingpong,
+)
+
 MESSAGE = b"m" * 64
 #: The baseline file server's read size (trionet's files server reads 1 MiB too).
 FILE_CHUNK = 1 << 20
@@ -138,46 +147,13 @@ def baseline_server(kind: str, cert: str, key: str, root: str) -> None:
     trio.run(main)
 
 
-class ServerProcess:
-    def __init__(self, who: str, kind: str, cert: str, key: str, root: str) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-tls-{who}-", suffix=".log")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "_server", who, kind, cert, key, root],
-            cwd=ROOT,
-            stderr=self.log,
-            stdout=subprocess.DEVNULL,
-        )
-        self.port = self._wait_port()
-
-    def _wait_port(self) -> int:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            for line in Path(self.log.name).read_text().splitlines():
-                if "listening on" in line:
-                    return int(line.split("listening on ")[1].split(":")[1].split()[0])
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not start: {Path(self.log.name).read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+def start(who: str, kind: str, cert: str, key: str, root: str, tree: str | None = None) -> Server:
+    side = "baseline" if who == "baseline" else "trionet"
+    argv = [sys.executable, __file__, "_server", side, kind, cert, key, root]
+    return Server(argv, tree=tree if who == "before" else None)
 
 
 # -- (a) the ping-pong load (its own process) ---------------------------------------------
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """User and system CPU time used so far by process ``pid``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def gen_pingpong(
@@ -191,13 +167,7 @@ def gen_pingpong(
         s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")  # handshake, blocking
         s.setblocking(False)
         socks.append(s)
-    by_fd = {s.fileno(): s for s in socks}
-    pending = dict.fromkeys(by_fd, 0)
-    ep = select.epoll()
-    for fd, s in by_fd.items():
-        ep.register(fd, select.EPOLLIN)
-        s.send(MESSAGE)
-        pending[fd] = len(MESSAGE)
+    ep, by_fd, pending = start_pingpong(socks, MESSAGE)
     count = 0
     warm_until = time.monotonic() + 0.5
     end = warm_until + seconds
@@ -233,19 +203,12 @@ def gen_pingpong(
 
 
 def measure_pingpong(
-    who: str, certs: tuple[str, str, str], seconds: float
+    who: str, certs: tuple[str, str, str], seconds: float, tree: str | None
 ) -> tuple[float, float, float]:
     ca, cert, key = certs
-    server = ServerProcess(who, "echo", cert, key, ".")
-    try:
+    with start(who, "echo", cert, key, ".", tree) as server:
         out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "_gen",
-                *map(str, [server.port, server.proc.pid, seconds]),
-                ca,
-            ],
+            [sys.executable, __file__, "_gen", *map(str, [server.port, server.pid, seconds]), ca],
             capture_output=True,
             text=True,
             timeout=seconds * 4 + 120,
@@ -253,8 +216,6 @@ def measure_pingpong(
         )
         result = json.loads(out.stdout)
         return float(result["value"]), float(result["user_us"]), float(result["system_us"])
-    finally:
-        server.stop()
 
 
 # -- (b) the download -----------------------------------------------------------------------
@@ -339,6 +300,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="per (a) measurement")
     parser.add_argument("--size-mib", type=int, default=1024, help="file size for (b)")
     parser.add_argument("--only", choices=["a", "b"], default=None, help="run one part")
+    add_before_argument(parser)
     args = parser.parse_args()
     if args.only != "a" and shutil.which("curl") is None:
         raise SystemExit("(b) needs curl; run with --only a")
@@ -348,22 +310,23 @@ def main() -> None:
         folder = Path(tmp)
         certs = make_certs(folder)
         size = args.size_mib << 20
-        servers: dict[str, ServerProcess] = {}
+        servers: dict[str, Server] = {}
         try:
             if args.only != "a":
                 root = folder / "root"
                 root.mkdir()
                 make_file(root / "big.bin", size)
                 for who in ("trionet", "baseline"):
-                    servers[who] = ServerProcess(who, "files", certs[1], certs[2], str(root))
+                    servers[who] = start(who, "files", certs[1], certs[2], str(root))
                 # Warm up: the page cache, and trionet's digest of the file.
                 for row in ("trionet", "baseline"):
                     timed_download(row, servers[row].port, certs[0], folder / "out.bin", size)
-            for r in range(args.rounds):
-                order = ["trionet", "baseline"] if r % 2 == 0 else ["baseline", "trionet"]
+            for r, order in rounds(args.rounds, sides(args)):
                 for who in order:
                     if args.only != "b":
-                        value, user, system = measure_pingpong(who, certs, args.seconds)
+                        value, user, system = measure_pingpong(
+                            who, certs, args.seconds, args.before
+                        )
                         results.setdefault(("a", who), []).append(value)
                         results.setdefault(("a-user", who), []).append(user)
                         results.setdefault(("a-system", who), []).append(system)
@@ -389,26 +352,32 @@ def main() -> None:
                 server.stop()
 
     print(
-        f"\nmedians over {args.rounds} interleaved rounds (python {sys.version.split()[0]}, "
-        f"{ssl.OPENSSL_VERSION}, {os.cpu_count()} cores):"
+        f"\nmedians over {args.rounds} interleaved rounds ({describe_machine()}, "
+        f"{ssl.OPENSSL_VERSION}):"
     )
     if ("a", "trionet") in results:
-        t, b = (statistics.median(results["a", w]) for w in ("trionet", "baseline"))
+        t, b = (median(results["a", w]) for w in ("trionet", "baseline"))
         print(
             f"  (a) echo ping-pong   trionet {t:8.0f}  baseline {b:8.0f} round trips/s   "
             f"ratio trionet/baseline {t / b:.2f} (higher is better)"
         )
+        if args.before:
+            was = median(results["a", "before"])
+            print(f"      before {was:8.0f} round trips/s, ratio trionet/before {t / was:.2f}")
         for part in ("user", "system"):
-            t, b = (statistics.median(results[f"a-{part}", w]) for w in ("trionet", "baseline"))
+            t, b = (median(results[f"a-{part}", w]) for w in ("trionet", "baseline"))
+            was = ""
+            if args.before:
+                was = f", before {median(results[f'a-{part}', 'before']):5.1f} us"
             print(
                 f"      server {part:6} CPU per round trip: trionet {t:5.1f} us, "
-                f"baseline {b:5.1f} us, ratio baseline/trionet {b / t:.2f} (higher is better)"
+                f"baseline {b:5.1f} us{was}, ratio baseline/trionet {b / t:.2f} (higher is better)"
             )
     if ("b", "trionet") in results:
-        b = statistics.median(results["b", "baseline"])
+        b = median(results["b", "baseline"])
         print(f"  (b) {args.size_mib} MiB download inside TLS (ratio to curl, higher is better):")
         for row, (_, meaning) in DOWNLOADS.items():
-            t = statistics.median(results["b", row])
+            t = median(results["b", row])
             print(f"      {row:9} {t:6.0f} MB/s  {t / b:5.2f}x  {meaning}")
 
 

@@ -24,19 +24,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import re
 import select
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+from harness import HERE, Server, describe_machine, median, rounds
+
 EXPRESSIONS = [b"1 + 2 * 3", b"2 ** 64", b"sqrt(2) * ans", b"(7 - 3) / 4", b"max(1, 2, 3) // 2"]
 
 
@@ -49,39 +46,12 @@ def build_pingpong() -> str:
     return str(binary)
 
 
-class Server:
-    def __init__(self, service: str, workers: int) -> None:
-        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
-        options = ["--workers", str(workers), "--idle-timeout", "0", "--max-per-address", "1000"]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trionet.serve", service, "--port", "0", *options],
-            cwd=ROOT,
-            stderr=self.log,
-            stdout=subprocess.DEVNULL,
-        )
-        self.port = self._port(service, workers)
-
-    def _port(self, service: str, workers: int) -> int:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            self.log.seek(0)
-            text = self.log.read()
-            m = re.search(rf"{service} listening on 127\.0\.0\.1:(\d+)", text)
-            started = workers == 1 or text.count("worker ") >= workers
-            if m and started:
-                time.sleep(0.5 if workers > 1 else 0.1)  # let the workers reach accept()
-                return int(m[1])
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not start: {text}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+def start(service: str, workers: int) -> Server:
+    options = ["--workers", str(workers), "--idle-timeout", "0", "--max-per-address", "1000"]
+    argv = [sys.executable, "-m", "trionet.serve", service, "--port", "0", *options]
+    server = Server(argv, ready=lambda log: workers == 1 or log.count("worker ") >= workers)
+    time.sleep(0.5 if workers > 1 else 0.1)  # let the workers reach accept()
+    return server
 
 
 def calc_load(port: int, conns: int, seconds: float, window: int = 64) -> dict[str, float]:
@@ -125,8 +95,7 @@ def calc_load(port: int, conns: int, seconds: float, window: int = 64) -> dict[s
 
 
 def measure(service: str, workers: int, seconds: float, pingpong: str) -> tuple[float, float]:
-    server = Server(service, workers)
-    try:
+    with start(service, workers) as server:
         if service == "calc":
             out = subprocess.run(
                 [sys.executable, __file__, "_calc", str(server.port), "50", str(seconds)],
@@ -146,8 +115,6 @@ def measure(service: str, workers: int, seconds: float, pingpong: str) -> tuple[
         )
         rate, cpu = out.stdout.split()
         return float(rate), float(cpu) / seconds
-    finally:
-        server.stop()
 
 
 def main() -> None:
@@ -158,12 +125,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
     pingpong = build_pingpong()
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    print(describe_machine())
     for service, unit in (("calc", "replies/s"), ("echo", "round trips/s")):
         rates: dict[int, list[float]] = {1: [], 2: []}
         cpus: dict[int, list[float]] = {1: [], 2: []}
-        for r in range(args.rounds):
-            order = (1, 2) if r % 2 == 0 else (2, 1)
+        for r, order in rounds(args.rounds, [1, 2]):
             for workers in order:
                 rate, cpu = measure(service, workers, args.seconds, pingpong)
                 rates[workers].append(rate)
@@ -173,11 +139,11 @@ def main() -> None:
                     f"  (load generator {cpu * 100:3.0f}% of a core)",
                     flush=True,
                 )
-        one, two = statistics.median(rates[1]), statistics.median(rates[2])
+        one, two = median(rates[1]), median(rates[2])
         print(
             f"{service}: median --workers 1 {one:.0f}, --workers 2 {two:.0f} {unit}; "
             f"ratio {two / one:.2f}x; load generator "
-            f"{statistics.median(cpus[1]) * 100:.0f}% / {statistics.median(cpus[2]) * 100:.0f}% "
+            f"{median(cpus[1]) * 100:.0f}% / {median(cpus[2]) * 100:.0f}% "
             "of a core",
             flush=True,
         )

@@ -19,6 +19,8 @@ import trio
 import trio.testing
 
 from trionet import Connection, LineError, Service
+from trionet._socket import SocketTransport, make_transport
+from trionet._transport import StreamTransport, Transport
 from trionet.testing import open_memory_server
 
 
@@ -114,7 +116,7 @@ async def test_socket_fast_path_is_a_half_closeable_trio_stream() -> None:
     async def make() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
         a, b = trio.socket.socketpair()
         ca, cb = Connection(trio.SocketStream(a)), Connection(trio.SocketStream(b))
-        assert ca._sock is not None  # the fast path is the one under test
+        assert isinstance(ca._transport, SocketTransport)  # the fast path is under test
         return ca.as_stream(), cb.as_stream()
 
     await trio.testing.check_half_closeable_stream(make, None)
@@ -209,7 +211,7 @@ async def test_busy_suspends_the_idle_deadline(autojump_clock: trio.testing.Mock
 def test_socket_errors_become_trio_stream_errors() -> None:
     import errno
 
-    from trionet._connection import translate_os_error
+    from trionet._socket import translate_os_error
 
     for code in (errno.ECONNRESET, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH):
         assert isinstance(translate_os_error(OSError(code, "x")), trio.BrokenResourceError)
@@ -302,3 +304,43 @@ async def test_work_outliving_the_grace_still_gets_its_bye() -> None:
         server.shutdown()
         await client.expect("did x", "BYE shutdown")
         await client.expect_closed()
+
+
+# -- the transport seam: a connection over a transport something already read from ----
+
+
+async def _proxy_style_handoff(client: trio.abc.Stream, transport: Transport) -> None:
+    """A listener reads a header line through the transport, then hands the connection
+    the transport, what it read past the header, and the peer the header named."""
+    await client.send_all(b"HELLO 192.0.2.7:4242\nfirst line\nsecond")
+    got = b""
+    while b"\n" not in got:
+        got += await transport.receive()
+    header, _, rest = got.partition(b"\n")
+    conn = Connection(transport, pre_read=rest, peer=header.split()[1].decode())
+    assert conn.peer == "192.0.2.7:4242"
+    assert conn.bytes_in == len(rest)
+    assert await conn.receive_line() == "first line"
+    await client.send_all(b" half\nthird\n")
+    assert await conn.receive_line() == "second half"
+    assert await conn.receive_line() == "third"
+    await conn.send_line("OK")
+    assert await client.receive_some(10) == b"OK\n"
+    assert conn.bytes_in == len(b"first line\nsecond half\nthird\n")
+    assert conn.bytes_out == 3
+    await conn.aclose()
+    await client.aclose()
+
+
+async def test_connection_over_a_socket_transport_with_pre_read_bytes() -> None:
+    a, b = trio.socket.socketpair()
+    transport = make_transport(trio.SocketStream(b))
+    assert isinstance(transport, SocketTransport)
+    await _proxy_style_handoff(trio.SocketStream(a), transport)
+
+
+async def test_connection_over_a_stream_transport_with_pre_read_bytes() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    transport = make_transport(b)
+    assert isinstance(transport, StreamTransport)
+    await _proxy_style_handoff(a, transport)

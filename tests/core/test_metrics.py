@@ -537,15 +537,13 @@ def test_readyz_follows_the_redis_link(
     assert p.count(r"Redis at .* unreachable") == 1
     assert p.count(r"Redis at .* reachable again") == 1
     assert p.count(r"^Traceback|NoneType: None") == 0
-    # coredis retried many times (every 0.1 s and more), but each of its
-    # messages shows at most twice: when the burst began and, with a
-    # count, when it ended (at the latest when the process stopped).
-    retries = [line for line in p.lines if "coredis: Retry attempt" in line]
-    summaries = [line for line in retries if "more time(s) over" in line]
-    starts = [line.split("coredis: ", 1)[1] for line in retries if line not in summaries]
-    repeated = sum(int(m[1]) for line in summaries if (m := re.search(r"repeated (\d+)", line)))
-    assert summaries and repeated >= 3, retries
-    assert len(starts) == len({re.sub(r"\d+", "#", text) for text in starts}), retries
+    # The link does its own reconnecting (coredis's retries are off), and
+    # whatever coredis still says shows at most once per kind of message,
+    # plus a count when the burst ended (the burst limiter: test_logs.py).
+    said = [line for line in p.lines if "coredis" in line]
+    summaries = [line for line in said if "more time(s) over" in line]
+    starts = [line.split("coredis", 1)[1] for line in said if line not in summaries]
+    assert len(starts) == len({re.sub(r"\d+", "#", text) for text in starts}), said
     assert len(summaries) <= len(starts)
 
 

@@ -111,7 +111,7 @@ def test_rename_candidates_stay_valid() -> None:
     ["redis://", "http://h:1", "redis://h:notaport", "redis://h:1/x", "redis://h:1/0?a=b", "h:1"],
 )
 def test_bad_redis_urls_are_refused(url: str) -> None:
-    with pytest.raises(ValueError, match="redis://HOST:PORT"):
+    with pytest.raises(ValueError, match="needs a URL like redis://"):
         check_redis_url(url)
 
 
@@ -123,7 +123,7 @@ def test_redis_option_on_chat_and_guess_and_workers() -> None:
     assert chat.workers_problem(2) is None and guess.workers_problem(2) is None
     (alone,) = build_services(["chat"])
     assert alone.workers_problem(2) is not None
-    with pytest.raises(StartupError, match="redis://HOST:PORT"):
+    with pytest.raises(StartupError, match="needs a URL like redis://"):
         build_services(["chat", "--redis", "localhost:6379"])
 
 
@@ -427,11 +427,11 @@ async def test_a_stopped_process_costs_bounded_memory(
             grown = _rss_kib(a.proc.pid) - before
         finally:
             b.signal(signal.SIGCONT)
-        assert 10_000 <= xlen <= 11_000, xlen
+        assert 1_000 <= xlen <= 1_100, (xlen, a.lines[-5:])  # entries: batches of <= 16 KB
         assert grown < 40_000, f"the sender's process grew by {grown} KiB"
         # (stopped longer than its read's deadline, it reconnects instead: the
         # same resync, under another name)
-        b.wait_for("fell more than 10000 events behind|lost the room's stream", timeout=30)
+        b.wait_for("fell more than 1000 stream entries behind|moved past this process", timeout=30)
         async with trio.open_nursery() as nursery:
             # What is said while it skips ahead is skipped too: say it again
             # until it gets through.
@@ -491,3 +491,57 @@ def test_bus_keys_do_not_clash_between_rooms() -> None:
     one = RoomBus(ChatService().room, "redis://127.0.0.1:1", prefix="a")
     two = RoomBus(ChatService().room, "redis://127.0.0.1:1", prefix="b")
     assert one._stream != two._stream and one.process != two.process
+
+
+async def test_workers_serve_the_web_page_too(redis_server: Any, serve: Callable[..., Any]) -> None:
+    """``--workers 2 --web-port 0 --redis``: the parent opens the web port, every
+    worker serves it, and a browser member talks with a TCP member on another worker."""
+    from trio_websocket import connect_websocket_url
+
+    p = serve(
+        "chat", "--port", "0", "--web-port", "0", "--workers", "2", "--redis", redis_server.url
+    )
+    port = p.port("chat")
+    web_port = int(p.wait_for(r"chat web listening on 127\.0\.0\.1:(\d+)")[0][1])
+
+    def owner(nick: str) -> str:
+        raw = redis_server.command("HGET", "trionet:chat:nicks", nick).decode()
+        return re.search(r"(\w+)/\d+ " + nick, raw)[1]  # type: ignore[index]
+
+    with trio.fail_after(90):
+        async with trio.open_nursery() as keep:  # the WebSockets' own tasks
+            pages: dict[str, Any] = {}  # worker -> a browser member it serves
+            p.wait_for("sharing the room through Redis", count=2)  # both workers are up
+            pids = [int(m[1]) for m in p.wait_for(r"worker \d started \(pid (\d+)\)", count=2)]
+            # One worker stopped while the other takes a browser member, in
+            # turn: each worker must serve the web port.
+            for i, stopped in enumerate(pids):
+                os.kill(stopped, signal.SIGSTOP)
+                try:
+                    ws = await connect_websocket_url(keep, f"ws://127.0.0.1:{web_port}/ws")
+                    assert await ws.get_message() == WELCOME
+                    await ws.send_message(f"/nick w{i}")
+                    assert await ws.get_message() == f"OK nick w{i}"
+                finally:
+                    os.kill(stopped, signal.SIGCONT)
+                pages[owner(f"w{i}")] = (f"w{i}", ws)
+            assert len(pages) == 2, "one worker did not serve the web port"
+            # A TCP member, and the browser member of the other worker.
+            tcp = await _connect(port, "tcpmember")
+            nick, ws = next(v for k, v in pages.items() if k != owner("tcpmember"))
+            await tcp.send_line("hello browser")
+            while (got := await ws.get_message()) != "MSG tcpmember hello browser":
+                assert got.startswith(("JOIN ", "LEAVE ")), got
+            await ws.send_message("hello tcp")
+            await _until(tcp, lambda line: line == f"MSG {nick} hello tcp")
+            keep.cancel_scope.cancel()
+    assert p.stop() == 0
+    assert p.count("Traceback") == 0
+
+
+def test_the_web_port_is_an_extra_port_for_the_parent_to_open() -> None:
+    """What run_workers opens besides a service's own port (none without --web-port)."""
+    (chat,) = build_services(["chat", "--web-port", "0", "--redis", "redis://h:1"])
+    assert chat.extra_ports() == {"web": 0}
+    (chat,) = build_services(["chat", "--redis", "redis://h:1"])
+    assert chat.extra_ports() == {}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final, Self
 
 import attrs
@@ -32,9 +32,9 @@ import trio
 
 from ..._connection import Connection
 from ..._framing import BadEncoding, LineTooLong
-from ..._redis import add_redis_argument, validate_redis_url
+from ..._redis import add_redis_argument, validate_redis_cafile, validate_redis_url
 from ..._service import Service
-from .bus import RoomBus
+from .bus import LIVENESS, RoomBus
 from .flood import TokenBucket
 from .room import DEFAULT_HISTORY, HELP, ChatError, Member, Room
 from .text import (
@@ -102,6 +102,10 @@ class ChatService(Service):
     )
     #: ``redis://HOST:PORT[/DB]``: share the room with every process using it (``None``: off).
     redis: str | None = attrs.field(default=None, validator=validate_redis_url)
+    #: With a ``rediss://`` URL: the certificate authority to trust (``None``: the system's).
+    redis_cafile: str | None = attrs.field(default=None, validator=validate_redis_cafile)
+    #: With ``redis``: the liveness period in seconds (see :class:`.bus.Liveness`).
+    redis_liveness: float = attrs.field(default=LIVENESS, validator=attrs.validators.gt(0))
     room: Room = attrs.field()
     _members: dict[Connection, Member] = attrs.field(factory=dict, init=False)
     _web: list[WebListener] = attrs.field(factory=list, init=False)
@@ -112,9 +116,20 @@ class ChatService(Service):
     def _make_room(self) -> Room:
         return Room(history=self.history, clock=self.clock)
 
+    @redis_liveness.validator
+    def _liveness_needs_redis(self, attr: Any, value: float) -> None:
+        if self.redis is None and value != LIVENESS:
+            raise ValueError("--redis-liveness needs --redis (it would be ignored)")
+
     def __attrs_post_init__(self) -> None:
         if self.redis is not None:
-            self.bus = RoomBus(self.room, self.redis, history=self.history)
+            self.bus = RoomBus(
+                self.room,
+                self.redis,
+                history=self.history,
+                cafile=self.redis_cafile,
+                liveness=self.redis_liveness,
+            )
 
     async def run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
         """The web listeners' HTTP work, and with ``redis`` the room's link to the
@@ -243,13 +258,26 @@ class ChatService(Service):
             self.room.leave(member, reason)
             self.room.reply(member, "BYE")
 
-    async def open_extra_listeners(self, host: str) -> list[trio.abc.Listener[Any]]:
-        """With ``web_port``: the page and WebSocket listener(s) of :mod:`.web`."""
+    def extra_ports(self) -> dict[str, int]:
+        """With ``web_port``: ``{"web": web_port}`` (the parent of workers opens it)."""
+        return {} if self.web_port is None else {"web": self.web_port}
+
+    async def open_extra_listeners(
+        self, host: str, inherited: Mapping[str, Sequence[trio.abc.Listener[Any]]] | None = None
+    ) -> list[trio.abc.Listener[Any]]:
+        """With ``web_port``: the page and WebSocket listener(s) of :mod:`.web`.
+
+        In a worker (``inherited``) they serve the sockets the parent opened.
+        """
         if self.web_port is None:
             return []
         limit = message_limit(self.max_line)
         self._web = await open_web_listeners(
-            host, self.web_port, max_message_size=limit, tls=self.tls_context
+            host,
+            self.web_port,
+            max_message_size=limit,
+            tls=self.tls_context,
+            transports=(inherited or {}).get("web"),
         )
         return list(self._web)
 
@@ -319,6 +347,15 @@ class ChatService(Service):
             "the line protocol over a WebSocket at /ws; 0 picks a free port (default: off)",
         )
         add_redis_argument(group)
+        group.add_argument(
+            "--redis-liveness",
+            type=float,
+            default=LIVENESS,
+            metavar="SECONDS",
+            help="with --redis: a chat process silent this long is suspected dead, and "
+            "announced gone once it also has no connection to Redis for 2/3 of it "
+            "(default: %(default)s; lower only for tests)",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **common: Any) -> Self:
@@ -330,5 +367,7 @@ class ChatService(Service):
             history=args.history,
             web_port=args.web_port,
             redis=getattr(args, "redis", None),
+            redis_cafile=getattr(args, "redis_cafile", None),
+            redis_liveness=getattr(args, "redis_liveness", LIVENESS),
             **common,
         )

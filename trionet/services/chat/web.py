@@ -39,13 +39,14 @@ import importlib.resources
 import logging
 import re
 import ssl
+from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
 import trio
 from trio_websocket import ConnectionClosed, wrap_server_stream
 
-from ..._connection import format_peer
 from ..._logs import log_access, next_conn_number
+from ..._transport import format_peer
 
 __all__ = [
     "MessageSocket",
@@ -456,7 +457,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             self.name,
             peer,
             conn=next_conn_number(),
-            tls=isinstance(stream, trio.SSLStream),
+            tls=isinstance(stream, trio.SSLStream | _TLSOrPlainHTTP),
             end=f"http-{status}",
             duration=trio.current_time() - started,
             bytes_in=bytes_in,
@@ -660,16 +661,22 @@ async def open_web_listeners(
     *,
     max_message_size: int = 64 * 1024,
     tls: ssl.SSLContext | None = None,
+    transports: Sequence[trio.abc.Listener[Any]] | None = None,
 ) -> list[WebListener]:
     """Listen for HTTP on ``host:port`` (0: a free port); one listener per address.
 
     With ``tls`` (the chat's own TLS context) the page is served over HTTPS
     and the WebSocket is ``wss://``. Run each listener's
     :meth:`WebListener.run` in a nursery (the chat does it in its
-    ``run_background``) before accepting from it.
+    ``run_background``) before accepting from it. ``transports``: listeners
+    opened already (a worker's, from its parent) instead of ``host:port``.
     """
     page = load_page()
-    listeners: list[trio.abc.Listener[Any]] = list(await trio.open_tcp_listeners(port, host=host))
+    listeners: list[trio.abc.Listener[Any]]
+    if transports is not None:
+        listeners = list(transports)
+    else:
+        listeners = list(await trio.open_tcp_listeners(port, host=host))
     if tls is not None:
         listeners = [_TLSListener(tcp, tls) for tcp in listeners]
     return [

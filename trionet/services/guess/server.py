@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from ..._connection import Connection
-from ..._redis import add_redis_argument, validate_redis_url
+from ..._redis import add_redis_argument, validate_redis_cafile, validate_redis_url
 from ..._service import Service
 from .rules import (
     Blank,
@@ -79,12 +79,14 @@ class GuessService(Service):
     stats: Stats = attrs.field(factory=Stats)
     #: ``redis://HOST:PORT[/DB]``: STATS over every process using it (``None``: off).
     redis: str | None = attrs.field(default=None, validator=validate_redis_url)
+    #: With a ``rediss://`` URL: the certificate authority to trust (``None``: the system's).
+    redis_cafile: str | None = attrs.field(default=None, validator=validate_redis_cafile)
     #: With ``redis``: the statistics every process shares.
     shared: SharedStats | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.redis is not None:
-            self.shared = SharedStats(self.redis)
+            self.shared = SharedStats(self.redis, cafile=self.redis_cafile)
 
     async def run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
         """With ``redis``: apply wins and give-ups there, answer STATS from there."""
@@ -181,4 +183,7 @@ class GuessService(Service):
         lo, hi = getattr(args, "guess_range", (DEFAULT_LO, DEFAULT_HI))
         seed = getattr(args, "guess_seed", None)
         redis = getattr(args, "redis", None)
-        return cls(lo=lo, hi=hi, rng=random.Random(seed), redis=redis, **common)
+        cafile = getattr(args, "redis_cafile", None)
+        return cls(
+            lo=lo, hi=hi, rng=random.Random(seed), redis=redis, redis_cafile=cafile, **common
+        )

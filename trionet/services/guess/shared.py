@@ -70,12 +70,15 @@ class SharedStats:
     """Statistics of every process using one Redis; see the module docstring.
 
     Args:
-      url: ``redis://HOST:PORT[/DB]``.
+      url: see :func:`~trionet._redis.check_redis_url`.
+      cafile: with ``rediss://``: the certificate authority to trust.
       key: the hash's name.
     """
 
-    def __init__(self, url: str, *, key: str = "trionet:guess:stats") -> None:
-        self.link = RedisLink(url, "guess")
+    def __init__(
+        self, url: str, *, key: str = "trionet:guess:stats", cafile: str | None = None
+    ) -> None:
+        self.link = RedisLink(url, "guess", cafile=cafile)
         self.key = key
         self._pending = Stats()  # recorded here, not yet applied in Redis
         self._batch: tuple[str, Stats] | None = None  # sent, reply not yet seen
@@ -113,7 +116,7 @@ class SharedStats:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Apply batches and answer reads, for the life of the service (its ``run_background``)."""
-        log.info("guess: sharing STATS through Redis at %s", self.link.url)
+        log.info("guess: sharing STATS through Redis at %s", self.link.shown)
         try:
             await self.link.run(self._session, task_status=task_status)
         finally:
