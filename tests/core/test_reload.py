@@ -12,6 +12,7 @@ one running; SIGHUP never stops the server.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from conftest import Serve, TLSFiles
+from conftest import Serve, TLSFiles, _free_port
 
 from trionet import Connection, Server, Service
 from trionet.testing import Client, MemoryListener, open_memory_server
@@ -446,4 +447,34 @@ def test_sighup_to_every_process_in_a_burst_kills_no_worker(
     with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
         client.sendall(b"7*6\n")
         assert client.recv(100) == b"OK 42\n"
+    assert p.stop() == 0
+
+
+def _readyz(port: int) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        conn.request("GET", "/readyz")
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_readyz_stays_ready_through_a_reload(serve: Callable[..., Serve]) -> None:
+    metrics = _free_port()
+    p = serve("calc", "--port", "0", "--workers", "2", "--metrics-port", str(metrics))
+    p.wait_for(r"metrics listening")
+    deadline = time.monotonic() + 60
+    while _readyz(metrics) != 200:  # until a worker serves
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    p.signal(signal.SIGHUP)
+    seen = []
+    while not p.count(r"reloaded: generation 1"):
+        assert time.monotonic() < deadline + 60, p.lines[-10:]
+        seen.append(_readyz(metrics))
+        time.sleep(0.02)
+    for _ in range(20):  # and while the old generation leaves
+        seen.append(_readyz(metrics))
+        time.sleep(0.02)
+    assert set(seen) == {200}, seen
     assert p.stop() == 0
