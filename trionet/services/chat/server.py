@@ -47,8 +47,8 @@ from .text import (
     Private,
     Unknown,
     Who,
+    echoed,
     parse_line,
-    sanitize,
 )
 from .web import WebListener, message_limit, open_web_listeners
 
@@ -205,8 +205,7 @@ class ChatService(Service):
                     case BadRequest(reason):
                         raise ChatError("bad-request", reason)
                     case Unknown(word):
-                        word = sanitize(word)
-                        raise ChatError("unknown-command", word)
+                        raise ChatError("unknown-command", echoed(word))
             except ChatError as err:
                 room.reply(member, err.line)
 
