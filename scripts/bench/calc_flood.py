@@ -15,18 +15,21 @@ This script:
   (3) starts --conns flooding connections (in a process of their own),
       each sending batches of --batch lines taken in turn from the --worst
       costliest lines of (1), reading the replies and sending the next
-      batch, and measures the same round trip again for --seconds.
+      batch, and measures the same round trip again for --seconds; against
+      that server, then against one whose costly lines never take turns
+      (calc's costly lane off: the comparison), --rounds times, alternating.
 
 Printed: p50, p99 and the worst round trip with and without the flood, and
 the flood's replies per second. Target (issue 19): p99 under 50 ms.
 
-Usage: .venv/bin/python scripts/bench/calc_flood.py [--seconds 10] [--conns 8]
-       [--batch 40] [--worst 6] [--repeat 5]
+Usage: .venv/bin/python scripts/bench/calc_flood.py [--seconds 8] [--rounds 2]
+       [--conns 8] [--batch 40] [--worst 6] [--repeat 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import selectors
 import socket
@@ -136,26 +139,55 @@ def summary(times: list[float]) -> str:
     )
 
 
+def start_server(lane: bool) -> tuple[subprocess.Popen[str], int]:
+    argv = [sys.executable, __file__, "--serve"] + ([] if lane else ["--no-lane"])
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    return server, int(server.stdout.readline())
+
+
+def flooded(port: int, names: list[str], args: argparse.Namespace) -> tuple[list[float], str]:
+    """Round trips while --conns connections flood ``port`` with the lines ``names``."""
+    argv = [sys.executable, __file__, "--flood", str(port), "--conns", str(args.conns)]
+    argv += ["--batch", str(args.batch), "--lines", *names]
+    flooder = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert flooder.stdin is not None and flooder.stdout is not None
+    time.sleep(1.0)  # every connection is busy
+    under = round_trips(port, args.seconds)
+    flooder.stdin.close()
+    rate = flooder.stdout.readline().strip()
+    flooder.wait(30)
+    return under, rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per phase")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per phase")
+    parser.add_argument("--rounds", type=int, default=2, help="flood phases per server")
     parser.add_argument("--conns", type=int, default=8, help="flooding connections")
     parser.add_argument("--batch", type=int, default=40, help="lines per pipelined batch")
     parser.add_argument("--worst", type=int, default=6, help="costliest lines flooded")
     parser.add_argument("--repeat", type=int, default=5, help="runs per line in (1)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-lane", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--flood", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--lines", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
+        if args.no_lane:  # the comparison: costly lines never wait for their turn
+            from trionet.services.calc import server as calc_server
+
+            calc_server.COSTLY = math.inf  # type: ignore[misc]
         from calc import serve_trionet  # this folder's calc benchmark
 
         return serve_trionet()
+    if args.flood is not None:
+        from calc_hostile import HOSTILE
+
+        return flood(args.flood, args.conns, args.batch, [HOSTILE[n] for n in args.lines])
 
     costs = corpus_costs(args.repeat)
-    worst = [line for _, _, line in costs[: args.worst]]
-    if args.flood is not None:
-        return flood(args.flood, args.conns, args.batch, worst)
-
+    names = [name for _, name, _ in costs[: args.worst]]
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f}"
@@ -167,37 +199,21 @@ def main() -> None:
         f"    costliest {costs[0][0]:.2f} ms, median over the corpus "
         f"{statistics.median(c for c, _, _ in costs):.2f} ms"
     )
-
-    server = subprocess.Popen(
-        [sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True
-    )
+    servers = {"lane": start_server(True), "no lane": start_server(False)}
     try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        print(f"(2) no flood:       {summary(round_trips(port, args.seconds / 2))}")
-        flooder = subprocess.Popen(
-            [
-                *(sys.executable, __file__, "--flood", str(port), "--conns", str(args.conns)),
-                *("--batch", str(args.batch), "--worst", str(args.worst)),
-                *("--repeat", str(args.repeat)),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert flooder.stdin is not None and flooder.stdout is not None
-        time.sleep(1.0 + args.repeat * 0.2)  # the flooder measures the corpus first
-        under = round_trips(port, args.seconds)
-        flooder.stdin.close()
-        rate = flooder.stdout.readline().strip()
-        flooder.wait(30)
-        print(
-            f"(3) {args.conns} x {args.batch} costliest lines: {summary(under)}   "
-            f"flood {rate} replies/s"
-        )
+        port = servers["lane"][1]
+        print(f"(2) no flood:             {summary(round_trips(port, args.seconds / 2))}")
+        for i in range(args.rounds):
+            for label, (_, port) in servers.items():
+                under, rate = flooded(port, names, args)
+                print(
+                    f"(3) flood, {label + ',':<8} round {i + 1}: {summary(under)}   "
+                    f"flood {rate} replies/s"
+                )
     finally:
-        server.terminate()
-        server.wait(10)
+        for server, _ in servers.values():
+            server.terminate()
+            server.wait(10)
 
 
 if __name__ == "__main__":

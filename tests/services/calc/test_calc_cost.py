@@ -82,9 +82,9 @@ def test_the_work_of_a_fast_path_that_gives_up_counts_once() -> None:
 async def test_costly_lines_take_turns(
     monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Four clients pipelining costly lines, then one cheap line from a fifth:
-    the cheap line waits for a costly line or two, not for each flooder's
-    run budget (without the lane: about three lines from each)."""
+    """Six clients pipelining costly lines, then one cheap line from a seventh:
+    the cheap line waits for a costly line or a few, not for each flooder's
+    run budget (without the lane: about five lines from each)."""
     evaluated: list[str] = []
 
     def answer(line: str, ans: float) -> tuple[str, float]:
@@ -92,26 +92,27 @@ async def test_costly_lines_take_turns(
         if line.startswith("costly"):
             # Real time, as the server measures it: the clock is mocked,
             # perf_counter is not.
-            end = time.perf_counter() + 4 * COSTLY
+            end = time.perf_counter() + 2 * COSTLY
             while time.perf_counter() < end:
                 pass
         return "OK 0", ans
 
     monkeypatch.setattr(calc_server, "answer_line", answer)
     async with open_memory_server(CalcService()) as srv:
-        flooders = [await srv.connect() for _ in range(4)]
+        flooders = [await srv.connect() for _ in range(6)]
         quiet = await srv.connect()
         for i, flooder in enumerate(flooders):
-            await flooder.send(f"costly {i}\n".encode() * 40)
+            await flooder.send(f"costly {i}\n".encode() * 60)
         # Every flooder is past its first costly line (the one that shows
         # it is costly). A checkpoint, not a sleep: the mocked clock stands
         # still while the server computes.
-        while any(evaluated.count(f"costly {i}") < 2 for i in range(4)):
+        while any(evaluated.count(f"costly {i}") < 2 for i in range(6)):
             await trio.lowlevel.checkpoint()
         sent_at = len(evaluated)
         await quiet.send_line("cheap")
         await quiet.expect("OK 0")
         position = evaluated.index("cheap")
-        assert position < 4 * 40, "the flood was over before the cheap line"
-        waited_for = position - sent_at
-        assert waited_for <= 3, f"the cheap line waited for {waited_for} costly lines"
+        before = evaluated[:position]
+        assert all(before.count(f"costly {i}") < 60 for i in range(6)), "the flood was over"
+        waited_for = sum(line.startswith("costly") for line in evaluated[sent_at:position])
+        assert waited_for <= 6, f"the cheap line waited for {waited_for} costly lines"

@@ -18,12 +18,14 @@ few milliseconds of such work (``Connection.receive_line``'s run budget).
 Costly lines take turns. Every line is bounded (a few milliseconds of CPU
 at most, see the evaluator), but eight clients pipelining the costliest
 ones would still put eight of them, one per client, between another
-client's request and its answer on every pass of the scheduler. So after a
-line that took more than :data:`COSTLY` seconds, the connection's next line
-waits for the service's single *costly lane* (a fair lock): however many
-clients send costly lines, at most one such line runs per pass, and a
-client sending cheap lines waits for one costly line at most. A client
-with nobody to share with never waits.
+client's request and its answer on every pass of the scheduler. So each
+connection keeps a *debt*: the time its lines took, forgiven at
+:data:`FORGIVEN` of the time that passes. While the debt is over
+:data:`COSTLY`, its next line waits for the service's single *costly lane*
+(a fair lock): however many clients send costly lines, at most one such
+line runs per pass, and a client sending cheap lines waits for one costly
+line at most. Mixing in cheap lines does not get a client out of the lane;
+only time does. A client with nobody to share the lane with never waits.
 
 The client (``python -m trionet.client calc``) evaluates the expressions
 given as arguments, or the lines of a piped standard input, or runs a
@@ -42,11 +44,14 @@ from ..._connection import Connection
 from ..._service import Service
 from .evaluator import CalcError, Number, evaluate, format_value
 
-__all__ = ["COSTLY", "CalcService", "answer_line", "is_quit"]
+__all__ = ["COSTLY", "FORGIVEN", "CalcService", "answer_line", "is_quit"]
 
-#: Seconds of computing after which a connection's next line takes the
+#: Seconds of computing owed after which a connection's next line takes the
 #: costly lane (a typical line takes 5-20 microseconds).
 COSTLY: Final = 0.0005
+#: The share of passing time forgiven of a connection's debt: a client may
+#: compute for a tenth of the time without taking turns.
+FORGIVEN: Final = 0.1
 
 
 def is_quit(line: str) -> bool:
@@ -84,18 +89,21 @@ class CalcService(Service):
         # to other connections after a few milliseconds of work on lines it
         # already holds, so a hostile client cannot hold the server.
         ans: Number = 0
-        costly = False
+        debt = 0.0  # seconds of computing owed (see the module's docstring)
+        last = time.perf_counter()
         # (QUIT never gets here: the connection answers it with BYE.)
         async for line in conn:
-            if costly:
+            start = time.perf_counter()
+            debt = max(0.0, debt - (start - last) * FORGIVEN)
+            if debt > COSTLY:
                 # The lock is fair: the connections waiting take turns, one
                 # line each, and it is a checkpoint, so the others run too.
+                # (Time spent waiting for it is not forgiven.)
                 async with self._costly_lane:
                     start = time.perf_counter()
                     reply, ans = answer_line(line, ans)
-                    costly = time.perf_counter() - start > COSTLY
             else:
-                start = time.perf_counter()
                 reply, ans = answer_line(line, ans)
-                costly = time.perf_counter() - start > COSTLY
+            last = time.perf_counter()
+            debt += last - start
             conn.write_line(reply)
