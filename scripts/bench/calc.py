@@ -348,6 +348,8 @@ def main() -> None:
         try:
             calc_eval._evaluate_fast(line, calc_eval._Evaluation(0, calc_eval.WORK_BUDGET))
             fast += 1
+        except calc_eval.CalcError:  # decided by the fast path too
+            fast += 1
         except calc_eval._Fallback:
             pass
         try:

@@ -19,8 +19,9 @@ Costly lines take turns. Every line is bounded (a few milliseconds of CPU
 at most, see the evaluator), but eight clients pipelining the costliest
 ones would still put eight of them, one per client, between another
 client's request and its answer on every pass of the scheduler. So each
-connection keeps a *debt*: the time its lines took, forgiven at
-:data:`FORGIVEN` of the time that passes. While the debt is over
+connection keeps a *debt*: the time its costly lines took (those over
+:data:`COSTLY_LINE`; cheap lines in bulk are the run budget's business),
+forgiven at :data:`FORGIVEN` of the time that passes. While the debt is over
 :data:`COSTLY`, its next line waits for the service's single *costly lane*
 (a fair lock): however many clients send costly lines, at most one such
 line runs per pass, and a client sending cheap lines waits for one costly
@@ -44,11 +45,14 @@ from ..._connection import Connection
 from ..._service import Service
 from .evaluator import CalcError, Number, evaluate, format_value
 
-__all__ = ["COSTLY", "FORGIVEN", "CalcService", "answer_line", "is_quit"]
+__all__ = ["COSTLY", "COSTLY_LINE", "FORGIVEN", "CalcService", "answer_line", "is_quit"]
 
 #: Seconds of computing owed after which a connection's next line takes the
-#: costly lane (a typical line takes 5-20 microseconds).
+#: costly lane.
 COSTLY: Final = 0.0005
+#: A line taking longer than this (seconds) is costly, and its time is owed
+#: (a typical line takes 5-20 microseconds).
+COSTLY_LINE: Final = 0.0001
 #: The share of passing time forgiven of a connection's debt: a client may
 #: compute for a tenth of the time without taking turns.
 FORGIVEN: Final = 0.1
@@ -105,5 +109,6 @@ class CalcService(Service):
             else:
                 reply, ans = answer_line(line, ans)
             last = time.perf_counter()
-            debt += last - start
+            if last - start > COSTLY_LINE:
+                debt += last - start
             conn.write_line(reply)
