@@ -12,7 +12,10 @@ code of its own.
 The HTTP side (reading a request, serving the page, 404/405, the WebSocket
 handshake) runs in the listener's own background tasks, so ``accept`` only
 ever hands out finished WebSockets and a slow or hostile HTTP client never
-holds up the server's accept loop::
+holds up the server's accept loop. A request must name the page's own
+address (or a configured name) in ``Host`` (:func:`served_names`: DNS
+rebinding), and every connection the listener holds counts against the
+per-address limit from the moment it is accepted::
 
     WebListener.run                       (the listener's nursery)
         accept loop on the TCP listener
