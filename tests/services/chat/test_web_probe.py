@@ -119,7 +119,13 @@ async def request(stream: trio.abc.Stream, host: str, extra: bytes = b"") -> int
 @asynccontextmanager
 async def memory_chat(service: ChatService) -> AsyncIterator[tuple[MemoryListener, WebListener]]:
     tcp = MemoryListener()
-    web = WebListener(MemoryListener(), host_names=service.web_host_names)
+    # As ChatService.open_extra_listeners makes them (over TCP in the tests below).
+    web = WebListener(
+        MemoryListener(),
+        host_names=service.web_host_names,
+        max_pending=service.max_connections,
+        max_per_address=service.effective_max_per_address,
+    )
     server = trionet.Server([service], listeners={"chat": [tcp, web]})
     async with trio.open_nursery() as nursery:
         await nursery.start(web.run)
@@ -206,6 +212,31 @@ async def test_memory_a_malformed_frame_gets_close_1002(autojump_clock: object) 
         await alice.stream.send_all(b"\xf1\x80\x00\x00\x00\x00")  # reserved bits set
         assert await alice.receive_line() is None
         assert alice.closed is not None and alice.closed.code == 1002
+
+
+async def test_memory_connections_count_per_address_from_the_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service = ChatService(max_per_address=3, max_connections=6)
+    async with memory_chat(service) as (_, web):
+        transport = memory_transport(web)
+        silent = [await transport.connect(peer="10.0.0.2:1000") for _ in range(3)]
+        over = await transport.connect(peer="10.0.0.2:1001")
+        with trio.fail_after(1):  # closed at once: the address's three are held
+            assert await over.receive_some() == b""
+        ws = await RawWs.open(await transport.connect(peer="10.0.0.3:1000"), "localhost")
+        await ws.join("alice")
+        # 3 + 1 held; two more from a third address fill the listener's 6.
+        more = [await transport.connect(peer="10.0.0.4:1000") for _ in range(2)]
+        with trio.fail_after(1):
+            assert await (await transport.connect(peer="10.0.0.5:1000")).receive_some() == b""
+        # The silent ones are dropped at the handshake deadline; room again.
+        await trio.sleep(11)
+        for stream in silent + more:
+            with trio.fail_after(1):
+                assert await stream.receive_some() == b""
+        ws2 = await RawWs.open(await transport.connect(peer="10.0.0.2:1002"), "localhost")
+        await ws2.join("bob")
 
 
 # -- the frame watch, pure -------------------------------------------------------------

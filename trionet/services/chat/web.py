@@ -71,10 +71,11 @@ access_log = logging.getLogger("trionet.access")
 HANDSHAKE_TIMEOUT: Final = 10.0
 #: Longest request head accepted (request line and headers).
 MAX_HEAD: Final = 8192
-#: HTTP connections being read or answered at once, by default (the chat
-#: passes its ``max_connections``); more are closed at once. From one address
-#: at most ``max_per_address`` (pending and upgraded alike), so one address
-#: cannot fill them and hold the page shut for everyone.
+#: Connections the web listener holds at once (requests being read or
+#: answered, handshakes, open WebSockets), by default (the chat passes its
+#: ``max_connections``); more are closed at once. From one address at most
+#: ``max_per_address``, so one address cannot fill them and hold the page
+#: shut for everyone.
 MAX_PENDING: Final = 1000
 #: Close codes of a client that broke the protocol (wsproto's verdicts):
 #: trio-websocket closes the TCP stream without a close frame for these.
@@ -488,6 +489,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         #: ... of which from one address (``None``: no limit of its own).
         self.max_per_address = max_per_address
         self._per_address: dict[str, int] = {}
+        self._held = 0  # connections held: pending, answered or upgraded
         # Unbuffered: a WebSocket is handed over only when the server takes it.
         self._ready_send, self._ready = trio.open_memory_channel[WebSocketStream](0)
         self._accepting = trio.CancelScope()
@@ -539,11 +541,12 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                     continue
                 address = _address(stream)
                 held = self._per_address.get(address, 0) if address is not None else 0
-                if len(self._handshakes) >= self.max_pending or (
+                if self._held >= self.max_pending or (
                     self.max_per_address is not None and held >= self.max_per_address
                 ):
                     await trio.aclose_forcefully(stream)
                     continue
+                self._held += 1
                 if address is not None:
                     self._per_address[address] = held + 1
                 scope = trio.CancelScope(deadline=trio.current_time() + self.handshake_timeout)
@@ -557,6 +560,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         try:
             await self._serve_one(stream, scope)
         finally:
+            self._held -= 1
             if address is not None:
                 self._per_address[address] -= 1
                 if not self._per_address[address]:
