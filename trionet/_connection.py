@@ -298,6 +298,15 @@ class Connection:
             self._expired = reason
         self._scope.cancel()
 
+    def line_started(self, since: float) -> None:
+        """The line now arriving began at ``since`` (``math.inf``: none is).
+
+        For streams that frame their input below the connection (a WebSocket
+        hands over a message only once whole): they say when a message began,
+        so the line timeout holds for it as for a TCP line.
+        """
+        self._line_since = since
+
     def _request_shutdown(self) -> None:
         # Idle (waiting for its client): cancelled at once. Busy: it
         # finishes its current piece of work and stops at its next wait.

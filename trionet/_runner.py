@@ -471,6 +471,9 @@ def _config_value(path: str, where: str, key: str, action: argparse.Action, valu
             raise ConfigError(f"{what}: {item!r} is not one of {list(action.choices)}")
         return converted
 
+    if isinstance(action, argparse._AppendAction):  # a repeatable flag: a list
+        items = value if isinstance(value, list) else [value]
+        return [one(v) for v in items]
     n = action.nargs
     if (isinstance(n, int) and n > 1) or n in ("+", "*"):
         if not isinstance(value, list) or (isinstance(n, int) and len(value) != n):

@@ -13,8 +13,10 @@ import logging
 import shutil
 import socket
 import ssl
+import statistics
 import struct
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -656,3 +658,37 @@ async def test_guess_client_plays_inside_tls(tls_files: TLSFiles) -> None:
     transcript = result.stdout.decode().splitlines()
     assert transcript[0] == "S: NEW 1 100"
     assert any(line.startswith("S: CORRECT ") for line in transcript)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="Linux's quick-ACK mode")
+async def test_first_reply_to_a_client_without_nodelay_is_not_held_40_ms(
+    tls_files: TLSFiles,
+) -> None:
+    """Issue 19: a fresh TLS 1.3 connection's first reply took 44 ms when the
+    client does not set TCP_NODELAY (Python's ssl, most scripts). OpenSSL sends
+    the session tickets with the first reply, so after the client's Finished
+    the server sent nothing, its ACK waited for the kernel's delayed-ACK timer
+    (40 ms), and the client's Nagle held the request until then."""
+
+    def first_replies(port: int) -> list[float]:
+        ctx = tls_files.client_context()
+        times = []
+        for _ in range(7):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+                with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    assert s.version() == "TLSv1.3"
+                    start = time.perf_counter()
+                    s.sendall(b"6*7\n")
+                    reply = b""
+                    while not reply.endswith(b"\n"):
+                        reply += s.recv(100)
+                    times.append(time.perf_counter() - start)
+                    assert reply == b"OK 42\n"
+        return times
+
+    with trio.fail_after(60):
+        async with running("tcp", CalcService(port=0, **tls(tls_files))) as wire:
+            times = await trio.to_thread.run_sync(first_replies, wire.port())
+    # Without the fix every one takes at least the delayed ACK's 40 ms.
+    assert statistics.median(times) < 0.030, [f"{t * 1000:.1f} ms" for t in times]

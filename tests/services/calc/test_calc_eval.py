@@ -440,6 +440,8 @@ def fast_path(expr: str, ans: Number = 0) -> str | None:
         return "OK " + format_value(
             calc_eval._evaluate_fast(expr, calc_eval._Evaluation(ans, 10**7))
         )
+    except CalcError as exc:
+        return f"ERR {exc.code}"
     except calc_eval._Fallback:
         return None
 
@@ -486,9 +488,9 @@ def test_fast_path_takes_plain_arithmetic(expr: str) -> None:
         "round(1, x=2)",
         "1 # c",
         "",
-        "1/0",
-        "sqrt(-1)",
-        "9**9**9",
+        "1/0 + 1 2",
+        "sqrt(-1) + x",
+        "9**9**9 + 0x1",
         "1e999",
         "1" * 4400,
         "-" * 30 + "1",
@@ -507,6 +509,22 @@ def test_fast_path_takes_plain_arithmetic(expr: str) -> None:
 )
 def test_fast_path_falls_back_on_anything_else(expr: str) -> None:
     assert fast_path(expr) is None
+
+
+@pytest.mark.parametrize(
+    ("expr", "code"),
+    [
+        ("1/0", "zero-division"),
+        ("sqrt(-1)", "domain"),
+        ("9**9**9", "too-large"),
+        ("+".join(["1"] * 100) + "+1/0", "zero-division"),
+        ("+".join(["2**14000%3"] * 300), "too-large"),
+    ],
+)
+def test_fast_path_decides_errors_in_a_line_wholly_its_own(expr: str, code: str) -> None:
+    # ... without the AST path, which would cost the line twice; the AST
+    # path agrees.
+    assert fast_path(expr) == reply_ast(expr) == f"ERR {code}"
 
 
 TRICKY = st.text(alphabet="0123456789._eExXbBjJ+-*/%(), \tpiansqrtmxl#'", max_size=24)

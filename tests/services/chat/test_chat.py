@@ -235,6 +235,11 @@ async def test_command_errors_and_blank_lines(transport: str) -> None:
         await alice.expect("ERR unknown-command dance")
         await alice.send_line("/\x1bx")
         await alice.expect("ERR unknown-command x")
+        # Issue 19: TAB is kept in relayed text, never in a word an ERR repeats.
+        await alice.send_line("/nick\t")
+        await alice.expect("ERR unknown-command nick")
+        await alice.send_line("/msg zed\tx hi")
+        await alice.expect("ERR no-such-nick zedx")
         await alice.send_line("/msg zed hi")
         await alice.expect("ERR no-such-nick zed")
         await alice.send_line("/msg")

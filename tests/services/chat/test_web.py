@@ -362,12 +362,12 @@ async def test_memory_http_routes(autojump_clock: object) -> None:
         assert headers["content-type"] == "text/html; charset=utf-8"
         assert "default-src 'none'" in headers["content-security-policy"]
         assert body.startswith(b"<!doctype html>")
-        assert (await chat.http(b"GET /?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"))[0] == 200
-        assert (await chat.http(b"GET /nope HTTP/1.1\r\nHost: h\r\n\r\n"))[0] == 404
+        assert (await chat.http(b"GET /?x=1 HTTP/1.1\r\nHost: localhost\r\n\r\n"))[0] == 200
+        assert (await chat.http(b"GET /nope HTTP/1.1\r\nHost: localhost\r\n\r\n"))[0] == 404
         status, headers, _ = await chat.http(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
         assert (status, headers["allow"]) == (405, "GET")
-        assert (await chat.http(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n"))[0] == 405
-        status, headers, _ = await chat.http(b"GET /ws HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert (await chat.http(b"HEAD / HTTP/1.1\r\nHost: localhost\r\n\r\n"))[0] == 405
+        status, headers, _ = await chat.http(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert (status, headers["upgrade"]) == (426, "websocket")
         assert (await chat.http(b"nonsense\r\n\r\n"))[0] == 400
         assert (await chat.http(b"GET / HTTP/1.1\r\nno colon\r\n\r\n"))[0] == 400
@@ -457,13 +457,14 @@ async def test_page_404_and_405_over_sockets() -> None:
         return await read_response(stream)
 
     async with running(ChatService(port=0, web_port=0)) as (_, _, web_port):
-        status, headers, body = await get(web_port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = await get(web_port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert status == 200
         assert headers["content-type"].startswith("text/html")
         assert b"<title>trionet chat</title>" in body
         assert not re.search(rb"https?://", body)
-        assert (await get(web_port, b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 404
-        assert (await get(web_port, b"PUT / HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 405
+        favicon = b"GET /favicon.ico HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        assert (await get(web_port, favicon))[0] == 404
+        assert (await get(web_port, b"PUT / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))[0] == 405
 
 
 async def test_flood_control_applies_to_a_web_member_over_sockets() -> None:
@@ -522,7 +523,7 @@ def test_command_line_serves_the_page_and_stops_cleanly() -> None:
                 break
         assert web_port is not None, "no 'chat web listening on' line"
         with socket.create_connection(("127.0.0.1", web_port), timeout=5) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk

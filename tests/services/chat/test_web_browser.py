@@ -49,6 +49,14 @@ ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # Two names for this machine, as DNS could give them: one the chat is
+    # told about (--web-host-name), one a rebinding attacker's.
+    "--host-resolver-rules=MAP chat.example 127.0.0.1, MAP evil.example 127.0.0.1",
+    # Chromium's own checks on a public page reaching a local address would
+    # stop the rebinding attack before the server sees it; browsers without
+    # them (Firefox, Safari) let it through, so the server must refuse it.
+    "--disable-features=BlockInsecurePrivateNetworkRequests,"
+    "PrivateNetworkAccessSendPreflights,LocalNetworkAccessChecks",
 ]
 TIMEOUT_MS = 5000
 
@@ -389,6 +397,39 @@ def test_restart_rejoins_by_itself_and_reload_remembers(people: People) -> None:
         nc.send("/who")
         nc.wait_for("WHO alice bob carol")
         nc.close()
+
+
+def test_page_by_its_names_and_not_after_dns_rebinding(people: People) -> None:
+    """Issue 19: a page from evil.example whose name then resolves to this
+    machine (DNS rebinding) must not join; the page by the names it is
+    served under still does."""
+    with chat_server(web_host_names=("chat.example",)) as (_, _, url):
+        web = int(url.rsplit(":", 1)[1].strip("/"))
+        alice = people.open(f"http://localhost:{web}/", "alice")
+        bob = people.open(f"http://chat.example:{web}/", "bob")
+        say(bob, "hi from a name")
+        expect_said(alice, "msg", "bob", "hi from a name")
+        # The attacker's page, as evil.example serves it before the rebinding
+        # (fulfilled by the browser here: nothing is fetched from anywhere).
+        evil = alice.context.new_page()
+        evil.route(
+            f"http://evil.example:{web}/",
+            lambda route: route.fulfill(status=200, content_type="text/html", body="<p>evil</p>"),
+        )
+        evil.goto(f"http://evil.example:{web}/")
+        outcome = evil.evaluate(
+            """url => new Promise(done => {
+                const ws = new WebSocket(url);
+                ws.onmessage = (e) => done("joined: " + e.data);
+                ws.onerror = () => done("refused");
+            })""",
+            f"ws://evil.example:{web}/ws",
+        )
+        assert outcome == "refused"
+        # Nor does the page itself load under that name.
+        evil.unroute(f"http://evil.example:{web}/")
+        response = evil.goto(f"http://evil.example:{web}/")
+        assert response is not None and response.status == 403
 
 
 def test_phone_reader_follows_the_conversation(people: People) -> None:

@@ -9,6 +9,8 @@ need long waits run on the autojump clock.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -639,3 +641,92 @@ async def test_echoed_names_keep_every_reply_on_one_lf_line(tmp_path: Path, tran
         b"ERR not-found " + b"a" * 256 + b"\n"
         b"BYE\n"
     )
+
+
+# -- issue 19: errors while resolving a name, and a real rename race ------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    ("err", "code"),
+    [(errno.EINVAL, "not-found"), (errno.ELOOP, "forbidden"), (errno.ENAMETOOLONG, "not-found")],
+)
+async def test_an_error_while_resolving_a_name_is_an_err_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str, err: int, code: str
+) -> None:
+    """The probe saw ``os.path.realpath`` raise EINVAL in a rename race and the
+    handler crash: it must be an ERR reply, and the connection carries on."""
+    (tmp_path / "hello.txt").write_bytes(HELLO)
+    real_realpath = os.path.realpath
+
+    def realpath(path: str) -> str:
+        if path.endswith("racy"):
+            raise OSError(err, os.strerror(err), path)
+        return real_realpath(path)
+
+    async with running(make_service(tmp_path, transport), transport) as wire:
+        monkeypatch.setattr(os.path, "realpath", realpath)
+        client = await wire.connect()
+        await client.send_line("GET racy")
+        await client.expect(f"ERR {code} racy")
+        assert await get(client, "hello.txt") == (len(HELLO), sha(HELLO), HELLO)
+
+
+def test_a_symlink_loop_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    for name in ["loop", "a", "a/x"]:
+        with pytest.raises(Refused) as info:
+            open_served(os.path.realpath(tmp_path), name)
+        assert info.value.code in ("forbidden", "not-found")
+
+
+async def test_a_rename_race_never_drops_the_connection_or_leaks(tmp_path: Path) -> None:
+    """The probe's race, bounded: a thread renames a regular file and a symlink
+    to a file outside the root onto the same name, over and over, while a
+    client GETs that name. Every reply is the file or an ERR; never the
+    outside file, never a dropped connection."""
+    root = tmp_path / "root"
+    root.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"outside secret\n")
+    body = b"inside\n"
+    stop = threading.Event()
+
+    def swap() -> None:
+        plain, link = root / ".plain", root / ".link"
+        count = 0
+        while not stop.is_set() and count < 200_000:
+            plain.write_bytes(body)
+            os.replace(plain, root / "racy")
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            link.symlink_to(secret)
+            os.replace(link, root / "racy")
+            count += 1
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    replies: dict[str, int] = {}
+    try:
+        async with running(make_service(root, "tcp"), "tcp") as wire:
+            client = await wire.connect()
+            with trio.fail_after(60):
+                for _ in range(300):
+                    await client.send_line("GET racy")
+                    line = await client.receive_line()
+                    assert line is not None, "the connection was dropped"
+                    if line.startswith("OK "):
+                        assert line == f"OK {len(body)} {sha(body)}", line
+                        assert await client.receive_exactly(len(body)) == body
+                        line = "OK"
+                    else:
+                        assert line in ("ERR forbidden racy", "ERR not-found racy"), line
+                    replies[line] = replies.get(line, 0) + 1
+                await client.send_line("GET racy")  # still served after all that
+                assert await client.receive_line() is not None
+    finally:
+        stop.set()
+        swapper.join(10)
+    assert replies.get("OK", 0) + replies.get("ERR forbidden racy", 0) > 0, replies

@@ -20,10 +20,15 @@ How it stays safe
   Every result is checked: an integer may have at most 4,300 decimal digits
   (what Python can print, ``sys.int_info.default_max_str_digits``), a float
   must be finite. Breaking either is ``too-large``.
-* Big-integer work is charged to a per-expression budget (units of 30-bit
-  limb products, CPython's schoolbook cost model) so that even a line full
-  of operations on 4,300-digit numbers stops after a few milliseconds
-  instead of adding up hundreds of them.
+* Work on big numbers is charged, *before* it is done, to a per-line budget
+  by a cost model (see "the cost model" below): each multiplication,
+  division, remainder, power, ``factorial``, ``gcd`` and ``round(x, -n)`` on
+  integers past a few hundred bits costs about what CPython takes for it, in
+  nanoseconds, from the operands' bit lengths. A line that would need more
+  than :data:`WORK_BUDGET` (about half a millisecond) stops with
+  ``too-large``; what is left (the parse, operations on small numbers,
+  linear ones such as ``+``) is bounded by the line's length, so no line,
+  hostile or not, costs more than a few milliseconds.
 * Nesting is bounded (``MAX_DEPTH``), and the parser's own failures on
   hostile input (``RecursionError``, ``MemoryError``, too many parentheses,
   warnings) become clean errors.
@@ -85,13 +90,17 @@ LIMIT_LOG2: Final = MAX_DIGITS * math.log2(10)
 FACTORIAL_MAX: Final = 1558
 #: Deepest nesting of operators and calls (left-associative chains excepted).
 MAX_DEPTH: Final = 100
-#: Big-integer work allowed per expression, in 30-bit limb products. One
-#: multiplication or division of two 4,300-digit numbers costs ~226,000
-#: units (about 50-150 us in CPython), so the budget allows a dozen of
-#: those; small numbers never come near it.
-WORK_BUDGET: Final = 3_000_000
-#: Below this magnitude integer operations are cheap enough not to charge.
-_CHEAP: Final = 1 << 2048
+#: Big-number work allowed per line, in units of the cost model (about a
+#: nanosecond of CPU each): half a millisecond. A power, product or quotient
+#: of 4,300-digit numbers costs 20,000 to 300,000 units, so a line may hold
+#: a handful; numbers below :data:`_CHEAP` cost nothing. Work the fast path
+#: did before handing the line to the AST path counts against the same
+#: budget (a line cannot make the server do it twice).
+WORK_BUDGET: Final = 500_000
+#: Below this magnitude integer operations are cheap enough (well under a
+#: microsecond, like the interpreter's own work per operator) not to charge.
+_CHEAP: Final = 1 << 300
+_CHEAP_BITS: Final = 300
 #: Longest piece of the expression quoted back in an error message.
 _QUOTE_MAX: Final = 40
 
@@ -236,9 +245,61 @@ def _check(v: object) -> Number:
     raise DomainError(f"unexpected result type {t.__name__}")  # pragma: no cover
 
 
+# -- the cost model ----------------------------------------------------------------
+#
+# What CPython 3.11 takes for the operations whose cost grows faster than the
+# size of their operands, in units of about a nanosecond of CPU, from sizes in
+# 30-bit limbs (CPython's digits). Fitted on the 2-core machine the tests run
+# on, while busy, then rounded up: each formula is at or above the measured
+# time from 1 to 480 limbs (the largest a value may have), by up to 2-3x for
+# the largest sizes (where Karatsuba and Lehmer do better than the formula
+# says). scripts/bench/calc_costs.py prints the model beside the clock, to
+# refit it for another machine or Python. Each is computed from bit lengths
+# only, before the operation runs.
+
+
 def _limbs(v: int) -> int:
     """Size of ``v`` in CPython's 30-bit digits (at least 1)."""
     return v.bit_length() // 30 + 1
+
+
+def mul_cost(la: int, lb: int) -> int:
+    """``a * b`` for ``la``- and ``lb``-limb integers (schoolbook: limb products)."""
+    return 2 * la * lb // 3 + 150
+
+
+def div_cost(la: int, lb: int) -> int:
+    """``a // b`` or ``a % b``: quotient limbs times divisor limbs, and a pass over ``a``."""
+    if la < lb:
+        return la + 50
+    return 4 * (la - lb + 1) * lb // 3 + 4 * la + 50
+
+
+def true_div_cost(la: int, lb: int) -> int:
+    """``a / b`` on integers: linear (CPython keeps only the quotient's top bits)."""
+    return 5 * (la + lb) + 50
+
+
+def pow_cost(limbs: int) -> int:
+    """``a ** b`` by repeated squaring, from the size of the result."""
+    return limbs * limbs // 7 + 20 * limbs + 100
+
+
+def gcd_cost(la: int, lb: int) -> int:
+    """``gcd(a, b)`` with ``la >= lb``: ``a % b``, then Lehmer's algorithm on ``lb`` limbs."""
+    return div_cost(la, lb) + lb * lb + 120 * lb + 500
+
+
+def factorial_cost(n: int) -> int:
+    """``factorial(n)``, from the size of the result (log2 n! = lgamma(n + 1) / ln 2)."""
+    limbs = int(math.lgamma(n + 1) / math.log(2)) // 30 + 1
+    return limbs * limbs // 4 + 5 * n + 200
+
+
+def round_cost(lx: int, ndigits: int) -> int:
+    """``round(x, -ndigits)`` on an ``lx``-limb integer: 10**ndigits, then two divisions."""
+    limbs = int(ndigits * math.log2(10)) // 30 + 1
+    return pow_cost(limbs) + 2 * div_cost(lx, limbs) + 200
 
 
 def _pow_result_log2(base: int, exp: int) -> float:
@@ -359,13 +420,19 @@ class _Evaluation:
                     # smaller is over the limit.
                     if a.bit_length() + b.bit_length() - 1 > SAFE_BITS + 1:
                         raise _too_big_int()
-                    self.charge(_limbs(a) * _limbs(b))
+                    self.charge(mul_cost(_limbs(a), _limbs(b)))
                 r = a * b
             elif t is _Div:
+                if (
+                    type(a) is int
+                    and type(b) is int
+                    and not (-_CHEAP < a < _CHEAP and -_CHEAP < b < _CHEAP)
+                ):
+                    self.charge(true_div_cost(_limbs(a), _limbs(b)))
                 r = a / b
             elif t is _FloorDiv or t is _Mod:
                 if type(a) is int and type(b) is int and not -_CHEAP < a < _CHEAP:
-                    self.charge(_limbs(a) * _limbs(b))
+                    self.charge(div_cost(_limbs(a), _limbs(b)))
                 r = a // b if t is _FloorDiv else a % b
             elif t is _Pow:
                 r = self.power(a, b)
@@ -381,20 +448,21 @@ class _Evaluation:
 
     def power(self, a: Number, b: Number) -> Number:
         """``a ** b``, refused as too large from logarithms before computing."""
-        if type(a) is int and type(b) is int and b > 0 and not -2 <= a <= 2:
-            # |a| >= 3, so |a| ** b >= 2 ** b: a huge b is refused before
+        if type(a) is int and type(b) is int and b > 1 and not -1 <= a <= 1:
+            # |a| >= 2, so |a| ** b >= 2 ** b: a huge b is refused before
             # math.log2 is even asked (it would be exact anyway).
-            if b > SAFE_BITS + 1 or _pow_result_log2(a, b) > LIMIT_LOG2 + 1:
+            if b > SAFE_BITS + 1:
                 raise _too_big_int()
-            result_limbs = int(_pow_result_log2(a, b)) // 30 + 1
-            if result_limbs > 60:
-                self.charge(result_limbs * result_limbs)
-        elif type(a) is int and type(b) is int and b > SAFE_BITS + 1 and a in (2, -2):
-            raise _too_big_int()
-        # Remaining cases are cheap: |a| <= 2 with an int exponent bounded
-        # above (or 0, 1, -1 with any exponent), negative int exponents and
-        # floats, which CPython computes in floating point (raising
-        # OverflowError or returning complex, both handled by the caller).
+            bits = _pow_result_log2(a, b)
+            if bits > LIMIT_LOG2 + 1:
+                raise _too_big_int()
+            if bits > _CHEAP_BITS:
+                # 2 ** 14000 is no shift in CPython: squarings, like 3 ** 8800.
+                self.charge(pow_cost(int(bits) // 30 + 1))
+        # Remaining cases are cheap: small results, exponents 0 and 1, bases
+        # 0, 1 and -1 with any exponent, negative int exponents and floats,
+        # which CPython computes in floating point (raising OverflowError or
+        # returning complex, both handled by the caller).
         return a**b
 
     def call(self, node: ast.Call, depth: int) -> Number:
@@ -453,7 +521,7 @@ class _Evaluation:
             if -ndigits > MAX_DIGITS + 1:
                 # |x| < 10**4300 <= 10**n / 2: rounds to 0 whatever x is.
                 return 0
-            self.charge(_limbs(x) * (-ndigits // 9 + 1))
+            self.charge(round_cost(_limbs(x), -ndigits))
         return round(x, ndigits)
 
     def factorial(self, n: Number) -> int:
@@ -464,10 +532,8 @@ class _Evaluation:
             raise DomainError("factorial() not defined for negative values")
         if n > FACTORIAL_MAX:
             raise _too_big_int()
-        if n > 300:
-            # log2(n!) ~ lgamma(n+1) / ln 2; cost ~ (result limbs) squared.
-            limbs = int(math.lgamma(n + 1) / math.log(2)) // 30 + 1
-            self.charge(limbs * limbs)
+        if n > 20:
+            self.charge(factorial_cost(n))
         return math.factorial(n)
 
     def gcd(self, args: list[Number]) -> int:
@@ -476,8 +542,10 @@ class _Evaluation:
         if len(ints) != len(args):
             raise DomainError("gcd() only accepts integers")
         if any(not -_CHEAP < a < _CHEAP for a in ints):
-            # Lehmer's gcd costs a few times a division of the same sizes.
-            self.charge(sum(3 * _limbs(a) * _limbs(a) for a in ints))
+            # Each step is a gcd of the running result (at most the largest
+            # argument) with the next argument.
+            largest = max(_limbs(a) for a in ints)
+            self.charge(sum(gcd_cost(largest, _limbs(a)) for a in ints))
         return math.gcd(*ints)
 
 
@@ -540,10 +608,17 @@ def _describe(node: ast.AST) -> str:
 # Python's parser accepts too and builds the same tree; the arithmetic goes
 # through the same bounded :class:`_Evaluation` methods as the AST walk.
 #
-# It never decides an error: on anything outside the subset, on any
-# evaluation error, and on nesting deeper than _FAST_DEPTH, it gives up
-# (_Fallback) and the line goes to the AST path, which is the reference
-# (ast.parse, the whitelist, Python's error precedence). _FAST_DEPTH is
+# On anything outside the subset, and on nesting deeper than _FAST_DEPTH, it
+# gives up (_Fallback) and the line goes to the AST path, which is the
+# reference (ast.parse, the whitelist, Python's error precedence). An
+# evaluation error (zero-division, too-large, domain) it decides itself, but
+# only once a second pass has found the *whole* line inside the subset: then
+# Python builds the same tree, every node of it is allowed, and the AST walk
+# would run the same operations in the same order and stop at the same one.
+# (Deciding it without the AST path matters: a line that spends its work
+# budget and then needs ast.parse of 2,000 nodes costs twice.) The second
+# pass is the same parser with an evaluation that computes nothing
+# (:class:`_Recognizer`). _FAST_DEPTH is
 # chosen so a line the fast path accepts is never too deep for the AST walk:
 # each level the fast path counts (parentheses, unary operator, call
 # arguments, exponent) adds at most 4 levels of AST (additive, multiplicative
@@ -648,20 +723,44 @@ def _fast_factor(toks: list[str], ev: _Evaluation, depth: int) -> Number:
     return value
 
 
-def _evaluate_fast(text: str, ev: _Evaluation) -> Number:
-    """The fast path: the value, or :class:`_Fallback` (never a CalcError)."""
+class _Recognizer(_Evaluation):
+    """An evaluation that computes nothing: the fast parser run as a recognizer."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(0, 0)
+
+    def binop(self, t: type[ast.operator], a: Number, b: Number) -> Number:
+        return 0
+
+    def apply(self, name: str, args: list[Number]) -> Number:
+        return 0
+
+
+def _fast_parse(text: str, ev: _Evaluation) -> Number:
     toks = _tokenize(text.strip(" \t"))
     toks.append("")  # the end: no rule accepts it, so nothing reads past it
     toks.reverse()
     try:
         value = _fast_sum(toks, ev, 0)
-    except (CalcError, IndexError):
-        # Errors are decided by the AST path. IndexError cannot happen (the
-        # end token is never read past) but would only mean "fall back".
+    except IndexError:
+        # Cannot happen (the end token is never read past) but would only
+        # mean "fall back".
         raise _Fallback from None
     if len(toks) != 1:
         raise _Fallback
     return value
+
+
+def _evaluate_fast(text: str, ev: _Evaluation) -> Number:
+    """The fast path: the value, a :class:`CalcError` for a line wholly inside
+    its subset, or :class:`_Fallback`."""
+    try:
+        return _fast_parse(text, ev)
+    except CalcError:
+        _fast_parse(text, _Recognizer())  # _Fallback unless the whole line is ours
+        raise
 
 
 def evaluate(source: str, ans: Number = 0, *, budget: int = WORK_BUDGET) -> Number:
@@ -671,10 +770,15 @@ def evaluate(source: str, ans: Number = 0, *, budget: int = WORK_BUDGET) -> Numb
     ``float``; raises a :class:`CalcError` subclass otherwise. Pure: no I/O,
     no global state, and bounded work whatever ``source`` holds.
     """
+    evaluation = _Evaluation(ans, budget)
     try:
-        return _evaluate_fast(source, _Evaluation(ans, budget))
+        return _evaluate_fast(source, evaluation)
     except _Fallback:
-        return evaluate_ast(source, ans, budget=budget)
+        pass
+    # The AST path redoes what the fast path computed before it gave up, on
+    # what is left of the same budget: a line that makes the fast path work
+    # hard and then fall back cannot get twice the budget.
+    return evaluation.value(parse(source), 0)
 
 
 def evaluate_ast(source: str, ans: Number = 0, *, budget: int = WORK_BUDGET) -> Number:

@@ -63,7 +63,7 @@ from typing import Final, NamedTuple
 
 import trio
 
-from .text import nick_key, sanitize, valid_nick
+from .text import echoed, nick_key, sanitize, valid_nick
 
 __all__ = [
     "DEFAULT_HISTORY",
@@ -602,7 +602,7 @@ class Room:
         if other is None:
             ghost = self._ghosts.get(key)
             if ghost is None:
-                raise ChatError("no-such-nick", sanitize(target))
+                raise ChatError("no-such-nick", echoed(target))
             if text := sanitize(text):
                 self.messages += 1
                 # Delivered by the process the ghost lives on.

@@ -47,10 +47,10 @@ from .text import (
     Private,
     Unknown,
     Who,
+    echoed,
     parse_line,
-    sanitize,
 )
-from .web import WebListener, message_limit, open_web_listeners
+from .web import WebListener, WebSocketStream, message_limit, open_web_listeners
 
 __all__ = ["WELCOME", "ChatService"]
 
@@ -100,6 +100,9 @@ class ChatService(Service):
         default=None,
         validator=attrs.validators.optional([attrs.validators.ge(0), attrs.validators.le(65535)]),
     )
+    #: Host names the browser page may be reached by besides its address
+    #: (``--web-host-name``; see :func:`.web.served_names`).
+    web_host_names: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     #: ``redis://HOST:PORT[/DB]``: share the room with every process using it (``None``: off).
     redis: str | None = attrs.field(default=None, validator=validate_redis_url)
     #: With a ``rediss://`` URL: the certificate authority to trust (``None``: the system's).
@@ -145,6 +148,10 @@ class ChatService(Service):
         """Serve one client: a reader (this task) and a writer, under one nursery."""
         member = Member(self.room, self.sendq)
         self._members[conn] = member
+        if isinstance(conn.stream, WebSocketStream):
+            # A message trickling in must end within the line timeout, as a
+            # TCP line must: the stream says when the one arriving began.
+            conn.stream.line_clock = conn.line_started
         try:
             async with trio.open_nursery() as nursery:
                 member.on_evict = nursery.cancel_scope.cancel
@@ -225,8 +232,7 @@ class ChatService(Service):
                     case BadRequest(reason):
                         raise ChatError("bad-request", reason)
                     case Unknown(word):
-                        word = sanitize(word)
-                        raise ChatError("unknown-command", word)
+                        raise ChatError("unknown-command", echoed(word))
             except ChatError as err:
                 room.reply(member, err.line)
 
@@ -278,6 +284,11 @@ class ChatService(Service):
             max_message_size=limit,
             tls=self.tls_context,
             transports=(inherited or {}).get("web"),
+            host_names=self.web_host_names,
+            # Handshakes count like connections: one address may hold no
+            # more of them (with its WebSockets) than of connections.
+            max_pending=self.max_connections,
+            max_per_address=self.effective_max_per_address,
         )
         return list(self._web)
 
@@ -307,7 +318,8 @@ class ChatService(Service):
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        """Add ``--rate``, ``--burst``, ``--sendq``, ``--history``, ``--web-port``, ``--redis``."""
+        """Add ``--rate``, ``--burst``, ``--sendq``, ``--history``, ``--web-port``,
+        ``--web-host-name``, ``--redis``."""
         group.add_argument(
             "--rate",
             type=float,
@@ -346,6 +358,16 @@ class ChatService(Service):
             help="also serve the chat in a browser: the page on http://HOST:PORT/ and "
             "the line protocol over a WebSocket at /ws; 0 picks a free port (default: off)",
         )
+        group.add_argument(
+            "--web-host-name",
+            dest="web_host_names",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="a host name the browser page is reached by (repeatable); requests naming "
+            "any other host than the address itself (and localhost on loopback) get 403, "
+            "which keeps pages elsewhere out even after DNS rebinding",
+        )
         add_redis_argument(group)
         group.add_argument(
             "--redis-liveness",
@@ -366,6 +388,7 @@ class ChatService(Service):
             sendq=args.sendq,
             history=args.history,
             web_port=args.web_port,
+            web_host_names=args.web_host_names or (),
             redis=getattr(args, "redis", None),
             redis_cafile=getattr(args, "redis_cafile", None),
             redis_liveness=getattr(args, "redis_liveness", LIVENESS),

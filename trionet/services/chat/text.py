@@ -26,6 +26,7 @@ __all__ = [
     "Quit",
     "Unknown",
     "Who",
+    "echoed",
     "nick_key",
     "parse_line",
     "sanitize",
@@ -72,6 +73,14 @@ def sanitize(text: str) -> str:
     if text.isprintable():
         return text
     return text.translate(_STRIP)
+
+
+def echoed(word: str) -> str:
+    """A client's word as an ``ERR`` reply repeats it: :func:`sanitize`-d, TAB
+    removed too (``/nick<TAB>`` must not come back with a control character:
+    in a reply a TAB would read as a field separator, in a terminal it moves
+    the cursor)."""
+    return sanitize(word).replace("\t", "")
 
 
 # -- commands -------------------------------------------------------------------

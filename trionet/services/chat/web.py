@@ -12,7 +12,10 @@ code of its own.
 The HTTP side (reading a request, serving the page, 404/405, the WebSocket
 handshake) runs in the listener's own background tasks, so ``accept`` only
 ever hands out finished WebSockets and a slow or hostile HTTP client never
-holds up the server's accept loop::
+holds up the server's accept loop. A request must name the page's own
+address (or a configured name) in ``Host`` (:func:`served_names`: DNS
+rebinding), and every connection the listener holds counts against the
+per-address limit from the moment it is accepted::
 
     WebListener.run                       (the listener's nursery)
         accept loop on the TCP listener
@@ -34,19 +37,23 @@ is gone.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib.resources
+import ipaddress
 import logging
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, Protocol
 
 import trio
-from trio_websocket import ConnectionClosed, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from ..._logs import log_access, next_conn_number
+from ..._proxy_stream import ReplayStream
 from ..._transport import format_peer
+from .frames import FrameWatch, close_frame
 
 __all__ = [
     "MessageSocket",
@@ -55,6 +62,7 @@ __all__ = [
     "load_page",
     "message_limit",
     "open_web_listeners",
+    "served_names",
 ]
 
 log = logging.getLogger("trionet.web")
@@ -64,8 +72,15 @@ log = logging.getLogger("trionet.web")
 HANDSHAKE_TIMEOUT: Final = 10.0
 #: Longest request head accepted (request line and headers).
 MAX_HEAD: Final = 8192
-#: HTTP connections being read or answered at once; more are closed at once.
-MAX_PENDING: Final = 256
+#: Connections the web listener holds at once (requests being read or
+#: answered, handshakes, open WebSockets), by default (the chat passes its
+#: ``max_connections``); more are closed at once. From one address at most
+#: ``max_per_address``, so one address cannot fill them and hold the page
+#: shut for everyone.
+MAX_PENDING: Final = 1000
+#: Close codes of a client that broke the protocol (wsproto's verdicts):
+#: trio-websocket closes the TCP stream without a close frame for these.
+_PROTOCOL_ERRORS: Final = (1002, 1007)
 #: Seconds a graceful WebSocket close may wait for the peer's reply.
 CLOSE_TIMEOUT: Final = 2.0
 
@@ -113,11 +128,24 @@ class WebSocketStream(trio.abc.Stream):
     input; sending after it raises :class:`trio.BrokenResourceError`.
     """
 
-    def __init__(self, ws: MessageSocket, transport_stream: trio.abc.Stream | None = None) -> None:
+    def __init__(
+        self,
+        ws: MessageSocket,
+        transport_stream: trio.abc.Stream | None = None,
+        frames: FrameWatch | None = None,
+    ) -> None:
         self.ws = ws
         #: The TCP stream underneath, for the access log's peer address
         #: (:func:`trionet.format_peer` follows ``transport_stream``).
         self.transport_stream = transport_stream
+        #: Told when the message now arriving began (``math.inf``: none is),
+        #: e.g. :meth:`trionet.Connection.line_started`, so the line timeout
+        #: holds for a message trickling in. ``frames`` follows the client's
+        #: bytes for it.
+        self.line_clock: Callable[[float], None] | None = None
+        self._frames = frames
+        if frames is not None:
+            frames.on_change = self._report_line
         self._incoming = b""  # the rest of a message larger than max_bytes
         self._outgoing = bytearray()  # a line still waiting for its LF
         self._eof = False
@@ -141,6 +169,10 @@ class WebSocketStream(trio.abc.Stream):
             if self._incoming or self._eof:
                 await trio.lowlevel.checkpoint()
             else:
+                if self._frames is not None:
+                    # Said again before each wait: the connection forgets
+                    # it whenever it hands out a line.
+                    self._report_line(self._frames.since)
                 try:
                     message = await self.ws.get_message()
                 except ConnectionClosed:
@@ -153,6 +185,10 @@ class WebSocketStream(trio.abc.Stream):
             return chunk
         finally:
             self._receiving = False
+
+    def _report_line(self, since: float) -> None:
+        if self.line_clock is not None:
+            self.line_clock(since)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send every complete line in ``data`` as one text message each."""
@@ -196,31 +232,56 @@ class WebSocketStream(trio.abc.Stream):
 
 
 class _Replay(trio.abc.Stream):
-    """A stream that first gives back bytes already read from ``stream``.
+    """The TCP stream as trio-websocket sees it.
 
-    The listener reads the request head itself to route it; trio-websocket
-    then parses the same bytes again for the handshake.
+    It first gives back the request head the listener already read to route
+    it (trio-websocket parses the same bytes again for the handshake). It
+    shows every byte after the head to a :class:`FrameWatch` (for the line
+    timeout), and when trio-websocket closes the stream after the client
+    broke the protocol, it first sends the close frame (code 1002, or 1007
+    for bad UTF-8) that trio-websocket leaves out.
     """
 
-    def __init__(self, stream: trio.abc.Stream, head: bytes) -> None:
+    def __init__(self, stream: trio.abc.Stream, head: bytes, head_size: int) -> None:
         self.stream = stream
         self._head = head
+        self.frames = FrameWatch()
+        # Frames sent along with the head, and bytes not yet shown to the
+        # watch (those before the WebSocket was accepted).
+        self._frame_bytes: bytes | bytearray = head[head_size:]
+        #: The WebSocket on top, once accepted.
+        self.ws: WebSocketConnection | None = None
+        self._closing_sent = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        chunk: bytes | bytearray
         if self._head:
             n = len(self._head) if max_bytes is None else max_bytes
             chunk, self._head = self._head[:n], self._head[n:]
             await trio.lowlevel.checkpoint()
-            return chunk
-        return await self.stream.receive_some(max_bytes)
+        else:
+            chunk = await self.stream.receive_some(max_bytes)
+            self._frame_bytes += chunk
+        if self._frame_bytes and self.ws is not None:
+            self.frames.feed(self._frame_bytes, trio.current_time())
+            self._frame_bytes = b""
+        return chunk
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        # trio-websocket sends each frame in one call: a close frame's
+        # first byte is FIN plus opcode 8.
+        self._closing_sent |= bytes(data[:1]) == b"\x88"
         await self.stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
+        reason = None if self.ws is None else self.ws.closed
+        if reason is not None and reason.code in _PROTOCOL_ERRORS and not self._closing_sent:
+            self._closing_sent = True
+            with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(*_GONE):
+                await self.stream.send_all(close_frame(reason.code, "protocol error"))
         await self.stream.aclose()
 
 
@@ -319,6 +380,61 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
     return method, target.partition("?")[0], headers
 
 
+def _local_ip(stream: trio.abc.Stream) -> str | None:
+    """The address the client reached (under TLS too); ``None`` off a socket."""
+    seen: Any = stream
+    for _ in range(8):
+        sock = getattr(seen, "socket", None)
+        if sock is not None:
+            try:
+                return str(sock.getsockname()[0])
+            except (OSError, IndexError, TypeError):
+                return None
+        seen = getattr(seen, "transport_stream", None)
+        if seen is None:
+            break
+    return None
+
+
+def served_names(local_ip: str | None, names: Iterable[str] = ()) -> frozenset[str]:
+    """The host names a request may give in ``Host`` for a page served on ``local_ip``.
+
+    The address's literal (IPv6 in brackets), ``localhost`` when it is a
+    loopback address (or unknown: a stream in memory), and ``names`` (the
+    chat's ``--web-host-name``). Anything else is what a browser sends after
+    a DNS-rebinding attack: a page on ``evil.example`` whose name now
+    resolves to this address, so it counts as that page's own origin.
+    """
+    allowed = {name.lower().rstrip(".") for name in names}
+    if local_ip is None:
+        allowed.add("localhost")
+        return frozenset(allowed)
+    try:
+        ip = ipaddress.ip_address(local_ip.partition("%")[0])
+    except ValueError:
+        return frozenset(allowed)
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # a dual-stack socket
+        ip = ip.ipv4_mapped
+    allowed.add(f"[{ip}]" if ip.version == 6 else str(ip))
+    if ip.is_loopback:
+        allowed.add("localhost")
+    return frozenset(allowed)
+
+
+def _host_name(host: str) -> str | None:
+    """The name part of a ``Host`` header (port dropped), lower-case; ``None`` if malformed."""
+    host = host.lower()
+    if host.startswith("["):  # [IPv6]:port
+        end = host.find("]") + 1
+        name, port = host[:end], host[end:]
+    else:
+        name, colon, digits = host.partition(":")
+        port = colon + digits
+    if not name or (port and not (port.startswith(":") and port[1:].isdigit())):
+        return None
+    return name
+
+
 def _same_origin(headers: dict[str, str]) -> bool:
     """False for a browser page from another site opening our WebSocket.
 
@@ -331,6 +447,12 @@ def _same_origin(headers: dict[str, str]) -> bool:
         return True
     host = headers.get("host", "").lower()
     return origin.lower() in (f"http://{host}", f"https://{host}")
+
+
+def _address(stream: trio.abc.Stream) -> str | None:
+    """The client's IP address, the key of the per-address limit (``None`` in memory)."""
+    host, sep, port = format_peer(stream).rpartition(":")
+    return host if sep and port.isdigit() else None
 
 
 class WebListener(trio.abc.Listener[trio.abc.Stream]):
@@ -352,12 +474,24 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         max_message_size: int = 64 * 1024,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         name: str = "chat web",
+        host_names: Iterable[str] = (),
+        max_pending: int = MAX_PENDING,
+        max_per_address: int | None = None,
     ) -> None:
         self.transport = transport
         self.page = load_page() if page is None else page
         self.max_message_size = max_message_size
         self.handshake_timeout = handshake_timeout
         self.name = name
+        #: Names a request's ``Host`` may give besides the address (see
+        #: :func:`served_names`).
+        self.host_names = tuple(host_names)
+        #: Connections held at once (requests, handshakes, open WebSockets).
+        self.max_pending = max_pending
+        #: ... of which from one address (``None``: no limit of its own).
+        self.max_per_address = max_per_address
+        self._per_address: dict[str, int] = {}
+        self._held = 0  # connections held: pending, answered or upgraded
         # Unbuffered: a WebSocket is handed over only when the server takes it.
         self._ready_send, self._ready = trio.open_memory_channel[WebSocketStream](0)
         self._accepting = trio.CancelScope()
@@ -407,15 +541,34 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                     log.error("%s: accept failed (%s); retrying", self.name, exc)
                     await trio.sleep(0.1)
                     continue
-                if len(self._handshakes) >= MAX_PENDING:
+                address = _address(stream)
+                held = self._per_address.get(address, 0) if address is not None else 0
+                if self._held >= self.max_pending or (
+                    self.max_per_address is not None and held >= self.max_per_address
+                ):
                     await trio.aclose_forcefully(stream)
                     continue
+                self._held += 1
+                if address is not None:
+                    self._per_address[address] = held + 1
                 scope = trio.CancelScope(deadline=trio.current_time() + self.handshake_timeout)
                 self._handshakes.add(scope)
-                nursery.start_soon(self._serve, stream, scope)
+                nursery.start_soon(self._serve, stream, scope, address)
 
-    async def _serve(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
+    async def _serve(
+        self, stream: trio.abc.Stream, scope: trio.CancelScope, address: str | None
+    ) -> None:
         """One TCP connection: the page, an error, or a WebSocket until it closes."""
+        try:
+            await self._serve_one(stream, scope)
+        finally:
+            self._held -= 1
+            if address is not None:
+                self._per_address[address] -= 1
+                if not self._per_address[address]:
+                    del self._per_address[address]
+
+    async def _serve_one(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
         peer = format_peer(stream)
         try:
             # trio-websocket's reader task lives in this nursery for as long
@@ -480,9 +633,14 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         try:
             if len(head) > MAX_HEAD:
                 raise _Refused(431, "request head too large")
-            method, path, headers = _parse_head(head[: head.index(b"\r\n\r\n")])
+            head_size = head.index(b"\r\n\r\n") + 4
+            method, path, headers = _parse_head(head[: head_size - 4])
             if method != "GET":
                 raise _Refused(405, "method not allowed", [("Allow", "GET")])
+            names = served_names(_local_ip(stream), self.host_names)
+            if _host_name(headers.get("host", "")) not in names:
+                # Before anything else: a DNS-rebinding page gets nothing.
+                raise _Refused(403, "unknown host")
             if path == "/":
                 self._access(stream, peer, method, path, 200, started, len(head), len(self.page))
                 await stream.send_all(self.page)
@@ -500,11 +658,11 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             return False
         # The handshake proper (and its 400 for a malformed one) is
         # trio-websocket's; its reader task joins this connection's nursery.
-        request = await wrap_server_stream(
-            nursery, _Replay(stream, head), max_message_size=self.max_message_size
-        )
+        replay = _Replay(stream, head, head_size)
+        request = await wrap_server_stream(nursery, replay, max_message_size=self.max_message_size)
         ws = await request.accept()
-        adapter = WebSocketStream(ws, transport_stream=stream)
+        replay.ws = ws
+        adapter = WebSocketStream(ws, transport_stream=stream, frames=replay.frames)
         try:
             await self._ready_send.send(adapter)
         except trio.BrokenResourceError:  # the listener closed meanwhile
@@ -592,7 +750,7 @@ class _TLSOrPlainHTTP(trio.abc.Stream):
             raise trio.BrokenResourceError("plain HTTP on the HTTPS port")
         if self._tls is None:
             first = await self.transport_stream.receive_some(MAX_HEAD)
-            replay = _Replay(self.transport_stream, bytes(first))
+            replay = ReplayStream(self.transport_stream, bytes(first))
             if first[:1].isupper():  # a method (GET); a ClientHello starts with 0x16
                 self._answered = True
                 await self._answer_plain_http(replay)
@@ -602,7 +760,7 @@ class _TLSOrPlainHTTP(trio.abc.Stream):
             )
         return self._tls
 
-    async def _answer_plain_http(self, replay: _Replay) -> None:
+    async def _answer_plain_http(self, replay: trio.abc.Stream) -> None:
         head = await WebListener._read_head(replay)
         response = _error(400, "this port speaks HTTPS: use https:// in the address")
         if head is not None and len(head) <= MAX_HEAD and b"\r\n\r\n" in head:
@@ -662,11 +820,15 @@ async def open_web_listeners(
     max_message_size: int = 64 * 1024,
     tls: ssl.SSLContext | None = None,
     transports: Sequence[trio.abc.Listener[Any]] | None = None,
+    host_names: Iterable[str] = (),
+    max_pending: int = MAX_PENDING,
+    max_per_address: int | None = None,
 ) -> list[WebListener]:
     """Listen for HTTP on ``host:port`` (0: a free port); one listener per address.
 
     With ``tls`` (the chat's own TLS context) the page is served over HTTPS
-    and the WebSocket is ``wss://``. Run each listener's
+    and the WebSocket is ``wss://``. ``host_names``, ``max_pending`` and
+    ``max_per_address`` are :class:`WebListener`'s. Run each listener's
     :meth:`WebListener.run` in a nursery (the chat does it in its
     ``run_background``) before accepting from it. ``transports``: listeners
     opened already (a worker's, from its parent) instead of ``host:port``.
@@ -680,6 +842,13 @@ async def open_web_listeners(
     if tls is not None:
         listeners = [_TLSListener(tcp, tls) for tcp in listeners]
     return [
-        WebListener(transport, page=page, max_message_size=max_message_size)
+        WebListener(
+            transport,
+            page=page,
+            max_message_size=max_message_size,
+            host_names=host_names,
+            max_pending=max_pending,
+            max_per_address=max_per_address,
+        )
         for transport in listeners
     ]

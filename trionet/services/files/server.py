@@ -123,7 +123,12 @@ def open_served(root: str, name: str) -> OpenedFile:
     problem = name_problem(name)
     if problem is not None:
         raise Refused("forbidden", problem.value)
-    real = os.path.realpath(os.path.join(root, name))
+    try:
+        real = os.path.realpath(os.path.join(root, name))
+    except OSError as exc:
+        # E.g. EINVAL: a symlink on the path was replaced by a plain file
+        # between realpath's lstat and its readlink (a rename race).
+        raise _refused(exc) from None
     parts = relative_inside(root, real)
     if parts is None:
         raise Refused("forbidden", "resolves outside the root")
@@ -135,19 +140,28 @@ def open_served(root: str, name: str) -> OpenedFile:
         raise Refused("not-found", f"root unavailable: {exc.strerror}") from None
     try:
         return _open_below(root_fd, parts)
-    except (FileNotFoundError, NotADirectoryError):
-        raise Refused("not-found", "no such file") from None
     except OSError as exc:
-        if exc.errno == errno.ENAMETOOLONG:
-            # A part longer than the file system allows cannot name a file:
-            # the name is not forbidden, there is just nothing by that name.
-            raise Refused("not-found", "name too long") from None
-        # ELOOP: a symlink appeared on the resolved path since it was
-        # resolved; EACCES/EPERM: not ours to read. Anything else (EIO...)
-        # is refused too: the client cannot do better by retrying the name.
-        raise Refused("forbidden", exc.strerror or "cannot open") from None
+        raise _refused(exc) from None
     finally:
         os.close(root_fd)
+
+
+def _refused(exc: OSError) -> Refused:
+    """The reply to an error met while resolving or opening a name."""
+    if isinstance(exc, FileNotFoundError | NotADirectoryError):
+        return Refused("not-found", "no such file")
+    if exc.errno == errno.ENAMETOOLONG:
+        # A part longer than the file system allows cannot name a file:
+        # the name is not forbidden, there is just nothing by that name.
+        return Refused("not-found", "name too long")
+    if exc.errno == errno.EINVAL:
+        # The path changed while it was being resolved: nothing stable
+        # by that name right now.
+        return Refused("not-found", "changed while being resolved")
+    # ELOOP: a symlink loop, or a symlink appeared on the resolved path
+    # since it was resolved; EACCES/EPERM: not ours to read. Anything else
+    # (EIO...) is refused too: the client cannot do better by retrying.
+    return Refused("forbidden", exc.strerror or "cannot open")
 
 
 def shown(text: str) -> str:
