@@ -524,6 +524,8 @@ def test_keys_clicks_links_help_and_history(people: People) -> None:
         web = f"http://127.0.0.1:{url.rsplit(':', 1)[1].strip('/')}/nowhere"
         say(bob, f"see https://example.invalid/a_(b). or {web}, not javascript:alert(1)")
         said = alice.locator("#log li.msg").last
+        # (The locator is lazy: wait for bob's line, not alice's own before it.)
+        expect(said.locator(".nick")).to_have_text("bob")
         said.locator(".nick").click()
         expect(field).to_have_value("/msg bob ")
         field.fill("")
