@@ -9,6 +9,7 @@ as the machine it runs on is shared and busy).
 
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
@@ -20,30 +21,53 @@ from trionet.services.calc.evaluator import WORK_BUDGET, CalcError, evaluate
 from trionet.services.calc.server import COSTLY, CalcService, answer_line
 from trionet.testing import open_memory_server
 
-#: The bound issue 19 sets, in seconds of CPU per line.
+#: The bound issue 19 sets, in seconds of CPU per line (on a quiet machine).
 TARGET = 0.005
-#: What the test asserts: the fastest of RUNS runs under twice the target
-#: (the fastest, because the machine's noise only ever adds).
-ALLOWED = 2 * TARGET
-RUNS = 5
+RUNS = 7
+#: A harmless line of the longest length: parsing and walking it is the fixed
+#: cost any line may pay, and its CPU time says how fast this machine is now.
+CALIBRATION = "+".join(["1"] * (LINE_LIMIT // 2 - 1))
 
 
 def cpu_seconds(line: str) -> float:
-    """The fastest of RUNS evaluations of ``line``, as the server answers it."""
+    """The fastest of RUNS evaluations of ``line``, as the server answers it.
+
+    The fastest, because noise only ever adds; with the collector off, as
+    timeit does, so a collection triggered by earlier tests is not charged here.
+    """
     best = float("inf")
-    for _ in range(RUNS):
-        start = time.process_time()
-        answer_line(line, ANS)
-        best = min(best, time.process_time() - start)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(RUNS):
+            start = time.process_time()
+            answer_line(line, ANS)
+            best = min(best, time.process_time() - start)
+    finally:
+        if enabled:
+            gc.enable()
     return best
 
 
+@pytest.fixture(scope="module")
+def allowed() -> float:
+    """Twice the target, or five times the calibration line when the machine is slower now.
+
+    A busy machine makes even CPU time grow (shared caches, a core shared with
+    another process), so the bound grows with what the harmless longest line
+    costs at this moment (the worst hostile line costs 2.5 times it); on a quiet
+    machine the bound is 2 x TARGET. The probe's
+    lines cost 20-40 ms here before the cost model, far over either.
+    """
+    return max(2 * TARGET, 5 * cpu_seconds(CALIBRATION))
+
+
 @pytest.mark.parametrize("name", list(HOSTILE))
-def test_no_line_costs_more_than_a_few_ms_of_cpu(name: str) -> None:
+def test_no_line_costs_more_than_a_few_ms_of_cpu(name: str, allowed: float) -> None:
     line = HOSTILE[name]
     assert len(line.encode()) <= LINE_LIMIT
     spent = cpu_seconds(line)
-    assert spent < ALLOWED, f"{name}: {spent * 1000:.2f} ms of CPU"
+    assert spent < allowed, f"{name}: {spent * 1000:.2f} ms of CPU (allowed {allowed * 1000:.2f})"
 
 
 def test_the_probes_lines_are_refused_before_the_work_is_done() -> None:
