@@ -27,15 +27,24 @@ async def calc_server(kind: str, **options: Any) -> AsyncIterator[Any]:
         async with open_memory_server(CalcService(**options)) as srv:
             yield srv.connect
         return
+    opened: list[Client] = []
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(trionet.serve, [CalcService(port=0, **options)])
         host, port = addrs["calc"][0]
 
         async def connect() -> Client:
-            return Client(await trio.open_tcp_stream(host, port), timeout=30)
+            opened.append(Client(await trio.open_tcp_stream(host, port), timeout=30))
+            return opened[-1]
 
-        yield connect
-        nursery.cancel_scope.cancel()
+        try:
+            yield connect
+        finally:
+            # Closed here, not by the garbage collector at some later test
+            # (its ResourceWarning would then fail whichever test it lands in).
+            for client in opened:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+            nursery.cancel_scope.cancel()
 
 
 # -- pure helpers ----------------------------------------------------------------
