@@ -70,26 +70,23 @@ def test_pytest_runs_the_example_as_the_readme_says(tmp_path: Path) -> None:
     (tmp_path / "shout.py").write_text(example_code())
     (tmp_path / "pytest.ini").write_text(example_pytest_ini())
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "shout.py"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def pytest_shout() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "shout.py"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    done = pytest_shout()
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"\b1 passed\b", done.stdout), done.stdout
     # Without the configuration, pytest refuses the async test: the snippet matters.
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    bare = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "shout.py"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bare = pytest_shout()
     assert bare.returncode != 0
 
 
