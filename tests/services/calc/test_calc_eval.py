@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from typing import Any
 
 import pytest
@@ -161,6 +162,27 @@ def test_semantics(expr: str, want: str) -> None:
 )
 def test_errors(expr: str, code: str) -> None:
     assert reply(expr) == f"ERR {code}"
+
+
+def test_the_tokenizers_warnings_become_syntax_errors(recwarn: pytest.WarningsRecorder) -> None:
+    assert reply("1if 1else 2") == "ERR syntax"  # SyntaxWarning: invalid decimal literal
+    assert reply("'\\d'") == "ERR syntax"  # DeprecationWarning: invalid escape sequence
+    assert len(recwarn) == 0  # nothing left for the server's stderr
+
+
+def test_other_warnings_during_a_parse_stay_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The parser may run the garbage collector, and a finalizer may warn (an
+    # unclosed socket's ResourceWarning). Made an error, it would escape the
+    # finalizer as "Exception ignored in: <socket...>" (it failed CI so).
+    real_parse = calc_eval.ast.parse
+
+    def parse_that_collects_garbage(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn("unclosed <socket.socket fd=19>", ResourceWarning, stacklevel=1)
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr(calc_eval.ast, "parse", parse_that_collects_garbage)
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        assert calc_eval.evaluate_ast("6 * 7") == 42  # the path that parses
 
 
 def test_ans_is_the_given_value() -> None:

@@ -318,10 +318,16 @@ def parse(source: str) -> ast.expr:
         raise CalcSyntaxError("empty expression")
     try:
         # Warnings the tokenizer raises for odd input (e.g. "invalid
-        # decimal literal" in 3.12) would otherwise go to the server's
-        # stderr; as errors they become a clean syntax error instead.
+        # decimal literal" in 3.12, an invalid escape in 3.11) would
+        # otherwise go to the server's stderr; as errors they become a clean
+        # syntax error instead. Only those two kinds: the filter is the
+        # whole process's while it is on, and the parser allocates enough to
+        # run the garbage collector, whose finalizers may warn too (an
+        # unclosed socket's ResourceWarning). Made an error here, such a
+        # warning would escape from the finalizer as "Exception ignored".
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.simplefilter("error", SyntaxWarning)
+            warnings.simplefilter("error", DeprecationWarning)
             tree = ast.parse(text, mode="eval")
     except SyntaxError as exc:
         msg = exc.msg or "invalid syntax"
