@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import re
 import resource
@@ -171,6 +172,20 @@ def rounds(count: int, names: Sequence[_T]) -> Iterator[tuple[int, list[_T]]]:
     for r in range(count):
         shift = r % len(names)
         yield r, [*names[shift:], *names[:shift]]
+
+
+def build_pingpong() -> str | None:
+    """Build ``pingpong.c`` (once per version, in the temp folder); its path, or None
+    when the machine has no C compiler (the caller then says so and falls back)."""
+    source = HERE / "pingpong.c"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    binary = Path(tempfile.gettempdir()) / f"trionet-pingpong-{digest}"
+    if not binary.exists():
+        try:
+            subprocess.run(["cc", "-O2", "-o", str(binary), str(source)], check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    return str(binary)
 
 
 def median(values: Sequence[float]) -> float:

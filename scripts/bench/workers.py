@@ -22,28 +22,16 @@ Usage: python scripts/bench/workers.py [--rounds 5] [--seconds 3]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import select
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from harness import HERE, Server, describe_machine, median, rounds
+from harness import Server, build_pingpong, describe_machine, median, rounds
 
 EXPRESSIONS = [b"1 + 2 * 3", b"2 ** 64", b"sqrt(2) * ans", b"(7 - 3) / 4", b"max(1, 2, 3) // 2"]
-
-
-def build_pingpong() -> str:
-    source = HERE / "pingpong.c"
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    binary = Path(tempfile.gettempdir()) / f"trionet-pingpong-{digest}"
-    if not binary.exists():
-        subprocess.run(["cc", "-O2", "-o", str(binary), str(source)], check=True)
-    return str(binary)
 
 
 def start(service: str, workers: int) -> Server:
@@ -125,6 +113,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
     pingpong = build_pingpong()
+    if pingpong is None:
+        raise SystemExit("workers.py needs a C compiler (cc) for its echo load")
     print(describe_machine())
     for service, unit in (("calc", "replies/s"), ("echo", "round trips/s")):
         rates: dict[int, list[float]] = {1: [], 2: []}
