@@ -117,14 +117,18 @@ def run_round(
         results.append(json.loads(p.stdout.readline()))
         p.wait()
     cpu = sum(sum(cpu_seconds(pid)) for pid, _ in servers) - cpu0
-    lat = array.array("q")
+    lat, other = array.array("q"), array.array("q")
     for k in range(a.load_procs):
         with open(f"{tmp}/lat{k}", "rb") as f:
             lat.frombytes(f.read())
+        with open(f"{tmp}/lat{k}.other", "rb") as f:
+            other.frombytes(f.read())
     received = sum(r["received"] for r in results)
     expected = sum(r["expected"] for r in results)
     duration = (max(r["last_ns"] for r in results) - min(r["start_ns"] for r in results)) / 1e9
     q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [0.0] * 99
+    # Messages from the other generator's clients: on two servers, the ones that crossed.
+    qo = statistics.quantiles(other, n=100) if len(other) > 1 else [0.0] * 99
     time.sleep(after)  # let the disconnects settle before the next run
     return {
         "received": received,
@@ -133,6 +137,8 @@ def run_round(
         "rate": received / duration,
         "p50_ms": q[49] / 1e6,
         "p99_ms": q[98] / 1e6,
+        "other_p50_ms": qo[49] / 1e6,
+        "other_p99_ms": qo[98] / 1e6,
         "server_cpu": cpu / duration,
         "load_cpu": max(r["cpu_s"] for r in results) / duration,
     }

@@ -6,7 +6,10 @@ several of these processes side by side and checks the server's CPU.
 
 Protocol with the parent, over stdin/stdout: connect and join every client,
 print ``ready``, wait for a ``go`` line, run, print one JSON line of results.
-Latencies (ns) are written to the ``--latencies`` file as raw int64s.
+Latencies (ns) are written to the ``--latencies`` file as raw int64s, and
+those of the messages sent by the *other* generators' clients to
+``<latencies>.other`` (with two servers on Redis: the messages that crossed
+Redis; with one server: the same hop as the rest).
 
 Each sender keeps at most ``--window`` of its own messages in flight, a
 message being in flight until every client of *this* process has received
@@ -79,6 +82,7 @@ def main() -> int:
     expected = sum(a.all_senders * a.messages - (a.messages if i in senders else 0) for i in ids)
     received = 0
     lat = array.array("q")
+    lat_other = array.array("q")  # sent by another generator's clients
     cpu0 = _cpu()
     start = time.monotonic_ns()
     deadline = start + int(a.timeout * 1e9)
@@ -117,6 +121,8 @@ def main() -> int:
                 lat.append(now - int(t))
                 received += 1
                 si = int(s)
+                if si not in local_recipients:
+                    lat_other.append(now - int(t))
                 if si in local_recipients:
                     key = s + b" " + q
                     c = counts.get(key, 0) + 1
@@ -132,6 +138,8 @@ def main() -> int:
         s.close()
     with open(a.latencies, "wb") as f:
         lat.tofile(f)
+    with open(a.latencies + ".other", "wb") as f:
+        lat_other.tofile(f)
     print(
         json.dumps(
             {

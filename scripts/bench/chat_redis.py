@@ -230,14 +230,19 @@ def main() -> int:
             for server in servers:
                 server.terminate()
                 server.wait(10)
-    keys = ("rate", "p50_ms", "p99_ms", "server_cpu", "load_cpu")
+    keys = ("rate", "p50_ms", "p99_ms", "other_p50_ms", "other_p99_ms", "server_cpu", "load_cpu")
     med = {n: {k: statistics.median(row[k] for row in rows[n]) for k in keys} for n in rows}
+    crossed = {"redis": " (across Redis)", "before": " (across Redis)"}
     print("\nmedian over rounds:")
     for n, m in med.items():
         print(
             f"  {n:<6} {m['rate']:>9.0f} deliveries/s  p50 {m['p50_ms']:.1f} ms  "
             f"p99 {m['p99_ms']:.1f} ms  servers' CPU {m['server_cpu']:.0%}  "
             f"busiest generator's CPU {m['load_cpu']:.0%}"
+        )
+        print(
+            f"         messages from the other generator's clients{crossed.get(n, '')}: "
+            f"p50 {m['other_p50_ms']:.1f} ms  p99 {m['other_p99_ms']:.1f} ms"
         )
     if "before" in med:
         print(
