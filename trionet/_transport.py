@@ -5,7 +5,8 @@ peer is its *transport*'s business. This module owns the interface every
 transport offers (:class:`Transport`), the adapter that makes any
 :class:`trio.abc.Stream` a transport (:class:`StreamTransport`: memory
 streams, :class:`trio.SSLStream`, a WebSocket wrapped as a stream), the
-peer's name (:func:`format_peer`) and the sizes both share. The plain-TCP
+peer's name (:func:`format_peer`), what a file to send may be
+(:class:`SupportsFileno`) and the sizes both share. The plain-TCP
 fast transport lives in :mod:`trionet._socket`; TLS is an
 :class:`trio.SSLStream` (over that fast transport) seen through a
 :class:`StreamTransport`.
@@ -26,11 +27,18 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Awaitable
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Protocol
 
 import trio
 
-__all__ = ["FILE_CHUNK", "RECEIVE_SIZE", "StreamTransport", "Transport", "format_peer"]
+__all__ = [
+    "FILE_CHUNK",
+    "RECEIVE_SIZE",
+    "StreamTransport",
+    "SupportsFileno",
+    "Transport",
+    "format_peer",
+]
 
 #: Bytes asked of the transport per receive. Large chunks keep the number of
 #: system calls down for bulk transfers; the buffer is allocated by the
@@ -42,6 +50,12 @@ RECEIVE_SIZE: Final = 65536
 FILE_CHUNK: Final = 1 << 20
 
 _INF: Final = math.inf
+
+
+class SupportsFileno(Protocol):
+    """A file object: anything with ``fileno()`` (``trio.open_file`` results included)."""
+
+    def fileno(self) -> int: ...
 
 
 class Transport:
