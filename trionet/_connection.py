@@ -85,7 +85,6 @@ class Connection:
     # per-instance __dict__ would be a large share of each one's memory.
     __slots__ = (
         "_busy",
-        "_eof_sent",
         "_expired",
         "_input_closed",
         "_line_since",
@@ -100,7 +99,6 @@ class Connection:
         "_quit_word",
         "_ran_since",
         "_scope",
-        "_send_busy",
         "_send_interrupted",
         "_shutdown_requested",
         "_transport",
@@ -175,9 +173,7 @@ class Connection:
         self._line_since = math.inf
         self._busy = 0
         self._shutdown_requested = False
-        self._send_busy = False
         self._send_interrupted = False
-        self._eof_sent = False  # set by send_eof: sends then go the slow way, which refuses
         self._ran_since = 0.0
 
     # -- identity and logging ------------------------------------------------
@@ -267,7 +263,7 @@ class Connection:
             # below is one). On a socket the queue goes straight to the
             # kernel, without a copy, in the common case that it fits.
             partial = False
-            if not self._send_busy and not self._eof_sent:
+            if not tr.sending and not tr.eof_sent:
                 sent = tr.try_send(out)
                 if sent:
                     del out[:sent]
@@ -473,7 +469,8 @@ class Connection:
         """
         if self._out:
             await self._flush(checkpoint=False)
-        if self._send_busy or self._eof_sent or not data:
+        tr = self._transport
+        if tr.sending or tr.eof_sent or not data:  # (the slow way refuses those)
             await self._send(data, checkpoint)
             return
         # The fast path, inline. Right after a wait (the usual reply)
@@ -482,7 +479,7 @@ class Connection:
         ran_long = time.perf_counter() - self._ran_since > _RUN_BUDGET
         if ran_long:
             await trio.lowlevel.checkpoint_if_cancelled()
-        sent = self._transport.try_send(data)
+        sent = tr.try_send(data)
         if sent < len(data):
             await self._send(data, checkpoint, sent)
         elif ran_long and checkpoint:
@@ -493,14 +490,13 @@ class Connection:
         self, data: bytes | bytearray | memoryview, checkpoint: bool = True, sent: int = -1
     ) -> None:
         """Send ``data``; ``sent`` >= 0: the caller's ``try_send`` already took that much."""
-        # The send guard, inlined: this runs once per reply. Two tasks
-        # sending at once would interleave bytes mid-line.
-        if self._send_busy:
-            raise trio.BusyResourceError("another task is already sending on this connection")
-        if self._eof_sent:
-            raise trio.ClosedResourceError("can't send data after sending EOF")
+        # The transport's send guard, inlined: this runs once per reply.
         tr = self._transport
-        self._send_busy = True
+        if tr.sending:
+            raise trio.BusyResourceError("another task is already sending on this connection")
+        if tr.eof_sent:
+            raise trio.ClosedResourceError("can't send data after sending EOF")
+        tr.sending = True
         try:
             if sent < 0:
                 await trio.lowlevel.checkpoint_if_cancelled()
@@ -519,7 +515,7 @@ class Connection:
                 raise
             self._ran_since = time.perf_counter()  # it waited for room, or the stream yielded
         finally:
-            self._send_busy = False
+            tr.sending = False
 
     async def send_file(self, file: SupportsFileno | int, offset: int = 0, count: int = -1) -> int:
         """Send ``count`` bytes of ``file`` from ``offset`` (``-1``: to its end).
@@ -539,7 +535,7 @@ class Connection:
             count = max(0, os.fstat(fd).st_size - offset)
         if self._out:
             await self._flush(checkpoint=False)
-        with self._send_guard():
+        with self._transport.send_guard():
             try:
                 sent = await self._transport.send_file(fd, offset, count)
             except BaseException:
@@ -554,31 +550,16 @@ class Connection:
         if not isinstance(self.stream, trio.abc.HalfCloseableStream):
             raise TypeError(f"{type(self.stream).__name__} cannot half-close")
         await self.flush()
-        with self._send_guard():
-            await self._transport.send_eof()
-            self._eof_sent = True
+        await self._transport.send_eof()
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until sending might not block (see Trio's documentation)."""
-        with self._send_guard():
-            await self._transport.wait_send_all_might_not_block()
+        await self._transport.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
         """Close the transport (queued but unflushed lines are dropped)."""
         self._out.clear()
         await self._transport.aclose()
-
-    @contextmanager
-    def _send_guard(self) -> Iterator[None]:
-        # Trio's streams detect concurrent sends for send_all, but not every
-        # stream does for send_eof, so the connection enforces it itself.
-        if self._send_busy:
-            raise trio.BusyResourceError("another task is already sending on this connection")
-        self._send_busy = True
-        try:
-            yield
-        finally:
-            self._send_busy = False
 
     def as_stream(self) -> ConnectionStream:
         """This connection as a :class:`trio.abc.HalfCloseableStream`.

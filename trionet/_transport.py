@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Final, Protocol
 
 import trio
@@ -75,6 +76,12 @@ class Transport:
         if sent < len(data):
             await tr.send_rest(view[sent:])   # waits for room
 
+    One task sends at a time: two at once would interleave bytes mid-line.
+    The caller of ``try_send``, ``send_rest`` and ``send_file`` sets
+    :attr:`sending` around them (the connection does it inline on its hot
+    path); ``send_eof`` and ``wait_send_all_might_not_block`` guard
+    themselves (:meth:`send_guard`), as a Trio stream's do.
+
     Attributes every transport keeps up to date:
 
     * :attr:`stream`: the Trio stream underneath (closing, type checks).
@@ -86,6 +93,10 @@ class Transport:
     * :attr:`send_stalled_since`: when the current wait for room to send
       began (``inf`` when none): the server's idle reaper reads it, so a
       client that stops reading is idle, while one reading slowly is not.
+    * :attr:`sending`: a send is under way (another raises
+      :exc:`trio.BusyResourceError`).
+    * :attr:`eof_sent`: :meth:`send_eof` has run; a send then raises
+      :exc:`trio.ClosedResourceError`.
 
     Subclasses: :class:`StreamTransport` (any Trio stream) and
     :class:`trionet._socket.SocketTransport` (a plain TCP socket's
@@ -95,7 +106,8 @@ class Transport:
     read from it (``Connection(transport, pre_read=...)``).
     """
 
-    __slots__ = ()
+    # The send guard's state is the base's: it is the same for every transport.
+    __slots__ = ("eof_sent", "sending")
 
     #: The Trio stream this transport carries.
     stream: trio.abc.Stream
@@ -103,6 +115,8 @@ class Transport:
     bytes_sent: int
     partial: bool
     send_stalled_since: float
+    sending: bool
+    eof_sent: bool
 
     def try_receive(self, max_bytes: int) -> bytes | None:
         """Bytes available now (``b""`` at EOF), or ``None`` if receiving would wait."""
@@ -155,13 +169,31 @@ class Transport:
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until sending might not block (see Trio's streams)."""
-        await self.stream.wait_send_all_might_not_block()
+        with self.send_guard():
+            await self.stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
         """Half-close the sending side; :exc:`TypeError` if the stream cannot."""
         if not isinstance(self.stream, trio.abc.HalfCloseableStream):
             raise TypeError(f"{type(self.stream).__name__} cannot half-close")
-        await self.stream.send_eof()
+        with self.send_guard():
+            await self.stream.send_eof()
+            self.eof_sent = True
+
+    @contextmanager
+    def send_guard(self) -> Iterator[None]:
+        """Mark a send under way; :exc:`trio.BusyResourceError` if one already is.
+
+        Trio's streams detect concurrent sends for ``send_all``, but not
+        every stream does for ``send_eof``, so the transport enforces it.
+        """
+        if self.sending:
+            raise trio.BusyResourceError("another task is already sending")
+        self.sending = True
+        try:
+            yield
+        finally:
+            self.sending = False
 
     async def aclose(self) -> None:
         """Close the stream underneath."""
@@ -186,6 +218,8 @@ class StreamTransport(Transport):
         self.bytes_sent = 0
         self.partial = False
         self.send_stalled_since = _INF
+        self.sending = False
+        self.eof_sent = False
 
     def try_receive(self, max_bytes: int) -> bytes | None:
         return None
