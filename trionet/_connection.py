@@ -275,7 +275,7 @@ class Connection:
                 await self._flush(checkpoint=False)
                 if partial:
                     self._send_interrupted = False
-        # Begin a wait on the client (see "the server's side" above).
+        # Begin a wait on the client (what the server's reaper reads: Server._reap).
         if self._shutdown_requested:
             self._scope.cancel()
         if not self._busy:
