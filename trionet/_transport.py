@@ -95,8 +95,8 @@ class Transport:
       client that stops reading is idle, while one reading slowly is not.
     * :attr:`sending`: a send is under way (another raises
       :exc:`trio.BusyResourceError`).
-    * :attr:`eof_sent`: :meth:`send_eof` has run; a send then raises
-      :exc:`trio.ClosedResourceError`.
+    * :attr:`eof_sent`: :meth:`send_eof` has run; the caller then refuses
+      to send (:exc:`trio.ClosedResourceError`).
 
     Subclasses: :class:`StreamTransport` (any Trio stream) and
     :class:`trionet._socket.SocketTransport` (a plain TCP socket's
