@@ -1,39 +1,12 @@
-"""One client connection: what a handler talks to.
+"""One client connection, what a handler talks to: :class:`Connection`.
 
-A :class:`Connection` wraps any :class:`trio.abc.Stream` (a TCP socket, a
-TLS stream, an in-memory stream) and is the whole surface a service handler
-uses. It has the methods of a :class:`trio.abc.HalfCloseableStream`, and
-:meth:`Connection.as_stream` gives a real one for code written against
-plain Trio streams, but it is not one itself: ``async for`` over a Trio
-stream yields byte chunks, while ``async for`` over a connection yields
-lines. On top of the stream it offers what every service needs, with
-PROTOCOL.md's shared rules applied in one place:
-
-* ``await conn.receive_line()`` / ``async for line in conn`` (CR dropped,
-  over-long and non-UTF-8 lines answered with ``ERR`` and skipped, ``QUIT``
-  answered with ``BYE``),
-* ``receive_exactly(n)`` and ``receive_some()`` for raw bytes, which first
-  hand out whatever the line framer already holds, so a protocol can mix
-  lines and binary payloads,
-* ``send_line()`` (one write now) and ``write_line()`` + ``flush()`` (queue
-  replies; the queue is flushed automatically before the connection waits
-  for more input, so a pipelining client gets its replies in one segment),
-* ``send_all()`` for raw bytes and ``send_file()`` for a file's bytes
-  (zero-copy ``os.sendfile`` on a plain TCP socket),
-* the peer address, a logger tagged with the connection id, byte counts,
-  and :attr:`end_reason` for the access log.
-
-It owns the handler's view of a connection (lines, limits, accounting,
-quit, the run budget, the waits the server's deadlines watch) and no
-socket code: bytes reach the peer through one
-:class:`~trionet._transport.Transport`, the plain-TCP fast one of
-:mod:`trionet._socket` or any Trio stream's adapter (TLS, memory), so every
-service, and every user's service, gets the fast path by writing its
-handler once against :class:`Connection`.
-
-The server's machinery (the cancel scope it runs the handler in, idle and
-line deadlines, shutdown requests) is kept in private attributes that only
-:mod:`trionet._server` uses.
+This module owns the handler's view of a connection: lines under
+PROTOCOL.md's shared rules (CR dropped, over-long and non-UTF-8 lines
+answered and skipped, the quit command), raw bytes, the reply queue, limits,
+accounting (byte counts, :attr:`Connection.end_reason`), the run budget,
+and the waits the server's deadlines watch. It holds no socket code: bytes
+move through one :class:`~trionet._transport.Transport`. The tour, and why
+it is shaped this way, is in docs/framework.md ("Connection", "Transports").
 """
 
 from __future__ import annotations
@@ -45,14 +18,15 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final, Protocol
+from typing import Final
 
 import trio
 
+from ._connection_stream import ConnectionStream
 from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineBuffer, LineTooLong
-from ._logs import conn_label
+from ._logs import connection_log
 from ._socket import make_transport
-from ._transport import RECEIVE_SIZE, Transport, format_peer
+from ._transport import RECEIVE_SIZE, SupportsFileno, Transport, format_peer
 
 __all__ = [
     "Connection",
@@ -73,26 +47,12 @@ LineErrorHook = Callable[["Connection", LineTooLong | BadEncoding], Awaitable[No
 QuitHook = Callable[["Connection", str], Awaitable[None]]
 
 
-class SupportsFileno(Protocol):
-    """A file object: anything with ``fileno()`` (``trio.open_file`` results included)."""
-
-    def fileno(self) -> int: ...
-
-
 class LineError(ValueError):
     """Raised by :meth:`Connection.receive_line` when no error hook is set."""
 
     def __init__(self, event: LineTooLong | BadEncoding) -> None:
         super().__init__(event.reply)
         self.event = event
-
-
-class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
-    # The tag starts the text; the fields go to a JSON log as they are.
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        extra: Any = self.extra
-        kwargs["extra"] = {**extra["fields"], **kwargs.get("extra", {})}
-        return f"{extra['tag']} {msg}", kwargs
 
 
 class Connection:
@@ -125,7 +85,6 @@ class Connection:
     # per-instance __dict__ would be a large share of each one's memory.
     __slots__ = (
         "_busy",
-        "_eof_sent",
         "_expired",
         "_input_closed",
         "_line_since",
@@ -140,7 +99,6 @@ class Connection:
         "_quit_word",
         "_ran_since",
         "_scope",
-        "_send_busy",
         "_send_interrupted",
         "_shutdown_requested",
         "_transport",
@@ -201,7 +159,7 @@ class Connection:
         )
         self._input_closed = False
         self._logger = logger
-        self._log: _ConnectionLog | None = None
+        self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self._peer = peer
         self._lines = LineBuffer(max_line)
         if pre_read:
@@ -215,9 +173,7 @@ class Connection:
         self._line_since = math.inf
         self._busy = 0
         self._shutdown_requested = False
-        self._send_busy = False
         self._send_interrupted = False
-        self._eof_sent = False  # set by send_eof: sends then go the slow way, which refuses
         self._ran_since = 0.0
 
     # -- identity and logging ------------------------------------------------
@@ -238,13 +194,7 @@ class Connection:
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
         """A logger whose lines start with ``[service #id peer]``."""
         if self._log is None:
-            base = self._logger or logging.getLogger(
-                f"trionet.{self.service}" if self.service else "trionet"
-            )
-            label = conn_label(self.id)
-            tag = f"[{self.service or 'conn'} #{label} {self.peer}]"
-            fields = {"service": self.service, "conn": label, "peer": self.peer}
-            self._log = _ConnectionLog(base, {"tag": tag, "fields": fields})
+            self._log = connection_log(self.service, self.id, self.peer, self._logger)
         return self._log
 
     @property
@@ -268,22 +218,7 @@ class Connection:
             self._busy -= 1
 
     # -- the server's side: deadlines and shutdown ------------------------------
-    #
-    # A connection records when it started waiting on its client: for input
-    # (``_wait_since``), for room to send (the transport's
-    # ``send_stalled_since``), and when the line it is waiting to complete
-    # began (``_line_since``); infinity
-    # otherwise. The server's reaper, one task per service, cancels the
-    # connection's scope once a wait has lasted the idle timeout or a line
-    # the line timeout; the handler unwinds and the runner says BYE. This
-    # costs a few float stores per wait (a cancel scope per wait cost a
-    # fifth of echo's round-trip rate) and no memory per idle connection.
-    #
-    # Consequences: time spent working for the client never counts as idle;
-    # a send that makes no progress (the client stopped reading) counts as
-    # waiting on it; a request that arrives in the very instant the deadline
-    # or a shutdown hits may go unanswered, but the client still gets its
-    # BYE (nothing was half-sent).
+    # (What the waits record and how the reaper reads them: Server._reap.)
 
     def _idle_since(self) -> float:
         # Input and send waits are tracked apart (a reader and a writer task
@@ -328,7 +263,7 @@ class Connection:
             # below is one). On a socket the queue goes straight to the
             # kernel, without a copy, in the common case that it fits.
             partial = False
-            if not self._send_busy and not self._eof_sent:
+            if not tr.sending and not tr.eof_sent:
                 sent = tr.try_send(out)
                 if sent:
                     del out[:sent]
@@ -340,7 +275,7 @@ class Connection:
                 await self._flush(checkpoint=False)
                 if partial:
                     self._send_interrupted = False
-        # Begin a wait on the client (see "the server's side" above).
+        # Begin a wait on the client (what the server's reaper reads: Server._reap).
         if self._shutdown_requested:
             self._scope.cancel()
         if not self._busy:
@@ -534,7 +469,8 @@ class Connection:
         """
         if self._out:
             await self._flush(checkpoint=False)
-        if self._send_busy or self._eof_sent or not data:
+        tr = self._transport
+        if tr.sending or tr.eof_sent or not data:  # (the slow way refuses those)
             await self._send(data, checkpoint)
             return
         # The fast path, inline. Right after a wait (the usual reply)
@@ -543,7 +479,7 @@ class Connection:
         ran_long = time.perf_counter() - self._ran_since > _RUN_BUDGET
         if ran_long:
             await trio.lowlevel.checkpoint_if_cancelled()
-        sent = self._transport.try_send(data)
+        sent = tr.try_send(data)
         if sent < len(data):
             await self._send(data, checkpoint, sent)
         elif ran_long and checkpoint:
@@ -554,14 +490,13 @@ class Connection:
         self, data: bytes | bytearray | memoryview, checkpoint: bool = True, sent: int = -1
     ) -> None:
         """Send ``data``; ``sent`` >= 0: the caller's ``try_send`` already took that much."""
-        # The send guard, inlined: this runs once per reply. Two tasks
-        # sending at once would interleave bytes mid-line.
-        if self._send_busy:
-            raise trio.BusyResourceError("another task is already sending on this connection")
-        if self._eof_sent:
-            raise trio.ClosedResourceError("can't send data after sending EOF")
+        # The transport's send guard, inlined: this runs once per reply.
         tr = self._transport
-        self._send_busy = True
+        if tr.sending:
+            raise trio.BusyResourceError("another task is already sending on this connection")
+        if tr.eof_sent:
+            raise trio.ClosedResourceError("can't send data after sending EOF")
+        tr.sending = True
         try:
             if sent < 0:
                 await trio.lowlevel.checkpoint_if_cancelled()
@@ -580,7 +515,7 @@ class Connection:
                 raise
             self._ran_since = time.perf_counter()  # it waited for room, or the stream yielded
         finally:
-            self._send_busy = False
+            tr.sending = False
 
     async def send_file(self, file: SupportsFileno | int, offset: int = 0, count: int = -1) -> int:
         """Send ``count`` bytes of ``file`` from ``offset`` (``-1``: to its end).
@@ -600,7 +535,7 @@ class Connection:
             count = max(0, os.fstat(fd).st_size - offset)
         if self._out:
             await self._flush(checkpoint=False)
-        with self._send_guard():
+        with self._transport.send_guard():
             try:
                 sent = await self._transport.send_file(fd, offset, count)
             except BaseException:
@@ -615,31 +550,16 @@ class Connection:
         if not isinstance(self.stream, trio.abc.HalfCloseableStream):
             raise TypeError(f"{type(self.stream).__name__} cannot half-close")
         await self.flush()
-        with self._send_guard():
-            await self._transport.send_eof()
-            self._eof_sent = True
+        await self._transport.send_eof()
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until sending might not block (see Trio's documentation)."""
-        with self._send_guard():
-            await self._transport.wait_send_all_might_not_block()
+        await self._transport.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
         """Close the transport (queued but unflushed lines are dropped)."""
         self._out.clear()
         await self._transport.aclose()
-
-    @contextmanager
-    def _send_guard(self) -> Iterator[None]:
-        # Trio's streams detect concurrent sends for send_all, but not every
-        # stream does for send_eof, so the connection enforces it itself.
-        if self._send_busy:
-            raise trio.BusyResourceError("another task is already sending on this connection")
-        self._send_busy = True
-        try:
-            yield
-        finally:
-            self._send_busy = False
 
     def as_stream(self) -> ConnectionStream:
         """This connection as a :class:`trio.abc.HalfCloseableStream`.
@@ -648,30 +568,3 @@ class Connection:
         idle deadline), so raw and line reads can be mixed safely.
         """
         return ConnectionStream(self)
-
-
-class ConnectionStream(trio.abc.HalfCloseableStream):
-    """A :class:`Connection` seen as a plain Trio stream (see :meth:`Connection.as_stream`)."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.connection = conn
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.connection.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        # A Trio stream's send_all is always a checkpoint (cancellation
-        # checked before sending, a yield after); the connection's skips both
-        # while it runs within its budget (see Connection.send_all).
-        await trio.lowlevel.checkpoint_if_cancelled()
-        await self.connection.send_all(data)
-        await trio.lowlevel.cancel_shielded_checkpoint()
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.connection.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.connection.send_eof()
-
-    async def aclose(self) -> None:
-        await self.connection.aclose()

@@ -17,7 +17,9 @@ independent: ``--log-level WARNING`` no longer hides it.
 **Connection ids** (``conn``) are unique across worker processes and
 restarts: a random tag drawn once per process, then a counter
 (``k3f9xa-17``). The tag is random rather than the pid because pids are
-reused when a worker is replaced.
+reused when a worker is replaced. A connection's own logger
+(:func:`connection_log`, ``Connection.log``) starts each line with
+``[service #id peer]``.
 
 **Third-party libraries** (coredis, trio-websocket) log in their own ways:
 a traceback per retry, or ``NoneType: None`` from a ``logging.exception``
@@ -42,6 +44,7 @@ __all__ = [
     "ACCESS_LOGGER",
     "Bursts",
     "conn_label",
+    "connection_log",
     "flush_bursts",
     "log_access",
     "next_conn_number",
@@ -86,6 +89,30 @@ def next_conn_number() -> int:
 def conn_label(number: int) -> str:
     """The connection id shown in logs: this process's tag and ``number``."""
     return f"{_PROCESS_TAG}-{number}"
+
+
+class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
+    # The tag starts the text; the fields go to a JSON log as they are.
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra: Any = self.extra
+        kwargs["extra"] = {**extra["fields"], **kwargs.get("extra", {})}
+        return f"{extra['tag']} {msg}", kwargs
+
+
+def connection_log(
+    service: str, number: int, peer: str, parent: logging.Logger | None = None
+) -> logging.LoggerAdapter[logging.Logger]:
+    """A connection's logger (``Connection.log``): lines start with ``[service #id peer]``.
+
+    A JSON log gets ``service``, ``conn`` and ``peer`` as fields. ``parent``
+    defaults to ``trionet.SERVICE`` (``trionet`` without a service).
+    """
+    base = parent or logging.getLogger(f"trionet.{service}" if service else "trionet")
+    label = conn_label(number)
+    tag = f"[{service or 'conn'} #{label} {peer}]"
+    return _ConnectionLog(
+        base, {"tag": tag, "fields": {"service": service, "conn": label, "peer": peer}}
+    )
 
 
 def log_access(

@@ -106,7 +106,6 @@ class SocketTransport(Transport, trio.abc.HalfCloseableStream):
     __slots__ = (
         "_raw",
         "_receiving",
-        "_sending",
         "bytes_sent",
         "checkpoints",
         "eager",
@@ -130,7 +129,8 @@ class SocketTransport(Transport, trio.abc.HalfCloseableStream):
         self.bytes_sent = 0
         self.partial = False
         self.send_stalled_since = _INF
-        self._sending = False
+        self.sending = False
+        self.eof_sent = False
         self._receiving = False
 
     def _fd(self) -> int:
@@ -266,9 +266,10 @@ class SocketTransport(Transport, trio.abc.HalfCloseableStream):
             self._receiving = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._sending:
+        # (The send guard inline: under SSLStream this runs once per record.)
+        if self.sending:
             raise trio.BusyResourceError("another task is already sending")
-        self._sending = True
+        self.sending = True
         try:
             if self.socket.did_shutdown_SHUT_WR:
                 raise trio.ClosedResourceError("can't send data after sending EOF")
@@ -282,21 +283,11 @@ class SocketTransport(Transport, trio.abc.HalfCloseableStream):
             elif self.checkpoints:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
-            self._sending = False
+            self.sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending")
-        self._sending = True
-        try:
+        with self.send_guard():
             await trio.lowlevel.wait_writable(self._fd())
-        finally:
-            self._sending = False
-
-    async def send_eof(self) -> None:
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending")
-        await self.stream.send_eof()
 
     async def aclose(self) -> None:
         await self.stream.aclose()

@@ -5,7 +5,8 @@ peer is its *transport*'s business. This module owns the interface every
 transport offers (:class:`Transport`), the adapter that makes any
 :class:`trio.abc.Stream` a transport (:class:`StreamTransport`: memory
 streams, :class:`trio.SSLStream`, a WebSocket wrapped as a stream), the
-peer's name (:func:`format_peer`) and the sizes both share. The plain-TCP
+peer's name (:func:`format_peer`), what a file to send may be
+(:class:`SupportsFileno`) and the sizes both share. The plain-TCP
 fast transport lives in :mod:`trionet._socket`; TLS is an
 :class:`trio.SSLStream` (over that fast transport) seen through a
 :class:`StreamTransport`.
@@ -25,12 +26,20 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Awaitable
-from typing import Any, ClassVar, Final
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar, Final, Protocol
 
 import trio
 
-__all__ = ["FILE_CHUNK", "RECEIVE_SIZE", "StreamTransport", "Transport", "format_peer"]
+__all__ = [
+    "FILE_CHUNK",
+    "RECEIVE_SIZE",
+    "StreamTransport",
+    "SupportsFileno",
+    "Transport",
+    "format_peer",
+]
 
 #: Bytes asked of the transport per receive. Large chunks keep the number of
 #: system calls down for bulk transfers; the buffer is allocated by the
@@ -42,6 +51,12 @@ RECEIVE_SIZE: Final = 65536
 FILE_CHUNK: Final = 1 << 20
 
 _INF: Final = math.inf
+
+
+class SupportsFileno(Protocol):
+    """A file object: anything with ``fileno()`` (``trio.open_file`` results included)."""
+
+    def fileno(self) -> int: ...
 
 
 class Transport:
@@ -61,6 +76,12 @@ class Transport:
         if sent < len(data):
             await tr.send_rest(view[sent:])   # waits for room
 
+    One task sends at a time: two at once would interleave bytes mid-line.
+    The caller of ``try_send``, ``send_rest`` and ``send_file`` sets
+    :attr:`sending` around them (the connection does it inline on its hot
+    path); ``send_eof`` and ``wait_send_all_might_not_block`` guard
+    themselves (:meth:`send_guard`), as a Trio stream's do.
+
     Attributes every transport keeps up to date:
 
     * :attr:`stream`: the Trio stream underneath (closing, type checks).
@@ -72,6 +93,10 @@ class Transport:
     * :attr:`send_stalled_since`: when the current wait for room to send
       began (``inf`` when none): the server's idle reaper reads it, so a
       client that stops reading is idle, while one reading slowly is not.
+    * :attr:`sending`: a send is under way (another raises
+      :exc:`trio.BusyResourceError`).
+    * :attr:`eof_sent`: :meth:`send_eof` has run; the caller then refuses
+      to send (:exc:`trio.ClosedResourceError`).
 
     Subclasses: :class:`StreamTransport` (any Trio stream) and
     :class:`trionet._socket.SocketTransport` (a plain TCP socket's
@@ -81,7 +106,8 @@ class Transport:
     read from it (``Connection(transport, pre_read=...)``).
     """
 
-    __slots__ = ()
+    # The send guard's state is the base's: it is the same for every transport.
+    __slots__ = ("eof_sent", "sending")
 
     #: The Trio stream this transport carries.
     stream: trio.abc.Stream
@@ -89,6 +115,8 @@ class Transport:
     bytes_sent: int
     partial: bool
     send_stalled_since: float
+    sending: bool
+    eof_sent: bool
 
     def try_receive(self, max_bytes: int) -> bytes | None:
         """Bytes available now (``b""`` at EOF), or ``None`` if receiving would wait."""
@@ -141,13 +169,31 @@ class Transport:
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until sending might not block (see Trio's streams)."""
-        await self.stream.wait_send_all_might_not_block()
+        with self.send_guard():
+            await self.stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
         """Half-close the sending side; :exc:`TypeError` if the stream cannot."""
         if not isinstance(self.stream, trio.abc.HalfCloseableStream):
             raise TypeError(f"{type(self.stream).__name__} cannot half-close")
-        await self.stream.send_eof()
+        with self.send_guard():
+            await self.stream.send_eof()
+            self.eof_sent = True
+
+    @contextmanager
+    def send_guard(self) -> Iterator[None]:
+        """Mark a send under way; :exc:`trio.BusyResourceError` if one already is.
+
+        Trio's streams detect concurrent sends for ``send_all``, but not
+        every stream does for ``send_eof``, so the transport enforces it.
+        """
+        if self.sending:
+            raise trio.BusyResourceError("another task is already sending")
+        self.sending = True
+        try:
+            yield
+        finally:
+            self.sending = False
 
     async def aclose(self) -> None:
         """Close the stream underneath."""
@@ -172,6 +218,8 @@ class StreamTransport(Transport):
         self.bytes_sent = 0
         self.partial = False
         self.send_stalled_since = _INF
+        self.sending = False
+        self.eof_sent = False
 
     def try_receive(self, max_bytes: int) -> bytes | None:
         return None
