@@ -287,9 +287,13 @@ class Opened:
         return self.add(Client(await trio.open_tcp_stream(host, port), timeout=timeout))
 
     async def aclose(self) -> None:
-        """Close everything (forcefully: a TLS goodbye must not wait on a dead server)."""
-        for resource in self._resources:
-            await trio.aclose_forcefully(resource)
+        """Close everything (forcefully: a TLS goodbye must not wait on a dead server).
+
+        Shielded, so that a cancelled caller (a test that failed) still closes all.
+        """
+        with trio.CancelScope(shield=True):
+            for resource in self._resources:
+                await trio.aclose_forcefully(resource)
         self._resources.clear()
 
 
