@@ -26,6 +26,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from conftest import Opened
 
 import trionet
 from trionet.services.files import digest as files_digest
@@ -66,14 +67,18 @@ async def running(
             yield Wire(service, srv.open_stream, srv.shutdown)
         return
     server = trionet.Server([service], grace=grace)
+    opened = Opened()
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(server.run)
         host, port = addresses["files"][0]
 
         async def open_stream() -> trio.abc.Stream:
-            return await trio.open_tcp_stream(host, port)
+            return await opened.stream(port, host)
 
-        yield Wire(service, open_stream, server.shutdown)
+        try:
+            yield Wire(service, open_stream, server.shutdown)
+        finally:
+            await opened.aclose()
         nursery.cancel_scope.cancel()
 
 
