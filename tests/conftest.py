@@ -266,10 +266,20 @@ _C = TypeVar("_C", bound=_Closable)
 
 
 class Opened:
-    """Client connections a test opened, all closed when it ends (see :func:`opened`)."""
+    """Client connections a test opened, all closed when it ends (see :func:`opened`).
+
+    Also an async context manager, for a helper that hands out connections:
+    ``async with Opened() as opened:`` closes them all on the way out.
+    """
 
     def __init__(self) -> None:
         self._resources: list[_Closable] = []
+
+    async def __aenter__(self) -> Opened:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     def add(self, resource: _C) -> _C:
         """Close ``resource`` (anything with ``aclose``) at the end of the test; returns it."""
@@ -306,11 +316,8 @@ async def opened() -> AsyncIterator[Opened]:
     warnings into errors, its ResourceWarning fails it. Closing here keeps
     each test's sockets its own.
     """
-    connections = Opened()
-    try:
+    async with Opened() as connections:
         yield connections
-    finally:
-        await connections.aclose()
 
 
 @attrs.frozen

@@ -61,13 +61,9 @@ async def open_chat(transport: str, service: ChatService, grace: float = 5) -> A
         return
     service.port = 0
     server = trionet.Server([service], grace=grace)
-    opened = Opened()
-    async with trio.open_nursery() as nursery:
+    async with Opened() as opened, trio.open_nursery() as nursery:
         addresses = await nursery.start(server.run)
-        try:
-            yield TcpChat(server, addresses["chat"][0][1], opened)
-        finally:
-            await opened.aclose()
+        yield TcpChat(server, addresses["chat"][0][1], opened)
         nursery.cancel_scope.cancel()
 
 

@@ -67,18 +67,14 @@ async def running(
             yield Wire(service, srv.open_stream, srv.shutdown)
         return
     server = trionet.Server([service], grace=grace)
-    opened = Opened()
-    async with trio.open_nursery() as nursery:
+    async with Opened() as opened, trio.open_nursery() as nursery:
         addresses = await nursery.start(server.run)
         host, port = addresses["files"][0]
 
         async def open_stream() -> trio.abc.Stream:
             return await opened.stream(port, host)
 
-        try:
-            yield Wire(service, open_stream, server.shutdown)
-        finally:
-            await opened.aclose()
+        yield Wire(service, open_stream, server.shutdown)
         nursery.cancel_scope.cancel()
 
 
