@@ -101,7 +101,9 @@ def test_several_services_moved_in_one_process(ports: list[str], tmp_path: Path)
         assert all(port not in range(7001, 7006) for port in seen.values())
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 0
+        status = proc.wait(20)
+        proc.stderr.close()
+        assert status == 0
 
 
 # -- the config file ---------------------------------------------------------------
