@@ -21,6 +21,7 @@ certificate valid for ``localhost`` and ``127.0.0.1``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -299,11 +300,13 @@ class Opened:
     async def aclose(self) -> None:
         """Close everything (forcefully: a TLS goodbye must not wait on a dead server).
 
-        Shielded, so that a cancelled caller (a test that failed) still closes all.
+        Shielded, so that a cancelled caller (a test that failed) still closes
+        all; a connection already broken is closed all the same, without error.
         """
         with trio.CancelScope(shield=True):
             for resource in self._resources:
-                await trio.aclose_forcefully(resource)
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await trio.aclose_forcefully(resource)
         self._resources.clear()
 
 
