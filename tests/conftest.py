@@ -10,6 +10,10 @@ skips the test, saying why, only when ``redis-server`` is not installed
 in a thread (``wait_for`` a pattern, ``port`` of a service), all killed at
 the end of the test.
 
+``opened`` opens client connections (``await opened.client(port)``, a
+:class:`trionet.testing.Client`; ``opened.stream``, a raw stream) and closes
+every one at the end of the test, so none is left to the garbage collector.
+
 ``tls_files`` makes TLS certificates with ``trustme``: one certificate
 authority per test session (key generation is the slow part), and a server
 certificate valid for ``localhost`` and ``127.0.0.1``.
@@ -17,6 +21,7 @@ certificate valid for ``localhost`` and ``127.0.0.1``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -27,12 +32,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import attrs
 import pytest
+import trio
 import trustme
+
+from trionet.testing import DEFAULT_TIMEOUT, Client
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -160,7 +169,8 @@ class Serve:
         )
         self.lines: list[str] = []
         self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -201,6 +211,17 @@ class Serve:
         """
         return [int(m[1]) for m in self.wait_for(r"worker \d+ started \(pid (\d+)\)", count)]
 
+    def close_log(self) -> None:
+        """Close the pipe of the exited process's log, once the reader has read it all.
+
+        A worker that outlives its parent for a moment still holds the pipe: the
+        reader then is not done, and the pipe is left open rather than closed
+        under the reader's feet.
+        """
+        self._reader.join(timeout=2)
+        if not self._reader.is_alive() and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the process."""
         self.proc.send_signal(signum)
@@ -235,6 +256,71 @@ def serve() -> Iterator[Callable[..., Serve]]:
                 process.proc.send_signal(signal.SIGCONT)  # (a test may have stopped it)
                 process.proc.kill()
                 process.proc.wait()
+            process.close_log()
+
+
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+_C = TypeVar("_C", bound=_Closable)
+
+
+class Opened:
+    """Client connections a test opened, all closed when it ends (see :func:`opened`).
+
+    Also an async context manager, for a helper that hands out connections:
+    ``async with Opened() as opened:`` closes them all on the way out.
+    """
+
+    def __init__(self) -> None:
+        self._resources: list[_Closable] = []
+
+    async def __aenter__(self) -> Opened:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def add(self, resource: _C) -> _C:
+        """Close ``resource`` (anything with ``aclose``) at the end of the test; returns it."""
+        self._resources.append(resource)
+        return resource
+
+    async def stream(self, port: int, host: str = "127.0.0.1") -> trio.SocketStream:
+        """A TCP connection to ``host:port``."""
+        return self.add(await trio.open_tcp_stream(host, port))
+
+    async def client(
+        self, port: int, host: str = "127.0.0.1", *, timeout: float = DEFAULT_TIMEOUT
+    ) -> Client:
+        """A :class:`~trionet.testing.Client` over a TCP connection to ``host:port``."""
+        return self.add(Client(await trio.open_tcp_stream(host, port), timeout=timeout))
+
+    async def aclose(self) -> None:
+        """Close everything (forcefully: a TLS goodbye must not wait on a dead server).
+
+        Shielded, so that a cancelled caller (a test that failed) still closes
+        all; a connection already broken is closed all the same, without error.
+        """
+        with trio.CancelScope(shield=True):
+            for resource in self._resources:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await trio.aclose_forcefully(resource)
+        self._resources.clear()
+
+
+@pytest.fixture
+async def opened() -> AsyncIterator[Opened]:
+    """Open client connections that are closed when the test ends.
+
+    A socket left to the garbage collector is finalized whenever a reference
+    cycle is collected, perhaps inside another test; if that test has turned
+    warnings into errors, its ResourceWarning fails it. Closing here keeps
+    each test's sockets its own.
+    """
+    async with Opened() as connections:
+        yield connections
 
 
 @attrs.frozen

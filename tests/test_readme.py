@@ -21,6 +21,7 @@ from types import ModuleType
 
 import trio
 import trio.testing
+from conftest import Opened
 
 import trionet
 import trionet.testing
@@ -90,14 +91,14 @@ def test_pytest_runs_the_example_as_the_readme_says(tmp_path: Path) -> None:
     assert bare.returncode != 0
 
 
-async def test_readme_example_over_tcp(tmp_path: Path) -> None:
+async def test_readme_example_over_tcp(tmp_path: Path, opened: Opened) -> None:
     shout = load_example(tmp_path)
     service = shout.ShoutService(port=0)
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(trionet.serve, [service])
         host, port = addresses["shout"][0]
         with trio.fail_after(10):
-            client = trionet.testing.Client(await trio.open_tcp_stream(host, port))
+            client = await opened.client(port, host)
             await client.send(b"one\r\ntwo\n")
             await client.expect("ONE!", "TWO!")
             await client.send_line("quit")  # built in: any case
@@ -107,7 +108,9 @@ async def test_readme_example_over_tcp(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def run_and_interrupt(cmd: list[str], cwd: Path, signum: int) -> tuple[int, str]:
+async def run_and_interrupt(
+    cmd: list[str], cwd: Path, signum: int, opened: Opened
+) -> tuple[int, str]:
     """Start ``cmd``, talk to the shout service, signal it with a client connected.
 
     Returns the exit status and stderr; checks the client got ``BYE shutdown``.
@@ -124,7 +127,7 @@ async def run_and_interrupt(cmd: list[str], cwd: Path, signum: int) -> tuple[int
                 chunk = await proc.stderr.receive_some()
                 assert chunk, err.decode()
                 err += chunk
-            client = trionet.testing.Client(await trio.open_tcp_stream(m[1].decode(), int(m[2])))
+            client = await opened.client(int(m[2]), m[1].decode())
             await client.send_line("hi")
             await client.expect("HI!")
             proc.send_signal(signum)
@@ -140,11 +143,11 @@ async def run_and_interrupt(cmd: list[str], cwd: Path, signum: int) -> tuple[int
     return status, err.decode()
 
 
-async def test_readme_example_as_a_program(tmp_path: Path) -> None:
+async def test_readme_example_as_a_program(tmp_path: Path, opened: Opened) -> None:
     """``python shout.py``: logging, Ctrl-C with a client connected, exit 0, no traceback."""
     (tmp_path / "shout.py").write_text(example_code())
     status, err = await run_and_interrupt(
-        [sys.executable, "shout.py", "--port", "0"], tmp_path, signal.SIGINT
+        [sys.executable, "shout.py", "--port", "0"], tmp_path, signal.SIGINT, opened
     )
     assert status == 0, err
     assert "SIGINT received: shutting down gracefully" in err
@@ -152,12 +155,13 @@ async def test_readme_example_as_a_program(tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
-async def test_readme_example_by_name_from_trionet_serve(tmp_path: Path) -> None:
+async def test_readme_example_by_name_from_trionet_serve(tmp_path: Path, opened: Opened) -> None:
     (tmp_path / "shout.py").write_text(example_code())
     status, err = await run_and_interrupt(
         [sys.executable, "-m", "trionet.serve", "shout:ShoutService", "--port", "0"],
         tmp_path,
         signal.SIGTERM,
+        opened,
     )
     assert status == 0, err
     assert "Traceback" not in err

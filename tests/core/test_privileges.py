@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import ROOT, Serve, TLSFiles
+from conftest import ROOT, Opened, Serve, TLSFiles
 
 from trionet._privileges import PrivilegeError, resolve_identity
 from trionet.testing import Client
@@ -74,7 +74,9 @@ def test_unknown_user_stops_the_process_with_one_line(tmp_path: Path, where: str
 
 
 @root_only
-async def test_calc_on_a_low_port_runs_as_nobody(serve: Callable[..., Serve]) -> None:
+async def test_calc_on_a_low_port_runs_as_nobody(
+    serve: Callable[..., Serve], opened: Opened
+) -> None:
     port = _free_low_port()
     p = serve("calc", "--port", str(port), "--user", "nobody")
     assert p.port("calc") == port
@@ -84,7 +86,7 @@ async def test_calc_on_a_low_port_runs_as_nobody(serve: Callable[..., Serve]) ->
     assert ids["Gid"] == [NOBODY.pw_gid] * 4
     assert 0 not in ids["Groups"]
     with trio.fail_after(30):
-        client = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=20)
+        client = await opened.client(port, timeout=20)
         await client.send_line("6*7")
         await client.expect("OK 42")
     assert p.stop() == 0
@@ -92,7 +94,7 @@ async def test_calc_on_a_low_port_runs_as_nobody(serve: Callable[..., Serve]) ->
 
 @root_only
 async def test_a_key_only_root_can_read_is_read_before_dropping(
-    serve: Callable[..., Serve], tmp_path: Path, tls_files: TLSFiles
+    serve: Callable[..., Serve], tmp_path: Path, tls_files: TLSFiles, opened: Opened
 ) -> None:
     key = tmp_path / "key.pem"
     shutil.copy(tls_files.key, key)
@@ -109,7 +111,7 @@ async def test_a_key_only_root_can_read_is_read_before_dropping(
     with trio.fail_after(30):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         tls = trio.SSLStream(stream, tls_files.client_context(), server_hostname="localhost")
-        client = Client(tls, timeout=20)
+        client = opened.add(Client(tls, timeout=20))
         await client.send_line("2**10")
         await client.expect("OK 1024")
         # Having dropped root, a reload cannot read that key again: it says
@@ -124,7 +126,7 @@ async def test_a_key_only_root_can_read_is_read_before_dropping(
 
 
 @root_only
-async def test_workers_run_as_the_user(serve: Callable[..., Serve]) -> None:
+async def test_workers_run_as_the_user(serve: Callable[..., Serve], opened: Opened) -> None:
     port = _free_low_port()
     p = serve("calc", "--port", str(port), "--user", "nobody", "--workers", "2")
     pids = [int(m[1]) for m in p.wait_for(r"worker \d+ started \(pid (\d+)\)", count=2)]
@@ -136,7 +138,7 @@ async def test_workers_run_as_the_user(serve: Callable[..., Serve]) -> None:
     assert _ids(p.proc.pid)["Uid"] == [0] * 4
     with trio.fail_after(30):
         for i in range(4):
-            client = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=20)
+            client = await opened.client(port, timeout=20)
             await client.send_line(f"{i}+1")
             await client.expect(f"OK {i + 1}")
     assert p.stop() == 0

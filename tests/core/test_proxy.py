@@ -396,6 +396,8 @@ def haproxy(tmp_path: Path) -> Iterator[Callable[[int], int]]:
         for proc in procs:
             proc.kill()
             proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
 
 
 def test_behind_haproxy_the_real_client_counts(

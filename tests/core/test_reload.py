@@ -27,7 +27,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from conftest import Serve, TLSFiles, _free_port
+from conftest import Opened, Serve, TLSFiles, _free_port
 
 from trionet import Connection, Server, Service
 from trionet.testing import Client, MemoryListener, open_memory_server
@@ -233,7 +233,7 @@ async def test_five_reloads_under_a_client_loop_lose_nothing(
 
 
 async def test_with_workers_the_old_generation_says_bye_after_the_reload_grace(
-    serve: Callable[..., Serve], tmp_path: Path
+    serve: Callable[..., Serve], tmp_path: Path, opened: Opened
 ) -> None:
     config = tmp_path / "trionet.toml"
     config.write_text("[common]\nmax-line = 100\nreload-grace = 2\n")  # (a config key too)
@@ -241,7 +241,7 @@ async def test_with_workers_the_old_generation_says_bye_after_the_reload_grace(
     port = p.port("calc")
     p.wait_for(r"worker \d+ started", count=2)
     with trio.fail_after(60):
-        old = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=50)
+        old = await opened.client(port, timeout=50)
         await old.send_line("1+1")
         await old.expect("OK 2")
         config.write_text("[common]\nmax-line = 5\nreload-grace = 2\n")
@@ -253,7 +253,7 @@ async def test_with_workers_the_old_generation_says_bye_after_the_reload_grace(
         await old.send_line("100000 + 1")
         await old.expect("OK 100001")
         # ...new ones get the new settings...
-        new = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=50)
+        new = await opened.client(port, timeout=50)
         await new.send_line("100000 + 1")
         await new.expect("ERR line-too-long 5")
         # ...and after --reload-grace the old one is sent off.
@@ -337,7 +337,7 @@ def test_without_config_sighup_reads_the_certificate_files_again(
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_config_that_fails_to_load_leaves_the_old_one_running(
-    serve: Callable[..., Serve], tmp_path: Path, workers: str
+    serve: Callable[..., Serve], tmp_path: Path, workers: str, opened: Opened
 ) -> None:
     config = tmp_path / "trionet.toml"
     config.write_text("[common]\nmax-line = 5\n")
@@ -355,13 +355,13 @@ async def test_a_config_that_fails_to_load_leaves_the_old_one_running(
         assert "\n" not in failure[0]
     assert p.count("reload failed") == 3
     with trio.fail_after(30):
-        client = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=20)
+        client = await opened.client(port, timeout=20)
         await client.send_line("123456")  # still max-line 5
         await client.expect("ERR line-too-long 5")
     assert p.stop() == 0
 
 
-async def test_sighup_never_stops_the_server(serve: Callable[..., Serve]) -> None:
+async def test_sighup_never_stops_the_server(serve: Callable[..., Serve], opened: Opened) -> None:
     p = serve("calc", "--port", "0", "--workers", "2")
     port = p.port("calc")
     p.wait_for(r"worker \d+ started \(pid (\d+)\)", count=2)
@@ -373,7 +373,7 @@ async def test_sighup_never_stops_the_server(serve: Callable[..., Serve]) -> Non
     os.kill(pid, signal.SIGHUP)
     p.wait_for(r"SIGHUP ignored: a worker reloads when its parent")
     with trio.fail_after(30):
-        client = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=20)
+        client = await opened.client(port, timeout=20)
         await client.send_line("6*7")
         await client.expect("OK 42")
     assert p.proc.poll() is None

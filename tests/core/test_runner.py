@@ -20,6 +20,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from conftest import Opened
 
 import trionet
 from trionet import Connection, Service
@@ -27,7 +28,7 @@ from trionet.services.calc import CalcService
 from trionet.services.chat import ChatService
 from trionet.services.echo import EchoService
 from trionet.services.guess import GuessService
-from trionet.testing import Client, open_memory_server
+from trionet.testing import open_memory_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,7 +101,9 @@ def test_several_services_moved_in_one_process(ports: list[str], tmp_path: Path)
         assert all(port not in range(7001, 7006) for port in seen.values())
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 0
+        status = proc.wait(20)
+        proc.stderr.close()
+        assert status == 0
 
 
 # -- the config file ---------------------------------------------------------------
@@ -266,7 +269,7 @@ async def test_quit_is_built_in(
     assert any(m.startswith("farewell ") and "end=quit" in m for m in ends), ends
 
 
-async def test_quit_over_tcp_for_every_line_service() -> None:
+async def test_quit_over_tcp_for_every_line_service(opened: Opened) -> None:
     services = [
         GuessService(port=0),
         CalcService(port=0),
@@ -282,7 +285,8 @@ async def test_quit_over_tcp_for_every_line_service() -> None:
                 ("files", "QUIT"),
                 ("chat", "/quit"),
             ]:
-                client = Client(await trio.open_tcp_stream(*addresses[name][0]))
+                host, port = addresses[name][0]
+                client = await opened.client(port, host)
                 await client.send_line(command)
                 lines = []
                 while (line := await client.receive_line()) is not None:
@@ -413,7 +417,9 @@ def test_a_plugin_is_served_and_its_client_runs_by_name(tmp_path: Path) -> None:
         assert client("GET", "a") == "VALUE 1\nBYE\n"
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        status = proc.wait(20)
+        proc.stderr.close()
+        assert status == 0
 
 
 def test_two_classes_under_one_name_are_an_error(tmp_path: Path) -> None:

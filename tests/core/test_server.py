@@ -16,6 +16,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from conftest import Opened
 
 import trionet
 from trionet import Connection, Server, Service
@@ -245,7 +246,7 @@ async def test_no_bye_after_a_payload_cut_short(autojump_clock: trio.testing.Moc
     assert b"BYE" not in received
 
 
-async def test_no_bye_after_a_file_cut_short(tmp_path: Path) -> None:
+async def test_no_bye_after_a_file_cut_short(tmp_path: Path, opened: Opened) -> None:
     """The same for send_file over TCP (os.sendfile): the client sees a short payload."""
     blob = tmp_path / "blob"
     blob.write_bytes(b"x" * (64 << 20))
@@ -263,7 +264,8 @@ async def test_no_bye_after_a_file_cut_short(tmp_path: Path) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.run)
-            stream = await trio.open_tcp_stream(*addresses["blob"][0])
+            host, port = addresses["blob"][0]
+            stream = await opened.stream(port, host)
             await stream.send_all(b"get\n")
             first = await stream.receive_some(1000)  # the transfer has begun
             server.shutdown()

@@ -27,7 +27,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from conftest import TLSFiles
+from conftest import Opened, TLSFiles
 
 import trionet
 from trionet._client import EXIT_TLS, EXIT_USAGE
@@ -78,12 +78,12 @@ async def running(kind: str, *services: trionet.Service, grace: float = 5.0) -> 
             yield Wire(connect_memory, srv.open_stream, srv.server, {})
         return
     server = trionet.Server([s for s in services], grace=grace)
-    async with trio.open_nursery() as nursery:
+    async with Opened() as opened, trio.open_nursery() as nursery:
         addresses = await nursery.start(server.run)
 
         async def open_raw(name: str | None = None) -> trio.abc.Stream:
             host, port = addresses[name or services[0].name][0]
-            return await trio.open_tcp_stream(host, port)
+            return await opened.stream(port, host)
 
         async def connect_tcp(
             name: str | None = None, *, tls: ssl.SSLContext | None = None
@@ -552,7 +552,9 @@ async def test_socket_transport_carries_bulk_both_ways() -> None:
         await right.receive_some()
 
 
-async def test_tls_over_the_lean_transport_is_a_trio_stream(tls_files: TLSFiles) -> None:
+async def test_tls_over_the_lean_transport_is_a_trio_stream(
+    tls_files: TLSFiles, opened: Opened
+) -> None:
     """Under SSLStream the transport skips its own checkpoints: the TLS stream keeps them."""
     server_ctx = server_context(tls_files.cert, tls_files.key)
 
@@ -572,6 +574,7 @@ async def test_tls_over_the_lean_transport_is_a_trio_stream(tls_files: TLSFiles)
     with trio.fail_after(30):
         await trio.testing.check_two_way_stream(make, None)
         client, server = await make()
+        opened.add(client), opened.add(server)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.do_handshake)
             nursery.start_soon(server.do_handshake)
@@ -625,10 +628,12 @@ async def test_client_tls_stream_is_a_trio_stream(tls_files: TLSFiles) -> None:
             await client.send_all(b"x")
 
 
-async def test_client_tls_stream_refuses_a_wrong_certificate(tls_files: TLSFiles) -> None:
+async def test_client_tls_stream_refuses_a_wrong_certificate(
+    tls_files: TLSFiles, opened: Opened
+) -> None:
     server_ctx = server_context(tls_files.cert, tls_files.key)
     a, b = trio.socket.socketpair()
-    server = trio.SSLStream(trio.SocketStream(b), server_ctx, server_side=True)
+    server = opened.add(trio.SSLStream(trio.SocketStream(b), server_ctx, server_side=True))
 
     async def serve() -> None:
         with pytest.raises(trio.BrokenResourceError):  # the client gives up

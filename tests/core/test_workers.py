@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import Serve
+from conftest import Opened, Serve
 
 from trionet.testing import Client
 
@@ -38,14 +38,16 @@ def alive(pid: int) -> bool:
         return False
 
 
-async def test_two_workers_serve_200_concurrent_calc_clients(serve: Callable[..., Serve]) -> None:
+async def test_two_workers_serve_200_concurrent_calc_clients(
+    serve: Callable[..., Serve], opened: Opened
+) -> None:
     p = serve("calc", "--port", "0", "--workers", "2")
     port = p.port("calc")
     p.worker_pids(2)
     answers: dict[int, list[str]] = {}
 
     async def one(i: int) -> None:
-        client = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=20)
+        client = await opened.client(port, timeout=20)
         await client.send(f"{i} * 3\n{i} + 1\nQUIT\n".encode())
         answers[i] = await _lines(client)
 
@@ -70,7 +72,7 @@ async def _lines(client: Client) -> list[str]:
 
 
 async def test_a_killed_worker_loses_no_waiting_connection_and_is_replaced(
-    serve: Callable[..., Serve],
+    serve: Callable[..., Serve], opened: Opened
 ) -> None:
     """Connections queued on the shared socket survive the death of a worker.
 
@@ -84,7 +86,7 @@ async def test_a_killed_worker_loses_no_waiting_connection_and_is_replaced(
     # Let both finish starting up (they log at DEBUG only; a request proves it).
     for _ in range(4):
         with trio.fail_after(20):
-            client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+            client = await opened.client(port)
             await client.send(b"1+1\nQUIT\n")
             assert await _lines(client) == ["OK 2", "BYE"]
     os.kill(a, signal.SIGSTOP)
@@ -92,7 +94,7 @@ async def test_a_killed_worker_loses_no_waiting_connection_and_is_replaced(
     clients = []
     try:
         for i in range(50):
-            client = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=30)
+            client = await opened.client(port, timeout=30)
             await client.send(f"{i} ** 2\nQUIT\n".encode())
             clients.append(client)
         os.kill(a, signal.SIGKILL)
@@ -109,7 +111,7 @@ async def test_a_killed_worker_loses_no_waiting_connection_and_is_replaced(
 
 
 async def test_sigterm_gives_every_client_bye_shutdown_and_exits_0(
-    serve: Callable[..., Serve],
+    serve: Callable[..., Serve], opened: Opened
 ) -> None:
     p = serve("calc", "--port", "0", "--workers", "2", "--grace", "2")
     port = p.port("calc")
@@ -117,7 +119,7 @@ async def test_sigterm_gives_every_client_bye_shutdown_and_exits_0(
     clients = []
     with trio.fail_after(30):
         for i in range(20):
-            client = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=20)
+            client = await opened.client(port, timeout=20)
             await client.send_line(f"{i}+1")
             await client.expect(f"OK {i + 1}")
             clients.append(client)

@@ -15,6 +15,7 @@ from typing import Protocol
 import pytest
 import trio
 import trio.testing
+from conftest import Opened
 
 import trionet
 from trionet._runner import build_parser
@@ -35,12 +36,13 @@ class Chat(Protocol):
 class TcpChat:
     """A chat server on a real socket (127.0.0.1, a free port)."""
 
-    def __init__(self, server: trionet.Server, port: int) -> None:
+    def __init__(self, server: trionet.Server, port: int, opened: Opened) -> None:
         self.server = server
         self.port = port
+        self.opened = opened  # closed by open_chat
 
     async def connect(self) -> Client:
-        return Client(await trio.open_tcp_stream("127.0.0.1", self.port), timeout=30)
+        return await self.opened.client(self.port, timeout=30)
 
     def shutdown(self) -> None:
         self.server.shutdown()
@@ -59,9 +61,9 @@ async def open_chat(transport: str, service: ChatService, grace: float = 5) -> A
         return
     service.port = 0
     server = trionet.Server([service], grace=grace)
-    async with trio.open_nursery() as nursery:
+    async with Opened() as opened, trio.open_nursery() as nursery:
         addresses = await nursery.start(server.run)
-        yield TcpChat(server, addresses["chat"][0][1])
+        yield TcpChat(server, addresses["chat"][0][1], opened)
         nursery.cancel_scope.cancel()
 
 
@@ -552,19 +554,22 @@ class CountingStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
-async def stream_pair(transport: str) -> tuple[trio.abc.Stream, trio.abc.Stream]:
-    """(client end, server end), in memory or a TCP connection over 127.0.0.1."""
+async def stream_pair(transport: str, opened: Opened) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    """(client end, server end), in memory or a TCP connection over 127.0.0.1.
+
+    ``opened`` closes both ends at the end of the test.
+    """
     if transport == "memory":
         return trio.testing.memory_stream_pair()
     (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
     async with listener:
-        client = await trio.testing.open_stream_to_socket_listener(listener)
-        return client, await listener.accept()
+        client = opened.add(await trio.testing.open_stream_to_socket_listener(listener))
+        return client, opened.add(await listener.accept())
 
 
-async def test_writer_coalesces_a_burst_into_one_send(transport: str) -> None:
+async def test_writer_coalesces_a_burst_into_one_send(transport: str, opened: Opened) -> None:
     service = ChatService(rate=0)
-    ends = [await stream_pair(transport) for _ in range(2)]
+    ends = [await stream_pair(transport, opened) for _ in range(2)]
     counted = [CountingStream(server) for _, server in ends]
     alice, bob = (Client(client) for client, _ in ends)
     async with trio.open_nursery() as nursery:

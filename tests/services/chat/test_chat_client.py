@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 import trio
+from conftest import Opened
 from terminal_screen import KEY_UP, TerminalScreen, run_in_terminal
 
 import trionet
@@ -31,8 +32,8 @@ async def running(service: ChatService) -> AsyncIterator[tuple[trionet.Server, i
         nursery.cancel_scope.cancel()
 
 
-async def join(port: int, nick: str) -> Client:
-    c = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=10)
+async def join(opened: Opened, port: int, nick: str) -> Client:
+    c = await opened.client(port, timeout=10)
     await c.expect(WELCOME)
     await c.send_line(f"/nick {nick}")
     await c.expect(f"OK nick {nick}")
@@ -56,9 +57,9 @@ class Lines:
         return line.decode()
 
 
-async def test_interactive_session() -> None:
+async def test_interactive_session(opened: Opened) -> None:
     async with running(ChatService(port=0)) as (_, port):
-        alice = await join(port, "alice")
+        alice = await join(opened, port, "alice")
         proc = await trio.lowlevel.open_process(
             [*CLIENT, "--nick", "bob", "--port", str(port)],
             stdin=subprocess.PIPE,
@@ -88,9 +89,9 @@ async def test_interactive_session() -> None:
             await proc.wait()
 
 
-async def test_piped_script() -> None:
+async def test_piped_script(opened: Opened) -> None:
     async with running(ChatService(port=0)) as (_, port):
-        alice = await join(port, "alice")
+        alice = await join(opened, port, "alice")
         result = await trio.run_process(
             [*CLIENT, "--nick", "bot", "--port", str(port)],
             stdin=b"line one\n/me two\n/quit done\n",
@@ -102,9 +103,9 @@ async def test_piped_script() -> None:
         await alice.expect("JOIN bot", "MSG bot line one", "ACTION bot two", "LEAVE bot done")
 
 
-async def test_nick_taken_exits_with_one_line() -> None:
+async def test_nick_taken_exits_with_one_line(opened: Opened) -> None:
     async with running(ChatService(port=0)) as (_, port):
-        alice = await join(port, "alice")
+        alice = await join(opened, port, "alice")
         result = await trio.run_process(
             [*CLIENT, "--nick", "ALICE", "--port", str(port)],
             stdin=b"",
@@ -218,9 +219,9 @@ def _restored(term: TerminalScreen) -> bool:
     return bool(modes & termios.ICANON and modes & termios.ECHO)
 
 
-async def test_terminal_message_arriving_mid_typing_leaves_the_line_whole() -> None:
+async def test_terminal_message_arriving_mid_typing_leaves_the_line_whole(opened: Opened) -> None:
     async with running(ChatService(port=0)) as (_, port):
-        alice = await join(port, "alice")
+        alice = await join(opened, port, "alice")
         async with run_in_terminal([*CLIENT, "--nick", "bob", "--port", str(port)]) as term:
             await alice.expect("JOIN bob")
             await term.wait_for("-- here: alice bob")
@@ -262,9 +263,9 @@ async def test_terminal_message_arriving_mid_typing_leaves_the_line_whole() -> N
             assert _restored(term)
 
 
-async def test_terminal_burst_of_messages_keeps_the_typed_line() -> None:
+async def test_terminal_burst_of_messages_keeps_the_typed_line(opened: Opened) -> None:
     async with running(ChatService(port=0, rate=1e6, burst=10_000)) as (_, port):
-        alice = await join(port, "alice")
+        alice = await join(opened, port, "alice")
         async with run_in_terminal([*CLIENT, "--nick", "bob", "--port", str(port)]) as term:
             await term.wait_for("-- here: alice bob")
             await term.type("half-typed")

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import Opened
 
 from trionet import StartupError
 from trionet._redis import check_redis_url
@@ -212,18 +213,18 @@ async def test_starts_degraded_without_redis_and_joins_when_it_appears(
 # -- real processes ----------------------------------------------------------------
 
 
-async def _connect(port: int, nick: str) -> Client:
-    client = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=15)
+async def _connect(opened: Opened, port: int, nick: str) -> Client:
+    client = await opened.client(port, timeout=15)
     await client.expect(WELCOME)
     await client.send_line(f"/nick {nick}")
     await client.expect(f"OK nick {nick}")
     return client
 
 
-async def _connect_eventually(port: int, nick: str) -> Client:
+async def _connect_eventually(opened: Opened, port: int, nick: str) -> Client:
     """Join as ``nick`` as soon as another process has released it."""
     for _ in range(50):
-        client = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=15)
+        client = await opened.client(port, timeout=15)
         await client.expect(WELCOME)
         await client.send_line(f"/nick {nick}")
         if await client.receive_line() == f"OK nick {nick}":
@@ -238,14 +239,16 @@ def _chat(serve: Callable[..., Any], redis_url: str, *extra: str) -> tuple[Any, 
     return process, process.port("chat")
 
 
-async def test_two_processes_one_room(redis_server: Any, serve: Callable[..., Any]) -> None:
+async def test_two_processes_one_room(
+    redis_server: Any, serve: Callable[..., Any], opened: Opened
+) -> None:
     a, pa = _chat(serve, redis_server.url)
     b, pb = _chat(serve, redis_server.url)
     with trio.fail_after(60):
-        alice = await _connect(pa, "alice")
-        carol = await _connect(pa, "carol")  # on alice's process
+        alice = await _connect(opened, pa, "alice")
+        carol = await _connect(opened, pa, "carol")  # on alice's process
         await alice.expect("JOIN carol")
-        bob = await _connect(pb, "bob")
+        bob = await _connect(opened, pb, "bob")
         await alice.expect("JOIN bob")
         await carol.expect("JOIN bob")
         # (bob's process may hear of carol a moment after bob has joined)
@@ -271,7 +274,7 @@ async def test_two_processes_one_room(redis_server: Any, serve: Callable[..., An
         await carol.expect("NICK bob robert", "LEAVE robert gotta go")
         # A process started later sees the room as it is, and its history.
         c, pc = _chat(serve, redis_server.url)
-        dave = await _connect(pc, "dave")
+        dave = await _connect(opened, pc, "dave")
         await _who(dave, "WHO alice carol dave")
         await dave.send_line("/history 1")
         await _until(dave, lambda line: line.endswith("ACTION alice waves"))
@@ -281,21 +284,21 @@ async def test_two_processes_one_room(redis_server: Any, serve: Callable[..., An
 
 
 async def test_nicks_are_unique_across_processes(
-    redis_server: Any, serve: Callable[..., Any]
+    redis_server: Any, serve: Callable[..., Any], opened: Opened
 ) -> None:
     _, pa = _chat(serve, redis_server.url)
     _, pb = _chat(serve, redis_server.url)
     with trio.fail_after(60):
-        alice = await _connect(pa, "alice")
-        other = Client(await trio.open_tcp_stream("127.0.0.1", pb), timeout=15)
+        alice = await _connect(opened, pa, "alice")
+        other = await opened.client(pb, timeout=15)
         await other.expect(WELCOME)
         await other.send_line("/nick ALICE")
         await other.expect("ERR nick-taken ALICE")
         # Two processes claiming one nick at the same moment: exactly one wins.
         for round_ in range(5):
             nick = f"dave{round_}"
-            one = Client(await trio.open_tcp_stream("127.0.0.1", pa), timeout=15)
-            two = Client(await trio.open_tcp_stream("127.0.0.1", pb), timeout=15)
+            one = await opened.client(pa, timeout=15)
+            two = await opened.client(pb, timeout=15)
             await one.expect(WELCOME)
             await two.expect(WELCOME)
             await one.send_line(f"/nick {nick}")
@@ -307,7 +310,7 @@ async def test_nicks_are_unique_across_processes(
         await other.expect("OK nick bob")
         await other.send_line("/nick robert")
         await _until(other, lambda line: line == "OK nick robert")
-        again = await _connect_eventually(pa, "bob")  # once the release is published
+        again = await _connect_eventually(opened, pa, "bob")  # once the release is published
         await again.send_line("/who")
         who = await _until(again, lambda line: line.startswith("WHO "))
         assert {"alice", "bob", "robert"} <= set(who[-1].split())
@@ -315,16 +318,16 @@ async def test_nicks_are_unique_across_processes(
 
 
 async def test_killed_process_members_leave_once_within_15s(
-    redis_server: Any, serve: Callable[..., Any]
+    redis_server: Any, serve: Callable[..., Any], opened: Opened
 ) -> None:
     a, pa = _chat(serve, redis_server.url)
     _, pb = _chat(serve, redis_server.url)
     _, pc = _chat(serve, redis_server.url)
     with trio.fail_after(60):
-        bob = await _connect(pb, "bob")
-        carol = await _connect(pc, "carol")
+        bob = await _connect(opened, pb, "bob")
+        carol = await _connect(opened, pc, "carol")
         await bob.expect("JOIN carol")
-        doomed = [await _connect(pa, "alice"), await _connect(pa, "alan")]
+        doomed = [await _connect(opened, pa, "alice"), await _connect(opened, pa, "alan")]
         for c in (bob, carol):
             await _until(c, lambda line: line == "JOIN alan")
         a.signal(signal.SIGKILL)
@@ -343,20 +346,23 @@ async def test_killed_process_members_leave_once_within_15s(
         # Announced by exactly one process: nobody hears it twice.
         for c in (bob, carol):
             await c.expect_nothing(for_seconds=3)
-        del doomed
-        alice = await _connect(pb, "alice")  # the nick is free again
+        for c in doomed:
+            await c.aclose()
+        alice = await _connect(opened, pb, "alice")  # the nick is free again
         await carol.expect("JOIN alice")
         await alice.send_line("/who")
         await alice.expect("WHO alice bob carol")
 
 
-async def test_redis_restart_mid_conversation(redis_server: Any, serve: Callable[..., Any]) -> None:
+async def test_redis_restart_mid_conversation(
+    redis_server: Any, serve: Callable[..., Any], opened: Opened
+) -> None:
     a, pa = _chat(serve, redis_server.url)
     b, pb = _chat(serve, redis_server.url)
     with trio.fail_after(90):
-        alice = await _connect(pa, "alice")
-        carol = await _connect(pa, "carol")
-        bob = await _connect(pb, "bob")
+        alice = await _connect(opened, pa, "alice")
+        carol = await _connect(opened, pa, "carol")
+        bob = await _connect(opened, pb, "bob")
         await alice.expect("JOIN carol", "JOIN bob")
         await bob.send_line("before")
         await alice.expect("MSG bob before")
@@ -366,10 +372,10 @@ async def test_redis_restart_mid_conversation(redis_server: Any, serve: Callable
             process.wait_for("Redis at .* unreachable")
         await carol.send_line("during")
         await _until(alice, lambda line: line == "MSG carol during")
-        dan = await _connect(pb, "dan")  # joins while Redis is down: local only
+        dan = await _connect(opened, pb, "dan")  # joins while Redis is down: local only
         await _until(bob, lambda line: line == "JOIN dan")
         # Both processes let a member take "zed": a clash to resolve on recovery.
-        zeds = [await _connect(pa, "zed"), await _connect(pb, "zed")]
+        zeds = [await _connect(opened, pa, "zed"), await _connect(opened, pb, "zed")]
         await trio.sleep(1)
         redis_server.start()
         for process in (a, b):
@@ -398,7 +404,7 @@ def _rss_kib(pid: int) -> int:
 
 
 async def test_a_stopped_process_costs_bounded_memory(
-    redis_server: Any, serve: Callable[..., Any]
+    redis_server: Any, serve: Callable[..., Any], opened: Opened
 ) -> None:
     """A process that stops reading (SIGSTOP) while another sends a lot.
 
@@ -409,8 +415,8 @@ async def test_a_stopped_process_costs_bounded_memory(
     a, pa = _chat(serve, redis_server.url, "--rate", "0")
     b, pb = _chat(serve, redis_server.url)
     with trio.fail_after(120):
-        sender = await _connect(pa, "sender")
-        reader = await _connect(pb, "reader")
+        sender = await _connect(opened, pa, "sender")
+        reader = await _connect(opened, pb, "reader")
         await sender.expect("JOIN reader")
         b.signal(signal.SIGSTOP)
         try:
@@ -449,7 +455,9 @@ async def test_a_stopped_process_costs_bounded_memory(
     assert b.count("Traceback") == 0
 
 
-async def test_workers_share_the_room(redis_server: Any, serve: Callable[..., Any]) -> None:
+async def test_workers_share_the_room(
+    redis_server: Any, serve: Callable[..., Any], opened: Opened
+) -> None:
     """``--workers 2 --redis``: members on different workers chat.
 
     Which worker accepts a connection is the kernel's choice, so the test
@@ -473,7 +481,7 @@ async def test_workers_share_the_room(redis_server: Any, serve: Callable[..., An
             other = pids[other_index]
             os.kill(other, signal.SIGSTOP)
             try:
-                clients[index] = await _connect(port, f"m{index}")
+                clients[index] = await _connect(opened, port, f"m{index}")
             finally:
                 os.kill(other, signal.SIGCONT)
             raw = redis_server.command("HGET", "trionet:chat:nicks", f"m{index}").decode()
@@ -493,7 +501,9 @@ def test_bus_keys_do_not_clash_between_rooms() -> None:
     assert one._stream != two._stream and one.process != two.process
 
 
-async def test_workers_serve_the_web_page_too(redis_server: Any, serve: Callable[..., Any]) -> None:
+async def test_workers_serve_the_web_page_too(
+    redis_server: Any, serve: Callable[..., Any], opened: Opened
+) -> None:
     """``--workers 2 --web-port 0 --redis``: the parent opens the web port, every
     worker serves it, and a browser member talks with a TCP member on another worker."""
     from trio_websocket import connect_websocket_url
@@ -518,7 +528,9 @@ async def test_workers_serve_the_web_page_too(redis_server: Any, serve: Callable
             for i, stopped in enumerate(pids):
                 os.kill(stopped, signal.SIGSTOP)
                 try:
-                    ws = await connect_websocket_url(keep, f"ws://127.0.0.1:{web_port}/ws")
+                    ws = opened.add(
+                        await connect_websocket_url(keep, f"ws://127.0.0.1:{web_port}/ws")
+                    )
                     assert await ws.get_message() == WELCOME
                     await ws.send_message(f"/nick w{i}")
                     assert await ws.get_message() == f"OK nick w{i}"
@@ -527,7 +539,7 @@ async def test_workers_serve_the_web_page_too(redis_server: Any, serve: Callable
                 pages[owner(f"w{i}")] = (f"w{i}", ws)
             assert len(pages) == 2, "one worker did not serve the web port"
             # A TCP member, and the browser member of the other worker.
-            tcp = await _connect(port, "tcpmember")
+            tcp = await _connect(opened, port, "tcpmember")
             nick, ws = next(v for k, v in pages.items() if k != owner("tcpmember"))
             await tcp.send_line("hello browser")
             while (got := await ws.get_message()) != "MSG tcpmember hello browser":

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.conftest import _free_port
+from tests.conftest import Opened, _free_port
 from tests.services.chat.test_chat_redis import _connect
 from trionet import StartupError
 from trionet._redis import check_redis_url, shown_url
@@ -24,13 +24,13 @@ from trionet.services.chat.server import ChatService
 PASSWORD = "pw-7Hq2xZ"
 
 
-async def _two_talk(serve: Callable[..., Any], *args: str) -> list[Any]:
-    """Two chat processes started with ``args``; their members talk both ways."""
+async def _two_talk(serve: Callable[..., Any], opened: Opened, *args: str) -> list[Any]:
+    """Two chat processes started with ``args``; their members talk both ways, and leave."""
     processes = [serve("chat", "--port", "0", *args) for _ in range(2)]
     pa, pb = (p.port("chat") for p in processes)
     with trio.fail_after(60):
-        alice = await _connect(pa, "alice")
-        bob = await _connect(pb, "bob")
+        alice = await _connect(opened, pa, "alice")
+        bob = await _connect(opened, pb, "bob")
         await alice.expect("JOIN bob")
         await bob.send_line("hello over redis")
         await alice.expect("MSG bob hello over redis")
@@ -39,6 +39,8 @@ async def _two_talk(serve: Callable[..., Any], *args: str) -> list[Any]:
         while got != "MSG alice hi bob":  # (bob may first hear alice's JOIN)
             assert got == "JOIN alice", got
             got = await bob.receive_line()
+    await alice.aclose()
+    await bob.aclose()
     return processes
 
 
@@ -63,11 +65,11 @@ def test_urls_with_a_password_and_tls_are_accepted_and_shown_without_it() -> Non
 
 
 async def test_a_password_protected_redis(
-    redis_factory: Callable[..., Any], serve: Callable[..., Any]
+    redis_factory: Callable[..., Any], serve: Callable[..., Any], opened: Opened
 ) -> None:
     redis = redis_factory("--requirepass", PASSWORD)
     url = f"redis://:{PASSWORD}@127.0.0.1:{redis.port}/3"
-    a, b = await _two_talk(serve, "--redis", url)
+    a, b = await _two_talk(serve, opened, "--redis", url)
     # An outage and its recovery are logged with the URL: still no password.
     redis.kill()
     a.wait_for("unreachable")
@@ -101,7 +103,7 @@ def test_a_wrong_password_stops_the_start(
 
 
 async def test_redis_over_tls(
-    redis_factory: Callable[..., Any], serve: Callable[..., Any], tls_files: Any
+    redis_factory: Callable[..., Any], serve: Callable[..., Any], tls_files: Any, opened: Opened
 ) -> None:
     tls_port = _free_port()
     redis_factory(
@@ -117,7 +119,7 @@ async def test_redis_over_tls(
         "no",
     )
     url = f"rediss://localhost:{tls_port}"
-    for process in await _two_talk(serve, "--redis", url, "--redis-cafile", tls_files.ca):
+    for process in await _two_talk(serve, opened, "--redis", url, "--redis-cafile", tls_files.ca):
         assert process.count("unreachable") == 0
         assert process.stop() == 0
     # Without trusting the test CA, the certificate is refused: degraded, and said why.

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
+from conftest import Opened
 
 from trionet.services.chat.server import WELCOME
 from trionet.testing import Client
@@ -80,8 +81,8 @@ class Member:
         assert answer == expected, (self.nick, answer, expected, self.lines[-10:])
 
 
-async def _join(nursery: trio.Nursery, port: int, nick: str) -> Member:
-    client = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=20)
+async def _join(nursery: trio.Nursery, opened: Opened, port: int, nick: str) -> Member:
+    client = await opened.client(port, timeout=20)
     await client.expect(WELCOME)
     await client.send_line(f"/nick {nick}")
     await client.expect(f"OK nick {nick}")
@@ -111,17 +112,17 @@ def _check_log(process: Any, outages: int) -> None:
 
 
 async def test_five_restarts_announce_nobody_falsely(
-    redis_server: Any, serve: Callable[..., Any]
+    redis_server: Any, serve: Callable[..., Any], opened: Opened
 ) -> None:
     """Redis killed and restarted empty five times; one member quits during the third."""
     a, pa = _chat(serve, redis_server.url)
     b, pb = _chat(serve, redis_server.url)
     with trio.fail_after(150):
         async with trio.open_nursery() as nursery:
-            alice = await _join(nursery, pa, "alice")
-            carol = await _join(nursery, pa, "carol")
-            bob = await _join(nursery, pb, "bob")
-            dan = await _join(nursery, pb, "dan")
+            alice = await _join(nursery, opened, pa, "alice")
+            carol = await _join(nursery, opened, pa, "carol")
+            bob = await _join(nursery, opened, pb, "bob")
+            dan = await _join(nursery, opened, pb, "dan")
             everyone = [alice, carol, bob, dan]
             await _settled(everyone, "WHO alice bob carol dan")
             before = {m.nick: len(m.joins_and_leaves()) for m in everyone}
@@ -172,16 +173,16 @@ async def test_five_restarts_announce_nobody_falsely(
 
 
 async def test_a_paused_redis_announces_nobody_falsely(
-    redis_server: Any, serve: Callable[..., Any]
+    redis_server: Any, serve: Callable[..., Any], opened: Opened
 ) -> None:
     """SIGSTOP on Redis longer than the liveness period and a call's deadline."""
     a, pa = _chat(serve, redis_server.url)
     b, pb = _chat(serve, redis_server.url)
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            alice = await _join(nursery, pa, "alice")
-            bob = await _join(nursery, pb, "bob")
-            dan = await _join(nursery, pb, "dan")
+            alice = await _join(nursery, opened, pa, "alice")
+            bob = await _join(nursery, opened, pb, "bob")
+            dan = await _join(nursery, opened, pb, "dan")
             await _settled([alice, bob, dan], "WHO alice bob dan")
             before = len(alice.joins_and_leaves())
             redis_server.proc.send_signal(signal.SIGSTOP)
@@ -233,11 +234,12 @@ class CutProxy:
         await trio.serve_listeners(self._relay, listeners)
 
     async def _relay(self, down: trio.SocketStream) -> None:
-        await self._open.wait()
-        up = await trio.open_tcp_stream("127.0.0.1", self.upstream)
-        async with up, down, trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, down, up)
-            nursery.start_soon(self._pump, up, down)
+        async with down:  # (also when cancelled while the link is cut)
+            await self._open.wait()
+            up = await trio.open_tcp_stream("127.0.0.1", self.upstream)
+            async with up, trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, down, up)
+                nursery.start_soon(self._pump, up, down)
 
     async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream) -> None:
         try:
@@ -256,7 +258,7 @@ class CutProxy:
 
 
 async def test_a_cut_link_announces_nobody_falsely(
-    redis_server: Any, serve: Callable[..., Any]
+    redis_server: Any, serve: Callable[..., Any], opened: Opened
 ) -> None:
     """One process cut off from Redis: members who quit meanwhile are announced
     once after it, nobody else; then its ``kill -9`` is still announced in time."""
@@ -266,10 +268,10 @@ async def test_a_cut_link_announces_nobody_falsely(
             port = await nursery.start(proxy.run)
             a, pa = _chat(serve, f"redis://127.0.0.1:{port}")
             b, pb = _chat(serve, redis_server.url)
-            alice = await _join(nursery, pa, "alice")
-            amy = await _join(nursery, pa, "amy")
-            bob = await _join(nursery, pb, "bob")
-            dan = await _join(nursery, pb, "dan")
+            alice = await _join(nursery, opened, pa, "alice")
+            amy = await _join(nursery, opened, pa, "amy")
+            bob = await _join(nursery, opened, pb, "bob")
+            dan = await _join(nursery, opened, pb, "dan")
             truth = "WHO alice amy bob dan"
             await _settled([alice, amy, bob, dan], truth)
             before = {m.nick: len(m.joins_and_leaves()) for m in (alice, bob)}

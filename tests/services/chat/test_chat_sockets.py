@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
+from conftest import Opened
 
 import trionet
 from trionet.services.chat.server import WELCOME, ChatService
@@ -24,18 +25,18 @@ async def running(service: ChatService) -> AsyncIterator[tuple[str, int]]:
         nursery.cancel_scope.cancel()
 
 
-async def join(addr: tuple[str, int], nick: str) -> Client:
-    c = Client(await trio.open_tcp_stream(*addr), timeout=30)
+async def join(opened: Opened, addr: tuple[str, int], nick: str) -> Client:
+    c = await opened.client(addr[1], addr[0], timeout=30)
     await c.expect(WELCOME)
     await c.send_line(f"/nick {nick}")
     await c.expect(f"OK nick {nick}")
     return c
 
 
-async def test_protocol_over_tcp() -> None:
+async def test_protocol_over_tcp(opened: Opened) -> None:
     async with running(ChatService(port=0)) as addr:
-        alice = await join(addr, "alice")
-        bob = await join(addr, "bob")
+        alice = await join(opened, addr, "alice")
+        bob = await join(opened, addr, "bob")
         await alice.expect("JOIN bob")
         await alice.send(b"hello all\r\n/me waves\n/msg bob psst\n/who\n")
         await alice.expect("WHO alice bob")
@@ -47,11 +48,11 @@ async def test_protocol_over_tcp() -> None:
         await alice.aclose()
 
 
-async def test_hundred_clients_each_message_reaches_every_other() -> None:
+async def test_hundred_clients_each_message_reaches_every_other(opened: Opened) -> None:
     """100 members each send 10 lines at once (a burst): all arrive, nobody is evicted."""
     n, per = 100, 10
     async with running(ChatService(port=0)) as addr:
-        clients = [await join(addr, f"c{i}") for i in range(n)]
+        clients = [await join(opened, addr, f"c{i}") for i in range(n)]
         received: dict[int, list[bytes]] = {}
 
         async def member(i: int, c: Client) -> None:
@@ -85,17 +86,17 @@ async def test_hundred_clients_each_message_reaches_every_other() -> None:
             await c.aclose()
 
 
-async def test_slow_consumer_evicted_while_others_keep_receiving() -> None:
+async def test_slow_consumer_evicted_while_others_keep_receiving(opened: Opened) -> None:
     sendq = 256 * 1024
     async with running(ChatService(port=0, rate=0, sendq=sendq)) as addr:
-        alice = await join(addr, "alice")
-        bob = await join(addr, "bob")
+        alice = await join(opened, addr, "alice")
+        bob = await join(opened, addr, "bob")
         # A small receive buffer, set before connecting, keeps the kernel from
         # absorbing megabytes on the slow client's behalf.
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         await sock.connect(addr)
-        slow = Client(trio.SocketStream(sock), timeout=30)
+        slow = opened.add(Client(trio.SocketStream(sock), timeout=30))
         await slow.send_line("/nick slow")
         # ...and slow never reads again.
         await alice.expect("JOIN bob", "JOIN slow")
@@ -136,9 +137,9 @@ async def test_slow_consumer_evicted_while_others_keep_receiving() -> None:
             await c.aclose()
 
 
-async def test_reset_connection_is_announced_as_leave() -> None:
+async def test_reset_connection_is_announced_as_leave(opened: Opened) -> None:
     async with running(ChatService(port=0)) as addr:
-        alice = await join(addr, "alice")
+        alice = await join(opened, addr, "alice")
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
         await sock.connect(addr)
         bob = Client(trio.SocketStream(sock), timeout=30)
@@ -153,12 +154,12 @@ async def test_reset_connection_is_announced_as_leave() -> None:
         await alice.aclose()
 
 
-async def test_idle_timeout_over_tcp() -> None:
+async def test_idle_timeout_over_tcp(opened: Opened) -> None:
     # bob's round trips must stay under the idle timeout even on a busy
     # machine, so it is not tiny; alice's silence outlasts it all the same.
     async with running(ChatService(port=0, idle_timeout=3.0)) as addr:
-        alice = await join(addr, "alice")
-        bob = await join(addr, "bob")
+        alice = await join(opened, addr, "alice")
+        bob = await join(opened, addr, "bob")
         await alice.expect("JOIN bob")
         with trio.fail_after(30):
             for _ in range(2):  # bob keeps talking; alice only listens

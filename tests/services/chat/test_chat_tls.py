@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 
 import trio
-from conftest import TLSFiles
+from conftest import Opened, TLSFiles
 from test_chat_client import CLIENT, Lines, running
 from test_web import read_response
 
@@ -19,12 +19,14 @@ from trionet.services.chat.server import WELCOME, ChatService
 from trionet.testing import Client
 
 
-async def test_interactive_session_inside_tls(tls_files: TLSFiles) -> None:
+async def test_interactive_session_inside_tls(tls_files: TLSFiles, opened: Opened) -> None:
     service = ChatService(port=0, tls_cert=tls_files.cert, tls_key=tls_files.key)
     async with running(service) as (_, port):
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
         ctx = tls_files.client_context()
-        alice = Client(trio.SSLStream(tcp, ctx, server_hostname="127.0.0.1"), timeout=10)
+        alice = opened.add(
+            Client(trio.SSLStream(tcp, ctx, server_hostname="127.0.0.1"), timeout=10)
+        )
         await alice.expect(WELCOME)
         await alice.send_line("/nick alice")
         await alice.expect("OK nick alice")
@@ -54,7 +56,9 @@ async def test_interactive_session_inside_tls(tls_files: TLSFiles) -> None:
             await proc.wait()
 
 
-async def test_the_browser_page_is_https_when_the_chat_speaks_tls(tls_files: TLSFiles) -> None:
+async def test_the_browser_page_is_https_when_the_chat_speaks_tls(
+    tls_files: TLSFiles, opened: Opened
+) -> None:
     """With TLS the web port serves HTTPS and a wss:// WebSocket, in the same room as TCP."""
 
     import trio_websocket
@@ -76,7 +80,7 @@ async def test_the_browser_page_is_https_when_the_chat_speaks_tls(tls_files: TLS
             assert head.startswith(b"HTTP/1.1 200")
             await page.aclose()
             # Plain HTTP to the TLS web port is sent to https://, in plain text.
-            plain = await trio.open_tcp_stream("127.0.0.1", web_port)
+            plain = await opened.stream(web_port)
             await plain.send_all(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{web_port}\r\n\r\n".encode())
             status, headers, body = await read_response(plain)
             assert (status, headers["location"]) == (307, f"https://127.0.0.1:{web_port}/")
@@ -85,7 +89,7 @@ async def test_the_browser_page_is_https_when_the_chat_speaks_tls(tls_files: TLS
             tcp = trio.SSLStream(
                 await trio.open_tcp_stream("127.0.0.1", tcp_port), ctx, server_hostname="127.0.0.1"
             )
-            alice = Client(tcp, timeout=10)
+            alice = opened.add(Client(tcp, timeout=10))
             await alice.expect(WELCOME)
             await alice.send_line("/nick alice")
             await alice.expect("OK nick alice")

@@ -21,6 +21,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from conftest import Opened
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from trio_websocket import (
@@ -425,11 +426,9 @@ async def running(service: ChatService) -> AsyncIterator[tuple[trionet.Server, i
             server.shutdown()
 
 
-async def tcp_client(port: int) -> Client:
-    return Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=30)
-
-
-async def test_web_and_tcp_members_talk_over_sockets(caplog: pytest.LogCaptureFixture) -> None:
+async def test_web_and_tcp_members_talk_over_sockets(
+    caplog: pytest.LogCaptureFixture, opened: Opened
+) -> None:
     caplog.set_level(logging.INFO, logger="trionet")
     async with (
         running(ChatService(port=0, web_port=0)) as (_, port, web_port),
@@ -437,9 +436,7 @@ async def test_web_and_tcp_members_talk_over_sockets(caplog: pytest.LogCaptureFi
     ):
         assert f"chat web listening on 127.0.0.1:{web_port}" in caplog.messages
         alice = await WsClient(ws).join("alice")
-        bob = await join_tcp(
-            Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=30), "bob"
-        )
+        bob = await join_tcp(await opened.client(port, timeout=30), "bob")
         await alice.expect("JOIN bob")
         await alice.send_line("hi from a browser <b>")
         await bob.expect("MSG alice hi from a browser <b>")
@@ -450,9 +447,9 @@ async def test_web_and_tcp_members_talk_over_sockets(caplog: pytest.LogCaptureFi
         await alice.expect("LEAVE bob")
 
 
-async def test_page_404_and_405_over_sockets() -> None:
+async def test_page_404_and_405_over_sockets(opened: Opened) -> None:
     async def get(web_port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-        stream = await trio.open_tcp_stream("127.0.0.1", web_port)
+        stream = await opened.stream(web_port)
         await stream.send_all(request)
         return await read_response(stream)
 
@@ -467,14 +464,12 @@ async def test_page_404_and_405_over_sockets() -> None:
         assert (await get(web_port, b"PUT / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))[0] == 405
 
 
-async def test_flood_control_applies_to_a_web_member_over_sockets() -> None:
+async def test_flood_control_applies_to_a_web_member_over_sockets(opened: Opened) -> None:
     async with (
         running(ChatService(port=0, web_port=0, rate=0.01, burst=3)) as (_, port, web_port),
         open_websocket_url(f"ws://127.0.0.1:{web_port}/ws") as ws,
     ):
-        bob = await join_tcp(
-            Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=30), "bob"
-        )
+        bob = await join_tcp(await opened.client(port, timeout=30), "bob")
         alice = await WsClient(ws).join("alice")
         await bob.expect("JOIN alice")
         for i in range(4):
@@ -484,11 +479,15 @@ async def test_flood_control_applies_to_a_web_member_over_sockets() -> None:
         await bob.expect_nothing(for_seconds=0.2)
 
 
-async def test_shutdown_says_bye_to_a_web_member_over_sockets() -> None:
+async def test_shutdown_says_bye_to_a_web_member_over_sockets(opened: Opened) -> None:
     async with (
         running(ChatService(port=0, web_port=0)) as (server, _, web_port),
-        open_websocket_url(f"ws://127.0.0.1:{web_port}/ws") as ws,
+        trio.open_nursery() as nursery,
     ):
+        # The test owns the TCP stream (closed by `opened`): trio-websocket's
+        # client, told goodbye by the server, never closes its own.
+        stream = await opened.stream(web_port)
+        ws = await wrap_client_stream(nursery, stream, f"127.0.0.1:{web_port}", "/ws")
         alice = await WsClient(ws).join("alice")
         server.shutdown()
         await alice.expect("BYE shutdown")
@@ -534,3 +533,5 @@ def test_command_line_serves_the_page_and_stops_cleanly() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 import trio.testing
+from conftest import Opened
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -313,15 +314,19 @@ async def running(service: ChatService) -> AsyncIterator[tuple[int, int]]:
             server.shutdown()
 
 
-async def connect_from(address: str, port: int) -> trio.SocketStream:
-    """A TCP connection to 127.0.0.1:``port`` from ``address`` (any of 127.0.0.0/8)."""
+async def connect_from(opened: Opened, address: str, port: int) -> trio.SocketStream:
+    """A TCP connection to 127.0.0.1:``port`` from ``address`` (any of 127.0.0.0/8).
+
+    ``opened`` closes it at the end of the test (if the test did not already).
+    """
     sock = trio.socket.socket()
+    stream = opened.add(trio.SocketStream(sock))
     await sock.bind((address, 0))
     await sock.connect(("127.0.0.1", port))
-    return trio.SocketStream(sock)
+    return stream
 
 
-async def test_rebinding_over_sockets() -> None:
+async def test_rebinding_over_sockets(opened: Opened) -> None:
     service = ChatService(port=0, web_port=0, web_host_names=("chat.example",))
     with trio.fail_after(30):
         async with running(service) as (_, web):
@@ -331,52 +336,55 @@ async def test_rebinding_over_sockets() -> None:
                 (f"localhost.evil.example:{web}", b""),
                 (f"127.0.0.1:{web}", b"Origin: http://evil.example\r\n"),
             ]:
-                stream = await trio.open_tcp_stream("127.0.0.1", web)
+                stream = await opened.stream(web)
                 assert await request(stream, host, extra) == 403, host
             for host in [f"127.0.0.1:{web}", f"localhost:{web}", "127.0.0.1", "chat.example"]:
-                stream = await trio.open_tcp_stream("127.0.0.1", web)
+                stream = await opened.stream(web)
                 origin = f"Origin: http://{host}\r\n".encode()
                 assert await request(stream, host, origin) == 101, host
-            ws = await RawWs.open(await trio.open_tcp_stream("127.0.0.1", web), f"127.0.0.1:{web}")
+            ws = await RawWs.open(await opened.stream(web), f"127.0.0.1:{web}")
             await ws.join("alice")
 
 
-async def test_silent_connections_from_one_address_lock_nobody_out() -> None:
+async def test_silent_connections_from_one_address_lock_nobody_out(opened: Opened) -> None:
     """The probe held the port shut with 256 connections sending nothing."""
     with trio.fail_after(60):
         async with running(ChatService(port=0, web_port=0)) as (_, web):
-            silent = [await connect_from("127.0.0.2", web) for _ in range(300)]
-            ws = await RawWs.open(await connect_from("127.0.0.3", web), f"127.0.0.1:{web}")
+            silent = [await connect_from(opened, "127.0.0.2", web) for _ in range(300)]
+            ws = await RawWs.open(await connect_from(opened, "127.0.0.3", web), f"127.0.0.1:{web}")
             await ws.join("alice")
             for stream in silent:
                 await stream.aclose()
 
 
-async def test_pending_handshakes_count_against_the_per_address_cap() -> None:
+async def test_pending_handshakes_count_against_the_per_address_cap(opened: Opened) -> None:
     service = ChatService(port=0, web_port=0, max_per_address=5)
     with trio.fail_after(60):
         async with running(service) as (_, web):
-            silent = [await connect_from("127.0.0.2", web) for _ in range(5)]
-            over = await connect_from("127.0.0.2", web)
+            silent = [await connect_from(opened, "127.0.0.2", web) for _ in range(5)]
+            over = await connect_from(opened, "127.0.0.2", web)
             # Closed at once, without a word (or reset).
             with trio.fail_after(10), contextlib.suppress(trio.BrokenResourceError):
                 assert await over.receive_some(100) == b""
-            ws = await RawWs.open(await connect_from("127.0.0.3", web), f"127.0.0.1:{web}")
+            ws = await RawWs.open(await connect_from(opened, "127.0.0.3", web), f"127.0.0.1:{web}")
             await ws.join("alice")
             for stream in silent:
                 await stream.aclose()
             # Their slots are free again.
-            ws2 = await RawWs.open(await connect_from("127.0.0.2", web), f"127.0.0.1:{web}")
+            ws2 = await RawWs.open(await connect_from(opened, "127.0.0.2", web), f"127.0.0.1:{web}")
             await ws2.join("bob")
 
 
-async def test_a_burst_of_500_reconnecting_pages_from_50_addresses_all_get_in() -> None:
+async def test_a_burst_of_500_reconnecting_pages_from_50_addresses_all_get_in(
+    opened: Opened,
+) -> None:
     """All connect first, then all send their requests: every one is pending at once."""
     pages, addresses = 500, 50
     with trio.fail_after(120):
         async with running(ChatService(port=0, web_port=0)) as (_, web):
             streams = [
-                await connect_from(f"127.0.0.{10 + i % addresses}", web) for i in range(pages)
+                await connect_from(opened, f"127.0.0.{10 + i % addresses}", web)
+                for i in range(pages)
             ]
             welcomed = 0
 
@@ -394,10 +402,10 @@ async def test_a_burst_of_500_reconnecting_pages_from_50_addresses_all_get_in() 
                 await stream.aclose()
 
 
-async def test_a_trickled_message_ends_at_the_line_timeout_over_sockets() -> None:
+async def test_a_trickled_message_ends_at_the_line_timeout_over_sockets(opened: Opened) -> None:
     with trio.fail_after(30):
         async with running(ChatService(port=0, web_port=0, line_timeout=1)) as (_, web):
-            stream = await trio.open_tcp_stream("127.0.0.1", web)
+            stream = await opened.stream(web)
             alice = await (await RawWs.open(stream, f"127.0.0.1:{web}", timeout=20)).join("alice")
             data = alice.frame("x" * 100)
             start = trio.current_time()
@@ -417,7 +425,7 @@ async def test_a_trickled_message_ends_at_the_line_timeout_over_sockets() -> Non
             assert 1 <= trio.current_time() - start < 15
 
 
-async def test_a_malformed_frame_gets_close_1002_over_sockets() -> None:
+async def test_a_malformed_frame_gets_close_1002_over_sockets(opened: Opened) -> None:
     with trio.fail_after(30):
         async with running(ChatService(port=0, web_port=0)) as (_, web):
             for bad in [
@@ -426,7 +434,7 @@ async def test_a_malformed_frame_gets_close_1002_over_sockets() -> None:
                 b"\x81\x05hello",  # not masked
                 b"\x89\xfe\x00\xc8" + bytes(4 + 200),  # a control frame over 125 bytes
             ]:
-                stream = await trio.open_tcp_stream("127.0.0.1", web)
+                stream = await opened.stream(web)
                 ws = await (await RawWs.open(stream, f"127.0.0.1:{web}")).join("alice")
                 await stream.send_all(bad)
                 assert await ws.receive_line() is None

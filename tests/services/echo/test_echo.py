@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from conftest import Opened
 
 import trionet
 from trionet.services.echo.server import EchoService
@@ -168,6 +169,8 @@ def test_cli_serves_echo_and_stops_cleanly_on_sigterm() -> None:
         if server.poll() is None:
             server.kill()
             server.wait()
+        if server.stderr is not None:
+            server.stderr.close()
 
 
 def test_cli_sigint_with_a_client_connected() -> None:
@@ -187,6 +190,8 @@ def test_cli_sigint_with_a_client_connected() -> None:
         if server.poll() is None:
             server.kill()
             server.wait()
+        if server.stderr is not None:
+            server.stderr.close()
 
 
 def test_client_reports_refused_connection() -> None:
@@ -291,11 +296,13 @@ async def test_idle_timeout_drops_a_client_that_sends_and_never_reads_in_memory(
         assert trio.current_time() - start == pytest.approx(5, abs=0.1)
 
 
-async def test_idle_timeout_drops_a_client_that_sends_and_never_reads_over_tcp() -> None:
+async def test_idle_timeout_drops_a_client_that_sends_and_never_reads_over_tcp(
+    opened: Opened,
+) -> None:
     server = trionet.Server([EchoService(port=0, idle_timeout=1)])
     async with trio.open_nursery() as nursery:
         host, port = (await nursery.start(server.run))["echo"][0]
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await opened.stream(port, host)
         sent = 0
         started = trio.current_time()
         with trio.fail_after(15), pytest.raises(trio.BrokenResourceError):

@@ -26,6 +26,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from conftest import Opened
 
 import trionet
 from trionet.services.files import digest as files_digest
@@ -66,12 +67,12 @@ async def running(
             yield Wire(service, srv.open_stream, srv.shutdown)
         return
     server = trionet.Server([service], grace=grace)
-    async with trio.open_nursery() as nursery:
+    async with Opened() as opened, trio.open_nursery() as nursery:
         addresses = await nursery.start(server.run)
         host, port = addresses["files"][0]
 
         async def open_stream() -> trio.abc.Stream:
-            return await trio.open_tcp_stream(host, port)
+            return await opened.stream(port, host)
 
         yield Wire(service, open_stream, server.shutdown)
         nursery.cancel_scope.cancel()

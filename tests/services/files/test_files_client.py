@@ -113,8 +113,12 @@ async def cutting_proxy(
     """
 
     async def handle(client: trio.SocketStream) -> None:
-        upstream = await trio.open_tcp_stream(*target)
-        async with client, upstream, trio.open_nursery() as nursery:
+        # (client first: closed even if connecting upstream fails or is cancelled)
+        async with (
+            client,
+            await trio.open_tcp_stream(*target) as upstream,
+            trio.open_nursery() as nursery,
+        ):
 
             async def up() -> None:
                 while data := await client.receive_some():
@@ -154,8 +158,11 @@ async def cut_connection(
     if transport == "memory":
         yield CutStream(await wire.open_stream(), limit, stalled)
         return
-    async with cutting_proxy(await tcp_address(wire), limit, stalled) as (host, port):
-        yield await trio.open_tcp_stream(host, port)
+    async with (
+        cutting_proxy(await tcp_address(wire), limit, stalled) as (host, port),
+        await trio.open_tcp_stream(host, port) as stream,
+    ):
+        yield stream
 
 
 def service(root: Path) -> FilesService:

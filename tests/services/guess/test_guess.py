@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+from conftest import Opened
 
 import trionet
 from trionet.services.guess.client import ServerSession, play_auto, play_interactive
@@ -32,12 +33,12 @@ async def running(service: GuessService, transport: str) -> AsyncIterator[Connec
             yield srv.connect
         return
     service.port = 0
-    async with trio.open_nursery() as nursery:
+    async with Opened() as opened, trio.open_nursery() as nursery:
         addresses = await nursery.start(trionet.serve, [service])
         host, port = addresses["guess"][0]
 
         async def connect() -> Client:
-            return Client(await trio.open_tcp_stream(host, port), timeout=30)
+            return await opened.client(port, host, timeout=30)
 
         yield connect
         nursery.cancel_scope.cancel()
@@ -166,7 +167,7 @@ async def test_idle_timeout_on_the_socket_fast_path() -> None:
 
 
 @both
-async def test_graceful_shutdown_says_bye(transport: str) -> None:
+async def test_graceful_shutdown_says_bye(transport: str, opened: Opened) -> None:
     with trio.fail_after(5):
         service = GuessService(port=0)
         if transport == "memory":
@@ -180,7 +181,8 @@ async def test_graceful_shutdown_says_bye(transport: str) -> None:
         server = trionet.Server([service])
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(server.run)
-            c = Client(await trio.open_tcp_stream(*addresses["guess"][0]), timeout=30)
+            host, port = addresses["guess"][0]
+            c = await opened.client(port, host, timeout=30)
             await c.expect("NEW 1 100")
             server.shutdown()
             await c.expect("BYE shutdown")

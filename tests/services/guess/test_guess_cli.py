@@ -55,6 +55,9 @@ def guess_server(*options: str) -> Iterator[tuple[int, list[str]]]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        reader.join(TIMEOUT)
+        if not reader.is_alive():  # (never closed under the reader's feet)
+            stderr.close()
 
 
 def run_client(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

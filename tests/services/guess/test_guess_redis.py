@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import Opened
 
 from trionet.services.guess.rules import Stats
 from trionet.services.guess.server import GuessService
@@ -104,7 +105,7 @@ async def test_stats_are_local_while_redis_is_down_and_nothing_is_lost(
 
 
 async def test_two_processes_and_two_workers_share_stats(
-    redis_server: Any, serve: Callable[..., Any]
+    redis_server: Any, serve: Callable[..., Any], opened: Opened
 ) -> None:
     common = ("--range", "1", "1", "--redis", redis_server.url)
     a = serve("guess", "--port", "0", *common)
@@ -113,7 +114,7 @@ async def test_two_processes_and_two_workers_share_stats(
     with trio.fail_after(60):
         clients = []
         for port in (pa, pb, pb, pb):
-            c = Client(await trio.open_tcp_stream("127.0.0.1", port), timeout=15)
+            c = await opened.client(port, timeout=15)
             await c.expect("NEW 1 1")
             clients.append(c)
         for c in clients:
