@@ -189,13 +189,20 @@ if sys.platform != "win32":
 
 
 @contextlib.contextmanager
-def _no_echo(fd: int) -> Iterator[None]:
-    """Turn the terminal's own echo off for the block, then back to what it was.
+def _keys_for_the_prompt(fd: int) -> Iterator[None]:
+    """For the block, leave every key typed to the prompt, even between two prompts.
 
-    prompt_toolkit draws what is typed while a prompt is up; keys typed
-    before the first prompt or between two (waiting for a reply) would
-    otherwise be echoed by the terminal in the middle of the screen, then
-    drawn again by the next prompt, which reads them all the same.
+    prompt_toolkit puts the terminal in raw mode while a prompt is up and
+    back as it found it after. As found, the terminal would echo keys typed
+    before the first prompt or between two (waiting for a reply) in the
+    middle of the screen, and, in its line mode (ICANON), treat some of them
+    itself: a Ctrl-D there was taken as the end of input and never reached
+    the next prompt (the client then did not leave), Ctrl-U and Ctrl-W
+    edited its own copy of the line. So for the session it is put in the
+    same raw input mode the prompt uses (no echo, no line mode, no literal-
+    next, bytes as typed), except that Ctrl-C and Ctrl-Z keep their signals
+    when no prompt is up: a client waiting for the server can still be
+    stopped. Then back to what it was.
     """
     if sys.platform == "win32":  # the console has no termios; nothing to do
         yield
@@ -207,9 +214,13 @@ def _no_echo(fd: int) -> Iterator[None]:
     except termios.error:
         yield
         return
-    quiet = list(saved)
-    quiet[3] &= ~termios.ECHO
-    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    raw = list(saved)
+    raw[0] &= ~(termios.IXON | termios.IXOFF | termios.ICRNL | termios.INLCR | termios.IGNCR)
+    raw[3] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN)
+    raw[6] = list(raw[6])
+    raw[6][termios.VMIN] = 1
+    raw[6][termios.VTIME] = 0
+    termios.tcsetattr(fd, termios.TCSANOW, raw)
     try:
         yield
     finally:
@@ -229,7 +240,7 @@ async def open_terminal(*, erase_typed: bool = False) -> AsyncIterator[Terminal]
     from prompt_toolkit.input import create_input
     from prompt_toolkit.output import create_output
 
-    with _no_echo(sys.stdin.fileno()):
+    with _keys_for_the_prompt(sys.stdin.fileno()):
         output = create_output(sys.stdout)
         # History in memory only: what people type in a chat is not written to disk.
         session: PromptSession[str] = PromptSession(

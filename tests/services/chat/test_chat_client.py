@@ -350,3 +350,42 @@ async def test_terminal_server_shutdown_mid_typing_restores_the_terminal() -> No
             await term.wait_for("chat: server closed the session: BYE shutdown")
             assert "Traceback" not in term.text()
             assert _restored(term)
+
+
+async def test_terminal_keys_typed_while_no_prompt_is_up_reach_the_next_prompt() -> None:
+    # Ctrl-D typed while the client waits for the server (here: before its
+    # first prompt, the answer to /nick held back until the key is in) must
+    # still leave, as at the prompt. In the terminal's own line mode it was
+    # taken as end of input by the terminal itself and never reached the
+    # prompt: the client stayed (a pty test that typed it just after /help
+    # failed so, now and then).
+    asked = trio.Event()
+    typed = trio.Event()
+    after_nick: list[str] = []
+
+    async def server(stream: trio.SocketStream) -> None:
+        conn = trionet.Connection(stream)
+        assert await conn.receive_line() == "/nick bob"
+        asked.set()
+        await typed.wait()
+        await conn.send_line("OK nick bob")
+        with trio.fail_after(30):
+            while (line := await conn.receive_line()) is not None:
+                after_nick.append(line)
+                if line == "/quit":
+                    await conn.send_line("BYE")
+                    return
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        async with run_in_terminal([*CLIENT, "--nick", "bob", "--port", str(port)]) as term:
+            with trio.fail_after(30):
+                await asked.wait()  # the terminal is open, no prompt yet
+            await term.type("\x04")
+            await trio.sleep(0.2)  # (ordering only: the terminal has the key before a prompt)
+            typed.set()
+            assert await term.wait_exit() == 0, term.text()
+            assert after_nick == ["/history", "/who", "/quit"], term.text()
+            assert _restored(term)
+        nursery.cancel_scope.cancel()
