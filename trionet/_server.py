@@ -501,14 +501,16 @@ class Server:
                 # Read each time: a reload may bring a new certificate.
                 tls = None if extra else service.tls_context
                 peer = format_peer(stream)
+                if self._active[service.name] >= service.max_connections:
+                    connections.start_soon(self._turn_away, service, stream, peer, None, tls)
+                    continue
+                # The service's slot is taken here, for every path: the
+                # connection holds a descriptor from now on (with the PROXY
+                # protocol, also while its header is read).
+                self._active[service.name] += 1
                 if service.proxy_protocol and not extra:
                     # The real peer is in the header: the per-address limit
-                    # applies once it is read; the connection holds one of the
-                    # service's slots meanwhile (it holds a descriptor).
-                    if self._active[service.name] >= service.max_connections:
-                        connections.start_soon(self._turn_away, service, stream, peer, None, tls)
-                        continue
-                    self._active[service.name] += 1
+                    # applies once it is read.
                     connections.start_soon(
                         self._read_proxy_header, service, stream, peer, tls, connections
                     )
@@ -522,25 +524,15 @@ class Server:
         peer: str,
         tls: ssl.SSLContext | None,
         connections: trio.Nursery,
-        *,
-        holds_slot: bool = False,
     ) -> None:
-        """Serve ``stream`` from ``peer``, or turn it away if a limit is reached.
-
-        ``holds_slot``: the connection took its service slot already (while
-        its PROXY header was read).
-        """
+        """Serve ``stream`` from ``peer``, which holds a service slot, or turn it
+        away (giving the slot back) if its address is at its limit."""
         per_address = self._per_address[service.name]
         key = _address_key(peer)
-        if not holds_slot and self._active[service.name] >= service.max_connections:
-            connections.start_soon(self._turn_away, service, stream, peer, None, tls)
-        elif key is not None and per_address.get(key, 0) >= service.effective_max_per_address:
-            if holds_slot:
-                self._active[service.name] -= 1
+        if key is not None and per_address.get(key, 0) >= service.effective_max_per_address:
+            self._active[service.name] -= 1
             connections.start_soon(self._turn_away, service, stream, peer, key, tls)
         else:
-            if not holds_slot:
-                self._active[service.name] += 1
             if key is not None:
                 per_address[key] = per_address.get(key, 0) + 1
             connections.start_soon(self._run_connection, service, stream, peer, key, tls)
@@ -599,7 +591,7 @@ class Server:
             else:
                 log.warning("%s %s refused: %s", service.name, peer, failure)
             return
-        self._admit(service, stream, header.peer or peer, tls, connections, holds_slot=True)
+        self._admit(service, stream, header.peer or peer, tls, connections)
 
     async def _turn_away(
         self,
