@@ -20,7 +20,7 @@ import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -660,6 +660,42 @@ async def test_a_crash_in_the_hash_thread_does_not_hang(
     assert not out.exists()
 
 
+_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+async def _get_from(
+    nursery: trio.Nursery, handle: Callable[[trio.SocketStream], Awaitable[None]], out: Path
+) -> tuple[trio.Process, int]:
+    """A fake files server running ``handle`` on 127.0.0.1, and a real client process
+    getting ``big.bin`` from it into ``out`` (stdout and stderr piped); (client, port).
+
+    run_process kills the client if the test fails or times out.
+    """
+    (listener,) = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    port = listener.socket.getsockname()[1]
+    argv = [sys.executable, "-m", "trionet.client", "files", "get", "big.bin"]
+    proc: trio.Process = await nursery.start(
+        partial(
+            trio.run_process,
+            [*argv, "-o", str(out), "--port", str(port)],
+            check=False,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_ENV,
+        )
+    )
+    return proc, port
+
+
+async def _all_stderr(proc: trio.Process) -> bytes:
+    """Everything the process writes to stderr, until it closes it."""
+    assert proc.stderr is not None
+    err = bytearray()
+    while chunk := await proc.stderr.receive_some():
+        err += chunk
+    return bytes(err)
+
+
 async def test_ctrl_c_keeps_the_part_and_prints_the_resume_command(tmp_path: Path) -> None:
     # A real client process gets SIGINT while the server (a plain trio server
     # here) has sent part of a big file and stalls. The client exits 130,
@@ -694,32 +730,16 @@ async def test_ctrl_c_keeps_the_part_and_prints_the_resume_command(tmp_path: Pat
 
     out = tmp_path / "big"
     part = tmp_path / "big.part"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            (listener,) = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-            port = listener.socket.getsockname()[1]
-            argv = [sys.executable, "-m", "trionet.client", "files", "get", "big.bin"]
-            # run_process kills the client if the test fails or times out.
-            proc: trio.Process = await nursery.start(
-                partial(
-                    trio.run_process,
-                    [*argv, "-o", str(out), "--port", str(port)],
-                    check=False,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    env=env,
-                )
-            )
+            proc, port = await _get_from(nursery, handle, out)
             await sent_part.wait()
             # Two whole buffers are on disk: the transfer is well under way.
             while not part.exists() or part.stat().st_size < 8 << 20:  # noqa: ASYNC110
                 await trio.sleep(0.02)
             proc.send_signal(signal.SIGINT)
-            assert proc.stdout is not None and proc.stderr is not None
-            err = bytearray()
-            while chunk := await proc.stderr.receive_some():
-                err += chunk
+            assert proc.stdout is not None
+            err = await _all_stderr(proc)
             stdout = await proc.stdout.receive_some()
             await proc.wait()
             assert proc.returncode == EXIT_INTERRUPTED
@@ -736,7 +756,7 @@ async def test_ctrl_c_keeps_the_part_and_prints_the_resume_command(tmp_path: Pat
             words = shlex.split(err.decode().splitlines()[1].removeprefix("files: to continue: "))
             assert words[0] == "python"
             done = await trio.run_process(
-                [sys.executable, *words[1:]], capture_stdout=True, capture_stderr=True, env=env
+                [sys.executable, *words[1:]], capture_stdout=True, capture_stderr=True, env=_ENV
             )
             nursery.cancel_scope.cancel()
     assert done.returncode == 0, done.stderr
@@ -810,27 +830,12 @@ async def test_ctrl_c_while_the_server_prepares_says_so(tmp_path: Path) -> None:
                 asked.set()
             await trio.sleep_forever()  # hashing a huge file, as far as the client knows
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            (listener,) = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-            port = listener.socket.getsockname()[1]
-            argv = [sys.executable, "-m", "trionet.client", "files", "get", "big.bin"]
-            proc: trio.Process = await nursery.start(
-                partial(
-                    trio.run_process,
-                    [*argv, "-o", str(tmp_path / "big"), "--port", str(port)],
-                    check=False,
-                    stderr=subprocess.PIPE,
-                    env=env,
-                )
-            )
+            proc, _ = await _get_from(nursery, handle, tmp_path / "big")
             await asked.wait()
             proc.send_signal(signal.SIGINT)
-            assert proc.stderr is not None
-            err = bytearray()
-            while chunk := await proc.stderr.receive_some():
-                err += chunk
+            err = await _all_stderr(proc)
             await proc.wait()
             nursery.cancel_scope.cancel()
     assert proc.returncode == EXIT_INTERRUPTED
