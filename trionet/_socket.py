@@ -103,20 +103,12 @@ class SocketTransport(Transport, trio.abc.HalfCloseableStream):
     """
 
     # Slots: one per connection, and a server may hold many thousands.
-    __slots__ = (
-        "_raw",
-        "_receiving",
-        "bytes_sent",
-        "checkpoints",
-        "eager",
-        "partial",
-        "send_stalled_since",
-        "socket",
-        "stream",
-    )
+    __slots__ = ("_raw", "_receiving", "checkpoints", "eager", "socket")
+
+    stream: trio.SocketStream
 
     def __init__(self, stream: trio.SocketStream, *, checkpoints: bool = True) -> None:
-        self.stream: trio.SocketStream = stream
+        Transport.__init__(self, stream)
         self.socket = stream.socket
         # The standard library's socket inside Trio's, asked for the number
         # on every call: its fileno() is one C call, where Trio's wrapper adds
@@ -126,11 +118,6 @@ class SocketTransport(Transport, trio.abc.HalfCloseableStream):
         self._raw = getattr(stream.socket, "_sock", stream.socket)
         self.checkpoints = checkpoints
         self.eager = False
-        self.bytes_sent = 0
-        self.partial = False
-        self.send_stalled_since = _INF
-        self.sending = False
-        self.eof_sent = False
         self._receiving = False
 
     def _fd(self) -> int:

@@ -106,8 +106,8 @@ class Transport:
     read from it (``Connection(transport, pre_read=...)``).
     """
 
-    # The send guard's state is the base's: it is the same for every transport.
-    __slots__ = ("eof_sent", "sending")
+    # The accounting and the send guard are the base's: the same for every transport.
+    __slots__ = ("bytes_sent", "eof_sent", "partial", "send_stalled_since", "sending", "stream")
 
     #: The Trio stream this transport carries.
     stream: trio.abc.Stream
@@ -117,6 +117,14 @@ class Transport:
     send_stalled_since: float
     sending: bool
     eof_sent: bool
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.bytes_sent = 0
+        self.partial = False
+        self.send_stalled_since = _INF
+        self.sending = False
+        self.eof_sent = False
 
     def try_receive(self, max_bytes: int) -> bytes | None:
         """Bytes available now (``b""`` at EOF), or ``None`` if receiving would wait."""
@@ -209,17 +217,9 @@ class StreamTransport(Transport):
     cannot say how much of a failed send left: the peer may hold part of it.
     """
 
-    __slots__ = ("bytes_sent", "partial", "send_stalled_since", "stream")
+    __slots__ = ()
 
     eager: ClassVar[bool] = False  # type: ignore[misc]
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.bytes_sent = 0
-        self.partial = False
-        self.send_stalled_since = _INF
-        self.sending = False
-        self.eof_sent = False
 
     def try_receive(self, max_bytes: int) -> bytes | None:
         return None
