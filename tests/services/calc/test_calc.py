@@ -7,15 +7,17 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import pytest
 import trio
+from conftest import Opened
 
 import trionet
 from trionet.services.calc.client import client_main, describe_error
 from trionet.services.calc.server import CalcService, answer_line, is_quit
-from trionet.testing import Client, open_memory_server
+from trionet.testing import open_memory_server
 
 KINDS = ["memory", "tcp"]
 
@@ -27,24 +29,13 @@ async def calc_server(kind: str, **options: Any) -> AsyncIterator[Any]:
         async with open_memory_server(CalcService(**options)) as srv:
             yield srv.connect
         return
-    opened: list[Client] = []
-    async with trio.open_nursery() as nursery:
+    # The clients are closed on the way out (conftest's Opened), not left to
+    # the garbage collector.
+    async with Opened() as opened, trio.open_nursery() as nursery:
         addrs = await nursery.start(trionet.serve, [CalcService(port=0, **options)])
         host, port = addrs["calc"][0]
-
-        async def connect() -> Client:
-            opened.append(Client(await trio.open_tcp_stream(host, port), timeout=30))
-            return opened[-1]
-
-        try:
-            yield connect
-        finally:
-            # Closed here, not by the garbage collector at some later test
-            # (its ResourceWarning would then fail whichever test it lands in).
-            for client in opened:
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
-            nursery.cancel_scope.cancel()
+        yield partial(opened.client, port, host, timeout=30)
+        nursery.cancel_scope.cancel()
 
 
 # -- pure helpers ----------------------------------------------------------------
