@@ -196,6 +196,8 @@ class Server:
         self._all_closed = trio.Event()
         # Set by shutdown() and retire(): the accept loops stop.
         self._stop_accepting = trio.Event()
+        # Set once they have stopped: nothing more is accepted here.
+        self._not_accepting = trio.Event()
         self._retire_grace = 0.0
         # Set when retiring may end: the last connection closed, or shutdown().
         self._retired = trio.Event()
@@ -242,6 +244,10 @@ class Server:
             self._stop_accepting.set()
             if self.metrics is not None:
                 self.metrics.set_ready(False)
+
+    async def wait_not_accepting(self) -> None:
+        """Return once the accept loops have stopped (after :meth:`retire` or a shutdown)."""
+        await self._not_accepting.wait()
 
     def reload(self, settings: Mapping[str, Mapping[str, Any]]) -> None:
         """Apply new settings (service name -> ``Service`` field -> value) to new connections.
@@ -402,6 +408,7 @@ class Server:
                         self.metrics.set_ready(True)
                     await self._stop_accepting.wait()
                     accepting.cancel_scope.cancel()
+                self._not_accepting.set()
                 if not self._shutdown.is_set():
                     log.info(
                         "retiring: listeners closed here, %d connection(s) may run on for %gs",

@@ -280,8 +280,11 @@ class ParentLink:
             *lines, pending = (pending + data).split(b"\n")
             pending = pending[-_MAX_MESSAGE:]
             if b"retire" in lines and not server.shutting_down:
-                log.info("replaced by a new generation of workers: no longer accepting")
                 server.retire(reload_grace)
+                # Said once it is true: an accept loop may still take a
+                # connection queued before it sees the retirement.
+                await server.wait_not_accepting()
+                log.info("replaced by a new generation of workers: no longer accepting")
         if not server.shutting_down:
             log.warning("the parent process is gone: shutting down")
             server.shutdown()
