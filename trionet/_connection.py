@@ -1,12 +1,14 @@
 """One client connection, what a handler talks to: :class:`Connection`.
 
-This module owns the handler's view of a connection: lines under
-PROTOCOL.md's shared rules (CR dropped, over-long and non-UTF-8 lines
-answered and skipped, the quit command), raw bytes, the reply queue, limits,
-accounting (byte counts, :attr:`Connection.end_reason`), the run budget,
-and the waits the server's deadlines watch. It holds no socket code: bytes
-move through one :class:`~trionet._transport.Transport`. The tour, and why
-it is shaped this way, is in docs/framework.md ("Connection", "Transports").
+This module owns the handler's view of a connection and its receiving
+half: lines under PROTOCOL.md's shared rules (CR dropped, over-long and
+non-UTF-8 lines answered and skipped, the quit command), raw bytes, limits,
+accounting (byte counts, :attr:`Connection.end_reason`), and the waits the
+server's deadlines watch. The sending half (the reply queue, ``send_all``,
+files, the run budget) is :class:`~trionet._connection_send.SendSide`, a
+base class. Neither holds socket code: bytes move through one
+:class:`~trionet._transport.Transport`. The tour, and why it is shaped this
+way, is in docs/framework.md ("Connection", "Transports").
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Final
+from typing import Any, Final
 
 import trio
 
+from ._connection_send import RUN_BUDGET, SendSide
 from ._connection_stream import ConnectionStream
 from ._framing import DEFAULT_MAX_LINE, BadEncoding, LineBuffer, LineTooLong
 from ._logs import connection_log
@@ -34,11 +36,6 @@ __all__ = [
     "LineError",
     "SupportsFileno",
 ]
-
-#: Seconds a connection may run without yielding to the scheduler: work on
-#: lines it already holds, and sends the kernel takes at once (see
-#: ``_yield_after_work`` and ``send_all``).
-_RUN_BUDGET: Final = 0.005
 
 _ids = itertools.count(1)
 _INF: Final = math.inf
@@ -55,7 +52,7 @@ class LineError(ValueError):
         self.event = event
 
 
-class Connection:
+class Connection(SendSide):
     """A client connection wrapping ``stream``.
 
     Args:
@@ -93,15 +90,11 @@ class Connection:
         "_logger",
         "_on_line_error",
         "_on_quit",
-        "_out",
         "_peer",
         "_quit_first",
         "_quit_word",
-        "_ran_since",
         "_scope",
-        "_send_interrupted",
         "_shutdown_requested",
-        "_transport",
         "_wait_since",
         "_waiting",
         "bytes_in",
@@ -110,7 +103,6 @@ class Connection:
         "id",
         "max_line",
         "service",
-        "stream",
     )
 
     def __init__(
@@ -127,13 +119,7 @@ class Connection:
         conn_id: int | None = None,
         peer: str | None = None,
     ) -> None:
-        # Everything this connection sends or receives goes through here.
-        self._transport = transport = (
-            stream if isinstance(stream, Transport) else make_transport(stream)
-        )
-        #: The Trio stream underneath. Handlers should use the connection's
-        #: own methods: bytes sent or read behind its back escape its accounting.
-        self.stream = transport.stream
+        SendSide.__init__(self, stream if isinstance(stream, Transport) else make_transport(stream))
         #: A number unique in this process, for logs (``conn_id`` overrides).
         self.id = next(_ids) if conn_id is None else conn_id
         #: The service's name, for logs.
@@ -164,7 +150,6 @@ class Connection:
         self._lines = LineBuffer(max_line)
         if pre_read:
             self._lines.feed(pre_read)
-        self._out = bytearray()
         # The scope the server runs the handler in (deadlines, shutdown).
         self._scope = trio.CancelScope()
         self._expired: str | None = None
@@ -173,8 +158,6 @@ class Connection:
         self._line_since = math.inf
         self._busy = 0
         self._shutdown_requested = False
-        self._send_interrupted = False
-        self._ran_since = 0.0
 
     # -- identity and logging ------------------------------------------------
 
@@ -184,11 +167,6 @@ class Connection:
         if self._peer is None:
             self._peer = format_peer(self.stream)
         return self._peer
-
-    @property
-    def bytes_out(self) -> int:
-        """Bytes sent to the client (counted by the transport, partial sends included)."""
-        return self._transport.bytes_sent
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -338,7 +316,7 @@ class Connection:
                 if event[:1] in self._quit_first and self._is_quit(event):
                     await self._quit(event)
                     raise StopAsyncIteration
-                if time.perf_counter() - self._ran_since > _RUN_BUDGET:
+                if time.perf_counter() - self._ran_since > RUN_BUDGET:
                     await self._yield_after_work()
                 return event
             if event is None:
@@ -393,20 +371,28 @@ class Connection:
             self.write_line("BYE")
             await self._flush(checkpoint=True)
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        """Receive raw bytes; bytes already read past the last line come first."""
+    def receive_some(self, max_bytes: int | None = None) -> Coroutine[Any, Any, bytes | bytearray]:
+        """Receive raw bytes; bytes already read past the last line come first.
+
+        Awaited like an async method; it is a plain one that hands back the
+        coroutine doing the work, so that a handler streaming chunks (echo)
+        awaits the receive itself, one coroutine layer less per chunk.
+        """
         if max_bytes is not None and max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
         self._line_since = _INF  # raw bytes are not a line
         lines = self._lines
         # (The framer's fields are read directly: this runs once per chunk.)
-        if lines._buf:  # bytes read past the last line
-            await trio.lowlevel.checkpoint()
-            return lines.take_bytes(max_bytes)
-        if lines._eof or self._input_closed:
-            await trio.lowlevel.checkpoint()
-            return b""
-        return await self._receive(max_bytes or RECEIVE_SIZE)
+        if lines._buf or lines._eof or self._input_closed:
+            return self._receive_held(max_bytes)
+        return self._receive(max_bytes or RECEIVE_SIZE)
+
+    async def _receive_held(self, max_bytes: int | None) -> bytes | bytearray:
+        # Bytes read past the last line, or the end of the input: no wait.
+        await trio.lowlevel.checkpoint()
+        if self._lines._buf:
+            return self._lines.take_bytes(max_bytes)
+        return b""
 
     async def receive_exactly(self, n: int) -> bytes:
         """Receive exactly ``n`` bytes; :exc:`trio.BrokenResourceError` on early EOF."""
@@ -419,142 +405,6 @@ class Connection:
             parts.append(chunk)
             got += len(chunk)
         return b"".join(parts)
-
-    # -- sending ------------------------------------------------------------------
-
-    def write_line(self, line: str) -> None:
-        """Queue ``line`` + LF; sent by :meth:`flush` or before the next input wait."""
-        if "\n" in line:
-            raise ValueError("a line may not contain LF")
-        self._out += line.encode()
-        self._out.append(0x0A)
-
-    async def send_line(self, line: str) -> None:
-        """Send ``line`` + LF now (after anything queued by :meth:`write_line`)."""
-        self.write_line(line)
-        await self._flush(checkpoint=True)
-
-    async def flush(self) -> None:
-        """Send everything queued by :meth:`write_line`."""
-        await self._flush(checkpoint=True)
-
-    async def _flush(self, checkpoint: bool) -> None:
-        if self._out:
-            data = bytes(self._out)
-            self._out.clear()
-            try:
-                await self._send(data, checkpoint)
-            except BaseException:
-                if not self._send_interrupted:
-                    # Nothing of it left: keep it queued, in order, so a
-                    # final flush (with the server's BYE) still delivers it.
-                    self._out[:0] = data
-                raise
-        elif checkpoint:
-            await trio.lowlevel.checkpoint()
-
-    async def send_all(
-        self, data: bytes | bytearray | memoryview, *, checkpoint: bool = True
-    ) -> None:
-        """Send raw bytes (after anything queued by :meth:`write_line`).
-
-        On a plain TCP socket a send the kernel takes at once neither checks
-        for cancellation nor yields to the scheduler unless the connection
-        has run for a few milliseconds since it last waited (the run
-        budget): a reply right after a wait costs one system call, and a
-        loop that only sends still yields, and can be cancelled, every few
-        milliseconds. A writer loop that yields on its own between sends
-        anyway may pass ``checkpoint=False`` to skip even that yield. On
-        other streams this is the stream's own ``send_all`` (a checkpoint).
-        """
-        if self._out:
-            await self._flush(checkpoint=False)
-        tr = self._transport
-        if tr.sending or tr.eof_sent or not data:  # (the slow way refuses those)
-            await self._send(data, checkpoint)
-            return
-        # The fast path, inline. Right after a wait (the usual reply)
-        # cancellation was just checked and the task just yielded: only a
-        # connection that has run for the budget checks and yields again.
-        ran_long = time.perf_counter() - self._ran_since > _RUN_BUDGET
-        if ran_long:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        sent = tr.try_send(data)
-        if sent < len(data):
-            await self._send(data, checkpoint, sent)
-        elif ran_long and checkpoint:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            self._ran_since = time.perf_counter()
-
-    async def _send(
-        self, data: bytes | bytearray | memoryview, checkpoint: bool = True, sent: int = -1
-    ) -> None:
-        """Send ``data``; ``sent`` >= 0: the caller's ``try_send`` already took that much."""
-        # The transport's send guard, inlined: this runs once per reply.
-        tr = self._transport
-        if tr.sending:
-            raise trio.BusyResourceError("another task is already sending on this connection")
-        if tr.eof_sent:
-            raise trio.ClosedResourceError("can't send data after sending EOF")
-        tr.sending = True
-        try:
-            if sent < 0:
-                await trio.lowlevel.checkpoint_if_cancelled()
-                # The common case, a reply the transport takes whole, costs one call.
-                sent = tr.try_send(data)
-                if sent == len(data) and data:
-                    if checkpoint and time.perf_counter() - self._ran_since > _RUN_BUDGET:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                        self._ran_since = time.perf_counter()
-                    return
-            try:
-                await tr.send_rest(memoryview(data)[sent:] if sent else data)
-            except BaseException:
-                if sent or tr.partial:  # the peer holds part of it
-                    self._send_interrupted = True
-                raise
-            self._ran_since = time.perf_counter()  # it waited for room, or the stream yielded
-        finally:
-            tr.sending = False
-
-    async def send_file(self, file: SupportsFileno | int, offset: int = 0, count: int = -1) -> int:
-        """Send ``count`` bytes of ``file`` from ``offset`` (``-1``: to its end).
-
-        ``file`` is an open file (from :func:`trio.open_file`, or any object
-        with ``fileno()``) or a descriptor; its position is not used or
-        changed. On a plain TCP socket the kernel copies the bytes itself
-        (``os.sendfile``, zero copy); on any other stream (TLS, memory) they
-        are read in worker threads, 1 MiB at a time, and sent as usual.
-        Queued lines go first. Returns the bytes sent; raises
-        :exc:`EOFError` if the file ends early (it was truncated), after
-        which nothing more can be framed on this connection (the server
-        closes it without ``BYE``), exactly as after a send cut short.
-        """
-        fd = file if isinstance(file, int) else file.fileno()
-        if count < 0:
-            count = max(0, os.fstat(fd).st_size - offset)
-        if self._out:
-            await self._flush(checkpoint=False)
-        with self._transport.send_guard():
-            try:
-                sent = await self._transport.send_file(fd, offset, count)
-            except BaseException:
-                # The peer may hold part of the file: no line can follow it.
-                self._send_interrupted = True
-                raise
-        self._ran_since = time.perf_counter()
-        return sent
-
-    async def send_eof(self) -> None:
-        """Flush queued lines, then half-close the sending side."""
-        if not isinstance(self.stream, trio.abc.HalfCloseableStream):
-            raise TypeError(f"{type(self.stream).__name__} cannot half-close")
-        await self.flush()
-        await self._transport.send_eof()
-
-    async def wait_send_all_might_not_block(self) -> None:
-        """Wait until sending might not block (see Trio's documentation)."""
-        await self._transport.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
         """Close the transport (queued but unflushed lines are dropped)."""
