@@ -184,8 +184,12 @@ class Serve:
 
     def count(self, pattern: str) -> int:
         """How many log lines so far match ``pattern``."""
+        return len(self.matching(pattern))
+
+    def matching(self, pattern: str) -> list[str]:
+        """The log lines so far that match ``pattern`` (for an assertion's message)."""
         with self._changed:
-            return sum(1 for line in self.lines if re.search(pattern, line))
+            return [line for line in self.lines if re.search(pattern, line)]
 
     def wait_for(self, pattern: str, count: int = 1, timeout: float = 60) -> list[re.Match[str]]:
         """The first ``count`` log lines matching ``pattern`` (waiting for them)."""
