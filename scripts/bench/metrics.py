@@ -180,7 +180,8 @@ def measure(metrics: bool, test: str, seconds: float) -> tuple[float, float]:
     try:
         cpu_before = cpu_seconds(server.proc.pid)
         out = subprocess.run(
-            [sys.executable, __file__, "_gen", test, str(server.port), str(seconds)],
+            [sys.executable, __file__, "_gen", test, str(server.port), str(seconds)]
+            + ([str(server.proc.pid)] if test == "pingpong" else []),
             capture_output=True,
             text=True,
             timeout=seconds * 4 + 120,
@@ -291,12 +292,13 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_gen":
-        _, _, test, port, seconds = sys.argv
+        _, _, test, port, seconds, *pid = sys.argv
         if test == "together":
             port_on, port_off = port.split(",")
             print(json.dumps(gen_alternating(int(port_on), int(port_off), float(seconds))))
+        elif test == "pingpong":  # (echo.py's load: it also reads the server's CPU)
+            print(json.dumps(gen_pingpong(int(port), int(pid[0]), float(seconds))))
         else:
-            gen = gen_pingpong if test == "pingpong" else gen_churn
-            print(json.dumps(gen(int(port), float(seconds))))
+            print(json.dumps(gen_churn(int(port), float(seconds))))
     else:
         main()
