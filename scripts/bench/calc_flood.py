@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from harness import Server  # noqa: E402  (scripts/bench/harness.py)
+
 #: Sets ``ans`` to the largest value, before each batch (some lines use it).
 SET_ANS = "10**4299+12345"
 
@@ -139,11 +141,9 @@ def summary(times: list[float]) -> str:
     )
 
 
-def start_server(lane: bool) -> tuple[subprocess.Popen[str], int]:
-    argv = [sys.executable, __file__, "--serve"] + ([] if lane else ["--no-lane"])
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    assert server.stdout is not None
-    return server, int(server.stdout.readline())
+def start_server(lane: bool) -> Server:
+    """A calc server process; its port is read from its ``listening on`` line."""
+    return Server([sys.executable, __file__, "--serve"] + ([] if lane else ["--no-lane"]))
 
 
 def flooded(port: int, names: list[str], args: argparse.Namespace) -> tuple[list[float], str]:
@@ -201,19 +201,18 @@ def main() -> None:
     )
     servers = {"lane": start_server(True), "no lane": start_server(False)}
     try:
-        port = servers["lane"][1]
+        port = servers["lane"].port
         print(f"(2) no flood:             {summary(round_trips(port, args.seconds / 2))}")
         for i in range(args.rounds):
-            for label, (_, port) in servers.items():
-                under, rate = flooded(port, names, args)
+            for label, server in servers.items():
+                under, rate = flooded(server.port, names, args)
                 print(
                     f"(3) flood, {label + ',':<8} round {i + 1}: {summary(under)}   "
                     f"flood {rate} replies/s"
                 )
     finally:
-        for server, _ in servers.values():
-            server.terminate()
-            server.wait(10)
+        for server in servers.values():
+            server.stop()
 
 
 if __name__ == "__main__":
