@@ -101,8 +101,14 @@ class TerminalScreen:
 
     async def wait_exit(self, timeout: float = 30) -> int:
         """Wait for the program to end; its exit status."""
-        with trio.fail_after(timeout):
-            return await self.process.wait()
+        try:
+            with trio.fail_after(timeout):
+                return await self.process.wait()
+        except trio.TooSlowError:
+            # What the program last showed says where it stopped.
+            raise AssertionError(
+                f"the program did not end within {timeout}s; screen:\n{self.text()}"
+            ) from None
 
     async def _read(self) -> None:
         while True:
