@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import pty
+import signal
 import struct
 import termios
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -51,6 +52,8 @@ class TerminalScreen:
         #: How many times the program drew on the screen while the terminal
         #: echoed keys itself (a key typed then shows up wherever the cursor is).
         self.echoing_draws = 0
+        #: Everything the program wrote, as written (for failure messages).
+        self.transcript = bytearray()
 
     def lines(self) -> list[str]:
         """The screen, one string per row, trailing blanks removed."""
@@ -105,9 +108,15 @@ class TerminalScreen:
             with trio.fail_after(timeout):
                 return await self.process.wait()
         except trio.TooSlowError:
-            # What the program last showed says where it stopped.
+            # Where it stopped: SIGABRT makes Python's fault handler (enabled
+            # by run_in_terminal) write every thread's stack to the terminal.
+            self.process.send_signal(signal.SIGABRT)
+            with trio.move_on_after(2):
+                await self.process.wait()
+            tail = self.transcript[-6000:].decode(errors="replace")
             raise AssertionError(
-                f"the program did not end within {timeout}s; screen:\n{self.text()}"
+                f"the program did not end within {timeout}s; screen:\n{self.text()}\n"
+                f"its output's end, with its threads' stacks:\n{tail}"
             ) from None
 
     async def _read(self) -> None:
@@ -123,6 +132,7 @@ class TerminalScreen:
                 break
             if self.local_modes() & termios.ECHO:
                 self.echoing_draws += 1
+            self.transcript += data
             self._stream.feed(data)
             for answer in self._screen.answers:
                 os.write(self._master, answer.encode())
@@ -140,6 +150,7 @@ async def run_in_terminal(
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     os.set_blocking(master, False)
     env = {**os.environ, "TERM": "xterm", "COLUMNS": str(columns), "LINES": str(rows)}
+    env["PYTHONFAULTHANDLER"] = "1"  # (see TerminalScreen.wait_exit)
     process = await trio.lowlevel.open_process(
         list(argv), stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True
     )
