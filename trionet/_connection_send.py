@@ -32,7 +32,7 @@ RUN_BUDGET: Final = 0.005
 
 
 class SendSide:
-    """Output methods of :class:`~trionet.Connection` (its fields are declared there)."""
+    """Output methods of :class:`~trionet.Connection`, and the fields they own."""
 
     # (Slots, as the connection's: a server may hold many thousands.)
     __slots__ = ("_out", "_ran_since", "_send_interrupted", "_transport", "stream")
