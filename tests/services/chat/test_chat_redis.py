@@ -25,7 +25,7 @@ from conftest import Opened
 from trionet import StartupError
 from trionet._redis import check_redis_url
 from trionet._runner import build_services
-from trionet.services.chat.bus import RoomBus, rename_candidate
+from trionet.services.chat.bus import IN_FLIGHT, RoomBus, _events, rename_candidate
 from trionet.services.chat.room import Ghost, RoomEvent
 from trionet.services.chat.server import WELCOME, ChatService
 from trionet.testing import Client, open_memory_server
@@ -175,6 +175,47 @@ async def test_two_services_in_one_trio_run_share_a_room(redis_server: Any) -> N
             await bob.send_line("/quit")
             await bob.expect("BYE")
             await alice.expect("LEAVE bob")
+
+
+async def test_flushes_in_flight_reach_the_stream_in_order(redis_server: Any) -> None:
+    """Flushes sent before the previous one's reply (up to IN_FLIGHT at once, held
+    back by a paused Redis) reach the stream in the order the events happened."""
+    import coredis
+    from coredis.tokens import PureToken
+
+    bus = RoomBus(ChatService().room, redis_server.url)
+    sent, most = [], 0
+    with trio.fail_after(30):
+        async with (
+            coredis.Redis.from_url(redis_server.url, decode_responses=True) as r,
+            trio.open_nursery() as nursery,
+        ):
+            await nursery.start(bus.run)
+            bus._on_event(RoomEvent("JOIN", "alice"))
+            for round in range(2):  # writes held back, then not
+                if round == 0:
+                    await r.client_pause(500, PureToken.WRITE)
+                for i in range(300):
+                    text = f"{round}:{i}"
+                    bus._on_event(RoomEvent("MSG", "alice", text, ms=1))
+                    sent.append(f"MSG alice {text}")
+                    if i % 5 == 0:
+                        await trio.sleep(0.001)  # the flusher sends what is queued
+                    most = max(most, bus._in_flight)
+                for _ in range(1000):  # (all published: nothing left queued)
+                    if not bus._queue:
+                        break
+                    await trio.sleep(0.01)
+            assert most == IN_FLIGHT
+            entries = await r.xrange(bus._stream)
+            nursery.cancel_scope.cancel()
+    lines = [
+        line
+        for entry in entries
+        if entry.field_values.get("p") == bus.process and "b" in entry.field_values
+        for _, _, line in _events(entry.field_values)
+    ]
+    assert lines == ["JOIN alice", *sent]
 
 
 async def test_starts_degraded_without_redis_and_joins_when_it_appears(

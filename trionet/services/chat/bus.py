@@ -11,7 +11,10 @@ members (``JOIN``, ``NICK``, ``MSG``, ``ACTION``, ``PRIV``, ``LEAVE``) is
 applied to the local room at once and queued; a flusher appends everything
 queued in one call (one Lua script: the nick bookkeeping of those events and
 the events themselves, a line each, in stream entries of up to 16 KB,
-``XADD ... MAXLEN ~``, atomically). Each process reads the stream with
+``XADD ... MAXLEN ~``, atomically), without waiting for the previous call's
+reply: up to ``IN_FLIGHT`` calls at once, in order on the connection that
+carries all of this process's writes (claims and syncs too), so Redis runs
+them in the order they were made. Each process reads the stream with
 ``XREAD BLOCK`` from the last id it has seen and applies the other
 processes' events to its room (its own are skipped: they were applied
 already). One stream, one writer per process writing in order, one reader
@@ -94,6 +97,8 @@ STREAM_MAXLEN: Final = 1_000
 READ_COUNT: Final = 500
 #: Events one flush appends at most (one script call).
 FLUSH_BATCH: Final = 500
+#: Flushes (script calls) in flight at once, their replies not in yet.
+IN_FLIGHT: Final = 4
 #: Bytes of event lines in one stream entry at most (one line more may pass it):
 #: a flush appends as many entries as it needs.
 ENTRY_BYTES: Final = 16 << 10
@@ -433,8 +438,12 @@ class RoomBus:
         self._alive = f"{prefix}:alive"
         self._clock = f"{prefix}:clock"
         self._client: coredis.Redis[str] | None = None
+        # The session's connection for this process's writes (see _write).
+        self._writes: Any = None
         self._up = False  # publishing: a session is running
         self._queue: list[_Entry] = []
+        self._sent = 0  # the queue's first events, in flushes not answered yet
+        self._in_flight = 0  # those flushes (script calls)
         self._queued_bytes = 0
         self._wake = trio.Event()
         self._tokens = itertools.count(1)
@@ -546,15 +555,14 @@ class RoomBus:
             return None
         token = self._token()
         self._claiming[key] = token
-        client = self._client
-        if client is None or not self.link.up:
+        if self._writes is None or not self.link.up:
             # (Not before the session's first sync either: that sync is what
             # makes this process's claims whole, which others rely on.)
             return token
         try:
             with trio.fail_after(CLAIM_TIMEOUT):
-                ok: Any = await client.register_script(_CLAIM)(
-                    keys=[self._nicks, self._alive], args=[key, f"{token} {name}", self.process]
+                ok: Any = await self._write(
+                    _CLAIM, [self._nicks, self._alive], [key, f"{token} {name}", self.process]
                 )
         except Exception:
             # The link is failing (or closing under us): local for now, the
@@ -610,10 +618,11 @@ class RoomBus:
     async def _session(self, client: coredis.Redis[str], ready: Callable[[], None]) -> None:
         self._client = client
         self._up = True
+        self._sent = self._in_flight = 0
         try:
             with trio.fail_after(CALL_TIMEOUT):
-                for script in (_CLAIM, _PUBLISH, _SYNC):  # (EVALSHA from here on)
-                    await client.script_load(script)
+                self._writes = await client.connection_pool.get_connection()
+                await client.script_load(_PUBLISH)  # (the last flush's EVALSHA)
                 if self._sessions > 1:
                     await self._close_old_connections(client)
             await self._sync(client, first=True)
@@ -639,6 +648,22 @@ class RoomBus:
         finally:
             self._up = False
             self._client = None
+            if self._writes is not None:
+                client.connection_pool.release(self._writes)
+                self._writes = None
+
+    def _write(self, script: str, keys: list[str], args: list[str | int]) -> Any:
+        """Start a call of ``script`` on the session's connection for writes (await the reply).
+
+        Every write of this process (claims, syncs, flushes) goes through
+        this one connection, sent in the order the calls are made (coredis
+        queues a request for the socket when it is created), and Redis runs
+        one connection's commands in the order it receives them: so a call
+        held up in the network (a cut link) can never land after a later
+        one. ``EVAL``, not ``EVALSHA``: a script missing from Redis (``SCRIPT
+        FLUSH``) would fail one call and perhaps not the next.
+        """
+        return self._writes.create_request(b"EVAL", script, len(keys), *keys, *args)
 
     async def _close_old_connections(self, client: coredis.Redis[str]) -> None:
         """Close this process's connections of earlier sessions that Redis still holds.
@@ -708,8 +733,8 @@ class RoomBus:
             *entries,
         ]
         with trio.fail_after(CALL_TIMEOUT):
-            return await client.register_script(_SYNC)(
-                keys=[self._nicks, self._stream, self._alive, self._clock], args=args
+            return await self._write(
+                _SYNC, [self._nicks, self._stream, self._alive, self._clock], args
             )
 
     async def _reapable(self, client: coredis.Redis[str], suspects: list[str]) -> list[str]:
@@ -819,31 +844,66 @@ class RoomBus:
         self._history_loaded = True
 
     async def _flush_loop(self, client: coredis.Redis[str]) -> None:
-        """Publish what is queued, everything at once, as soon as the last batch is in."""
-        while True:
-            if not self._queue:
-                self._wake = trio.Event()
-                await self._wake.wait()
-            batch = self._queue[:FLUSH_BATCH]
-            # The batch leaves the queue only once it is published: if the
-            # service stops meanwhile (its members' LEAVEs are in it), the
-            # last flush still has it, rather than losing it half-way.
-            await self._publish(client, batch)
-            del self._queue[: len(batch)]
+        """Publish what is queued as soon as it is queued, up to IN_FLIGHT calls at once.
+
+        The calls go out in order on the session's connection for writes
+        (see :meth:`_write`): this process's events reach the stream in the
+        order they happened, however many calls are in flight. What is
+        queued while IN_FLIGHT calls wait for their replies goes in the next.
+        """
+        slots = trio.Semaphore(IN_FLIGHT)
+        send, receive = trio.open_memory_channel[tuple[Any, int, float]](IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._replies, receive, slots)
+            while True:
+                if self._sent >= len(self._queue):
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                await slots.acquire()
+                # The events leave the queue only once their call is
+                # answered: if the service stops meanwhile (its members'
+                # LEAVEs are in it), the last flush still has them.
+                batch = self._queue[self._sent : self._sent + FLUSH_BATCH]
+                request = self._write(
+                    _PUBLISH, [self._stream, self._nicks], self._publish_args(batch)
+                )
+                self._sent += len(batch)
+                self._in_flight += 1
+                send.send_nowait((request, len(batch), trio.current_time() + CALL_TIMEOUT))
+
+    async def _replies(
+        self, receive: trio.MemoryReceiveChannel[tuple[Any, int, float]], slots: trio.Semaphore
+    ) -> None:
+        """The flushes' replies, in order: each call's events leave the queue."""
+        async for request, n, deadline in receive:
+            with trio.fail_at(deadline):
+                await request
+            batch = self._queue[:n]
+            del self._queue[:n]
+            self._sent -= n
+            self._in_flight -= 1
             self._queued_bytes -= sum(len(e[0]) for e in batch)
             for _, op, key, value in batch:
                 if op == "D" and self._releasing.get(key) == value:
                     del self._releasing[key]
+            slots.release()
 
-    async def _publish(self, client: coredis.Redis[str], batch: list[_Entry]) -> None:
+    def _publish_args(self, batch: list[_Entry]) -> list[str | int]:
+        """The publish script's ARGV for ``batch`` (see _PUBLISH)."""
         entries = _stream_entries(batch)
         args: list[str | int] = [self.process, self.maxlen, len(entries), *entries]
         for _, op, key, value in batch:
             if op:
                 args += [op, key, value]
+        return args
+
+    async def _publish(self, client: coredis.Redis[str], batch: list[_Entry]) -> None:
+        """One batch, awaited (the last flush's way)."""
         with trio.fail_after(CALL_TIMEOUT):
             # EVALSHA (the script is loaded once per Redis, again after a restart).
-            await client.register_script(_PUBLISH)(keys=[self._stream, self._nicks], args=args)
+            await client.register_script(_PUBLISH)(
+                keys=[self._stream, self._nicks], args=self._publish_args(batch)
+            )
 
     async def _tick_loop(self, client: coredis.Redis[str]) -> None:
         while True:
