@@ -522,6 +522,37 @@ async def test_writer_sends_a_backlog_in_bounded_writes() -> None:
     assert all(size < MAX_WRITE + 4001 for size in sizes)
 
 
+async def test_writer_skips_its_own_lines_inside_a_bounded_backlog() -> None:
+    """A sender behind the log: its own lines split the runs a write copies."""
+    room = Room()
+    alice, bob = joined(room, "alice"), joined(room, "bob")
+    assert take(alice) == ["JOIN bob"]
+    expected: list[str] = []
+    for i in range(200):  # about 200 KB: four bounded writes
+        room.say(bob, f"b{i} " + "y" * 1000)
+        expected.append(f"MSG bob b{i} " + "y" * 1000)
+        if i % 3 == 0:
+            room.say(alice, f"a{i}")  # alice has not read: her line is in the log
+        if i == 50:
+            room.who(alice)  # a private reply, in its place
+            expected.append("WHO alice bob")
+    chunks: list[bytes] = []
+
+    async def send(data: bytes) -> None:
+        chunks.append(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(alice.pump, send)
+        await trio.testing.wait_all_tasks_blocked()
+        alice.close()
+    assert b"".join(chunks).decode().splitlines() == expected
+    assert len(chunks) >= 4 and all(len(c) < MAX_WRITE + 1100 for c in chunks)
+    assert alice.pending == 0 and take(alice) == []
+    # bob, reading everything once, got alice's lines and none of his own.
+    got = take(bob)
+    assert got == [f"MSG alice a{i}" for i in range(0, 200, 3)]
+
+
 def test_member_rejects_bad_sendq() -> None:
     with pytest.raises(ValueError):
         Member(Room(), sendq=0)

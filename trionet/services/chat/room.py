@@ -3,12 +3,17 @@
 The room knows no transport. What the room sends lives in two places:
 
 * **The log**: every line relayed to the room (``JOIN``, ``MSG``, ``ACTION``,
-  ``NICK``, ``LEAVE``) is appended once, as encoded bytes, to one list shared
-  by every member. A member is a **cursor** into it: the log position up to
-  which its writer has sent. Bytes relayed to a hundred members are held
-  once, not a hundred times, and the log is trimmed from the front to the
-  slowest member's cursor. An entry remembers who sent it, and that member's
-  writer skips it (nobody gets a copy of its own message).
+  ``NICK``, ``LEAVE``) is appended once, as encoded bytes, to one buffer
+  shared by every member (with an entry per line: its sender and where it
+  ends). A member is a **cursor** into it: the log position up to which its
+  writer has sent. Bytes relayed to a hundred members are held once, not a
+  hundred times, and the log is trimmed from the front to the slowest
+  member's cursor. An entry remembers who sent it, and that member's writer
+  skips it (nobody gets a copy of its own message): each member keeps the
+  positions of its own lines still ahead of it, so a writer copies what is
+  due as one slice of the buffer per run between them, whatever the number
+  of lines (a busy room's writer would otherwise touch every line for every
+  member: the room's main cost per message).
 * **A private queue per member** for what is for it alone (``OK``, ``ERR``,
   ``WHO``, ``PRIV``, ``HELP``, ``HIST``, ``BYE``). Each private item records
   the log position at which it was queued, and the writer interleaves the
@@ -55,7 +60,9 @@ matched by one ``LEAVE`` and no ``MSG`` comes from a nick nobody announced.
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import operator
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -91,7 +98,8 @@ MAX_WRITE: Final = 64 * 1024
 #: Check every member (evictions) and trim the log at least this often, in bytes.
 _SCAN_STEP: Final = 64 * 1024
 
-_Entry = tuple[bytes, "Member | None", int]  # (data, its sender, log offset at its end)
+_Entry = tuple["Member | None", int]  # (its sender, log offset at its end)
+_END = operator.itemgetter(1)
 
 
 class RoomEvent(NamedTuple):
@@ -153,6 +161,7 @@ class Member:
         "_closed",
         "_in_room",
         "_off",
+        "_own",
         "_private",
         "_private_bytes",
         "_seq",
@@ -185,6 +194,8 @@ class Member:
         # where it left; for one without a nick: nowhere past its cursor).
         self._stop_seq = self._seq
         self._stop_off = self._off
+        # Sequence numbers of its own lines in the log not passed yet (skipped).
+        self._own: deque[int] = deque()
         # (log sequence number when queued, data): sent after the log up to there.
         self._private: deque[tuple[int, bytes]] = deque()
         self._private_bytes = 0
@@ -250,15 +261,33 @@ class Member:
     ) -> tuple[int, int, int]:
         """Append log entries ``i`` to ``stop`` (list indexes) to ``parts``, within the size.
 
-        Returns the index reached, the log offset there and the new size.
+        Lines are added until ``size`` reaches ``max_bytes`` (the last one
+        may pass it). Returns the index reached, the log offset there and
+        the new size.
         """
-        log = self.room._log
-        while i < stop and size < max_bytes:
-            chunk, sender, off = log[i]
-            i += 1
-            if sender is not self:  # its own line: step over it
-                parts.append(chunk)
-                size += len(chunk)
+        room = self.room
+        log, first, own = room._log, room._first_seq, self._own
+        k = 0  # the next of its own lines at or after i
+        while k < len(own) and own[k] < i + first:
+            k += 1
+        with memoryview(room._buf) as buf:
+            while i < stop and size < max_bytes:
+                end = stop
+                if k < len(own) and own[k] - first < end:
+                    end = own[k] - first
+                    if end == i:  # its own line: step over it
+                        off = log[i][1]
+                        i += 1
+                        k += 1
+                        continue
+                if log[end - 1][1] - off > max_bytes - size:
+                    # Up to the first line that reaches the bound, included.
+                    end = bisect.bisect_left(log, off + max_bytes - size, i, end, key=_END) + 1
+                end_off = log[end - 1][1]
+                base = room._buf_base
+                parts.append(bytes(buf[off - base : end_off - base]))
+                size += end_off - off
+                i, off = end, end_off
         return i, off, size
 
     def _commit(self, seq: int, off: int, taken: int) -> None:
@@ -268,6 +297,9 @@ class Member:
         # while the writer was sending replies queued before the nick.
         if seq > self._seq:
             self._seq, self._off = seq, off
+        own = self._own
+        while own and own[0] < self._seq:
+            own.popleft()
         for _ in range(taken):
             self._private_bytes -= len(self._private.popleft()[1])
 
@@ -333,6 +365,9 @@ class Room:
         # Members in the room whose writers sleep with nothing to send.
         self._waiting: set[Member] = set()
         self._log: list[_Entry] = []
+        # The log's bytes from the start of _log[0]; at log offset _buf_base.
+        self._buf = bytearray()
+        self._buf_base = 0
         self._first_seq = 0  # sequence number of _log[0]
         self._end_seq = 0  # sequence number of the next entry
         self._end_off = 0  # bytes ever appended
@@ -383,10 +418,7 @@ class Room:
     @property
     def log_bytes(self) -> int:
         """Bytes the log holds (what the slowest cursor has not passed, roughly)."""
-        if not self._log:
-            return 0
-        first_end = self._log[0][2]
-        return self._end_off - first_end + len(self._log[0][0])
+        return len(self._buf)
 
     # -- the log ------------------------------------------------------------------
 
@@ -397,13 +429,17 @@ class Room:
             return  # nobody to tell
         self._end_seq += 1
         self._end_off += len(data)
-        self._log.append((data, sender, self._end_off))
+        self._log.append((sender, self._end_off))
+        self._buf += data
         skipped = False
-        if sender is not None and sender._seq == self._end_seq - 1 and not sender._private:
-            # The sender had read everything: its cursor moves past its own
-            # line at once, and its writer need not wake up for nothing.
-            sender._seq, sender._off = self._end_seq, self._end_off
-            skipped = True
+        if sender is not None:
+            if sender._seq == self._end_seq - 1 and not sender._private:
+                # The sender had read everything: its cursor moves past its own
+                # line at once, and its writer need not wake up for nothing.
+                sender._seq, sender._off = self._end_seq, self._end_off
+                skipped = True
+            else:
+                sender._own.append(self._end_seq - 1)
         waiting = self._waiting
         if waiting:
             for m in waiting:
@@ -438,7 +474,10 @@ class Room:
             for m in self._draining:
                 low = min(low, m._seq)
             if low > self._first_seq:
+                cut = self._log[low - self._first_seq - 1][1]
                 del self._log[: low - self._first_seq]
+                del self._buf[: cut - self._buf_base]
+                self._buf_base = cut
                 self._first_seq = low
             self._scan_after = end + headroom
         finally:
@@ -486,6 +525,8 @@ class Room:
     def _clear_if_empty(self) -> None:
         if not self._members and not self._draining:
             self._log.clear()
+            self._buf.clear()
+            self._buf_base = self._end_off
             self._first_seq = self._end_seq
 
     def forget(self, member: Member) -> None:
