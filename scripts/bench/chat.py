@@ -24,7 +24,7 @@ row reports the server's CPU use during the run (from /proc) next to the
 generators': a server near 100% of one core while the generators have CPU
 to spare is server-bound.
 
-Usage: python scripts/bench/chat.py [--rounds 5] [--servers trionet fanout twisted]
+Usage: python scripts/bench/chat.py [--rounds 5] [--servers trionet fanout twisted] [--before TREE]
 """
 
 from __future__ import annotations
@@ -40,7 +40,16 @@ import sys
 import tempfile
 import time
 
-from harness import HERE, ROOT, cpu_seconds, free_port, median, rounds, wait_listening
+from harness import (
+    HERE,
+    ROOT,
+    add_before_argument,
+    cpu_seconds,
+    free_port,
+    median,
+    rounds,
+    wait_listening,
+)
 
 
 def ensure_twisted() -> None:
@@ -49,7 +58,10 @@ def ensure_twisted() -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "twisted"], check=True)
 
 
-def start_servers(names: list[str]) -> dict[str, tuple[subprocess.Popen[bytes], int]]:
+def start_servers(
+    names: list[str], before: str | None = None
+) -> dict[str, tuple[subprocess.Popen[bytes], int]]:
+    """Start ``names``; ``before``: also trionet from that checkout, as "before"."""
     servers = {}
     commands = {
         "trionet": [
@@ -61,10 +73,13 @@ def start_servers(names: list[str]) -> dict[str, tuple[subprocess.Popen[bytes], 
         "twisted": [sys.executable, str(HERE / "chat_twisted.py")],
         "twisted-nd": [sys.executable, str(HERE / "chat_twisted.py"), "--nodelay"],
     }  # fmt: skip
-    for name in names:
+    commands["before"] = commands["trionet"]
+    for name in [*names, "before"] if before else names:
         cmd = commands[name]
         port = free_port()
-        proc = subprocess.Popen([*cmd, str(port)], cwd=ROOT, stdout=subprocess.DEVNULL)
+        # (python -m puts the working directory first on sys.path: that tree's trionet runs)
+        cwd = before if name == "before" else ROOT
+        proc = subprocess.Popen([*cmd, str(port)], cwd=cwd, stdout=subprocess.DEVNULL)
         servers[name] = (proc, port)
     for proc, port in servers.values():
         wait_listening(port, proc)
@@ -176,10 +191,11 @@ def main() -> int:
         default=["trionet", "fanout", "twisted"],
         help="servers to compare (default: %(default)s)",
     )
+    add_before_argument(p)
     a = p.parse_args()
     if any(n.startswith("twisted") for n in a.servers):
         ensure_twisted()
-    servers = start_servers(a.servers)
+    servers = start_servers(a.servers, a.before)
     names = list(servers)
     rows: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     print(
@@ -210,14 +226,25 @@ def main() -> int:
             proc.wait(10)
     print("\nmedian over rounds:")
     med = {
-        n: {k: median([row[k] for row in rows[n]]) for k in ("rate", "p50_ms", "p99_ms")}
+        n: {
+            k: median([row[k] for row in rows[n]])
+            for k in ("rate", "p50_ms", "p99_ms", "server_cpu")
+        }
         for n in names
     }
     for n in names:
         m = med[n]
+        # CPU per delivery: what a change to the server's work per message shows best.
         print(
             f"  {n:<10} {m['rate']:>9.0f} deliveries/s  "
-            f"p50 {m['p50_ms']:.1f} ms  p99 {m['p99_ms']:.1f} ms"
+            f"p50 {m['p50_ms']:.1f} ms  p99 {m['p99_ms']:.1f} ms  server CPU {m['server_cpu']:.0%}"
+            f" ({m['server_cpu'] / m['rate'] * 1e6:.3f} core-seconds per million deliveries)"
+        )
+    if "before" in med and "trionet" in med:
+        t, b = med["trionet"], med["before"]
+        print(
+            f"  trionet / before: {t['rate'] / b['rate']:.2f}x deliveries/s, CPU per delivery "
+            f"{(t['server_cpu'] / t['rate']) / (b['server_cpu'] / b['rate']):.2f}x"
         )
     complete = all(row["received"] == row["expected"] for rs in rows.values() for row in rs)
     t = med.get("trionet")

@@ -120,6 +120,29 @@ def micro(redis_port: int, lines: int = 20_000, batch: int = 500) -> None:
                 for _ in range(0, lines, batch):
                     await r.publish("bench:c", "\n".join([text] * batch))
 
+            # What a call costs this process in CPU, whatever Redis does: through
+            # the client's command layer, and as a raw request on one connection.
+            await r.xadd("bench:cpu", {"p": "P", "e": text})
+            conn = await r.connection_pool.get_connection()
+            calls = {
+                "PING": lambda: r.ping(),
+                "XREAD (no block)": lambda: r.xread({"bench:cpu": "0"}, count=10),
+                "script call": lambda: publish(keys=["bench:cpu", "bench:n"], args=["P", 10, 0]),
+                "raw XREAD (create_request)": lambda: conn.create_request(
+                    b"XREAD", b"COUNT", 10, b"STREAMS", "bench:cpu", "0"
+                ),
+            }
+            cpu_rows = []
+            for name, call in calls.items():
+                for _ in range(200):  # warm up
+                    await call()
+                n = 2000
+                c0 = time.process_time()
+                for _ in range(n):
+                    await call()
+                cpu_rows.append((name, (time.process_time() - c0) / n * 1e6))
+            r.connection_pool.release(conn)
+
             await timed("XADD, one call per line", xadd_each)
             await timed(f"XADD, one script call per {batch} lines", xadd_batched)
             await timed("PUBLISH, one per line", publish_each)
@@ -131,6 +154,9 @@ def micro(redis_port: int, lines: int = 20_000, batch: int = 500) -> None:
                 f"  batched / per line: XADD {rows[1][1] / rows[0][1]:.0f}x, "
                 f"PUBLISH {rows[3][1] / rows[2][1]:.0f}x"
             )
+            print("\ncoredis: this process's CPU per call, awaited in turn")
+            for name, us in cpu_rows:
+                print(f"  {name:<40} {us:>8.1f} µs")
 
             # A reader that was away for 1,000 messages: pub/sub has nothing
             # for it; a stream reader continues from its last id.
