@@ -20,7 +20,13 @@ import trio
 
 from ._proxy import MAX_HEADER, ProxyHeader, ProxyProtocolError, parse_proxy_header
 
-__all__ = ["HEADER_TIMEOUT", "NoHeader", "ReplayStream", "read_proxy_header"]
+__all__ = [
+    "HEADER_TIMEOUT",
+    "NoHeader",
+    "ReplayStream",
+    "read_proxy_header",
+    "read_proxy_header_or_why",
+]
 
 #: Seconds a connection has to deliver its PROXY header. A balancer sends
 #: it at once, as it connects; a client that got past --proxy-from and
@@ -56,6 +62,26 @@ async def read_proxy_header(stream: trio.abc.Stream) -> tuple[ProxyHeader, trio.
             raise ProxyProtocolError("PROXY header too long")
 
 
+async def read_proxy_header_or_why(
+    stream: trio.abc.Stream,
+) -> tuple[ProxyHeader | None, trio.abc.Stream, str, bool]:
+    """:func:`read_proxy_header`, its failures put in words for a log line.
+
+    Returns (header, stream to go on with, why, quiet): with no header,
+    ``why`` says what went wrong, and ``quiet`` that the peer only
+    connected and closed (a balancer's health check: no warning due).
+    """
+    try:
+        header, stream = await read_proxy_header(stream)
+    except NoHeader as exc:
+        return None, stream, str(exc), True
+    except ProxyProtocolError as exc:
+        return None, stream, str(exc), False
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return None, stream, "connection lost before a complete PROXY header", False
+    return header, stream, "", False
+
+
 async def _peek_header(sock: trio.socket.SocketType) -> ProxyHeader:
     taken = b""  # header bytes already taken off the socket
     while True:
@@ -80,11 +106,17 @@ async def _peek_header(sock: trio.socket.SocketType) -> ProxyHeader:
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):
-    """``stream``, with ``first`` handed out before anything it receives."""
+    """``stream``, with ``first`` handed out before anything it receives.
 
-    def __init__(self, stream: trio.abc.Stream, first: bytes) -> None:
+    ``peer``: the client's address as the logs show it, when it is not the
+    socket's (the one a PROXY header named): ``format_peer`` reports it.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, first: bytes, peer: str | None = None) -> None:
         #: The stream underneath (``format_peer`` and TLS look through it).
         self.transport_stream = stream
+        #: What ``format_peer`` reports for this stream (``None``: look underneath).
+        self.trionet_peer = peer
         self._first = first
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:

@@ -32,8 +32,8 @@ import trio
 from ._connection import Connection
 from ._logs import log_access, next_conn_number
 from ._metrics import Metrics, set_redis_reporter
-from ._proxy import ProxyProtocolError, address_allowed
-from ._proxy_stream import HEADER_TIMEOUT, NoHeader, read_proxy_header
+from ._proxy import address_allowed
+from ._proxy_stream import HEADER_TIMEOUT, read_proxy_header_or_why
 from ._service import Service
 from ._tls import HANDSHAKE_TIMEOUT, accept_tls, transport_for
 from ._transport import format_peer
@@ -569,15 +569,8 @@ class Server:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_when, self._shutdown, nursery.cancel_scope)
                 with trio.move_on_after(HEADER_TIMEOUT) as deadline:
-                    try:
-                        header, stream = await read_proxy_header(stream)
-                        failure = None
-                    except NoHeader as exc:
-                        failure, quiet = str(exc), True
-                    except ProxyProtocolError as exc:
-                        failure = str(exc)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        failure = "connection lost before a complete PROXY header"
+                    header, stream, why, quiet = await read_proxy_header_or_why(stream)
+                    failure = None if header is not None else why
                 if deadline.cancelled_caught:
                     failure = f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
                 nursery.cancel_scope.cancel()

@@ -498,3 +498,22 @@ def test_chat_behind_haproxy_logs_its_members_real_addresses(
     p.wait_for(rf"chat 127\.0\.0\.5:{ports[0]} #\S+ end=quit")
     p.wait_for(rf"chat 127\.0\.0\.6:{ports[1]} #\S+ end=quit")
     assert p.stop() == 0
+
+
+def test_chat_web_page_behind_haproxy(
+    serve: Callable[..., Serve], haproxy: Callable[[int], int]
+) -> None:
+    """The chat's web port takes the header too (haproxy's health checks included)."""
+    p = serve("chat", "--port", "0", "--web-port", "0", "--proxy-protocol")
+    front = haproxy(p.port("chat web"))
+    with socket.create_connection(("127.0.0.1", front), 30, ("127.0.0.7", 0)) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while data := s.recv(65536):
+            reply += data
+        port = s.getsockname()[1]
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert b"<!doctype html>" in reply
+    p.wait_for(rf"chat web 127\.0\.0\.7:{port} GET / 200")
+    assert p.stop() == 0
+    assert not p.matching(r"refused"), p.matching(r"refused")

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import attrs
 import pytest
@@ -33,6 +33,8 @@ from trio_websocket import (
 )
 
 import trionet
+from trionet._proxy import parse_networks
+from trionet._proxy_stream import HEADER_TIMEOUT
 from trionet.services.chat.server import WELCOME, ChatService
 from trionet.services.chat.web import (
     HANDSHAKE_TIMEOUT,
@@ -257,9 +259,17 @@ async def read_response(stream: trio.abc.Stream) -> tuple[int, dict[str, str], b
 
 
 @asynccontextmanager
-async def memory_web(service: ChatService, grace: float = 5.0) -> AsyncIterator[MemoryWeb]:
+async def memory_web(
+    service: ChatService, grace: float = 5.0, proxy_from: str | None = None
+) -> AsyncIterator[MemoryWeb]:
+    """``proxy_from``: the web listener expects a PROXY header from those networks."""
     tcp = MemoryListener()
-    web = WebListener(MemoryListener())
+    networks = parse_networks(proxy_from) if proxy_from is not None else None
+    web = WebListener(
+        MemoryListener(),
+        max_per_address=service.effective_max_per_address,
+        proxy=None if networks is None else lambda: networks,
+    )
     server = trionet.Server([service], grace=grace, listeners={"chat": [tcp, web]})
     with trio.fail_after((service.effective_idle_timeout or 0) + 60):
         async with trio.open_nursery() as nursery:
@@ -404,6 +414,77 @@ async def test_memory_websocket_from_another_site_is_refused(autojump_clock: obj
             assert (await stream.receive_some()).startswith(b"HTTP/1.1 101 ")
 
 
+def proxy_v1(source: str, port: int) -> bytes:
+    """A PROXY protocol v1 header naming ``source:port`` as the client."""
+    return f"PROXY TCP4 {source} 192.0.2.1 {port} 80\r\n".encode()
+
+
+GET_PAGE = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+async def test_memory_proxy_header_names_the_web_client(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trionet")
+    service = ChatService(max_per_address=1)
+    async with memory_web(service, proxy_from="127.0.0.1") as chat:
+        stream = await chat.transport().connect("127.0.0.1:40000")
+        await stream.send_all(proxy_v1("203.0.113.7", 5555) + GET_PAGE)
+        assert (await read_response(stream))[0] == 200
+        assert "chat web 203.0.113.7:5555 GET / 200" in caplog.messages
+        # A WebSocket behind the balancer: the chat knows its member by the header.
+        stream = await chat.transport().connect("127.0.0.1:40001")
+        await stream.send_all(proxy_v1("198.51.100.9", 6000))
+        ws = await wrap_client_stream(chat.nursery, stream, "localhost", "/ws")
+        alice = await WsClient(ws, timeout=100).join("alice")
+        # The per-address limit (1) counts real clients, not the balancer:
+        # a second one from 198.51.100.9 is closed, one from elsewhere served.
+        stream = await chat.transport().connect("127.0.0.1:40002")
+        await stream.send_all(proxy_v1("198.51.100.9", 6001) + GET_PAGE)
+        with trio.fail_after(5):
+            assert await stream.receive_some() == b""
+        stream = await chat.transport().connect("127.0.0.1:40003")
+        await stream.send_all(proxy_v1("198.51.100.10", 6002) + GET_PAGE)
+        assert (await read_response(stream))[0] == 200
+        await alice.send_line("/quit")
+        await alice.expect("BYE")
+        await alice.expect_closed()
+    assert any(
+        m.startswith("chat 198.51.100.9:6000 ") and "end=quit" in m for m in caplog.messages
+    ), caplog.messages
+
+
+async def test_memory_proxy_header_only_from_proxy_from_and_in_time(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with memory_web(ChatService(), proxy_from="127.0.0.1") as chat:
+        # From an address not in --proxy-from: closed unread.
+        stream = await chat.transport().connect("10.1.2.3:5000")
+        await stream.send_all(proxy_v1("203.0.113.7", 5555) + GET_PAGE)
+        with trio.fail_after(5):
+            assert await stream.receive_some() == b""
+        # No header in time: closed when HEADER_TIMEOUT has passed.
+        stream = await chat.transport().connect("127.0.0.1:5001")
+        started = trio.current_time()
+        with trio.fail_after(HEADER_TIMEOUT + 5):
+            assert await stream.receive_some() == b""
+        assert trio.current_time() - started == pytest.approx(HEADER_TIMEOUT)
+        # A request without a header: a bad header.
+        stream = await chat.transport().connect("127.0.0.1:5002")
+        await stream.send_all(GET_PAGE)
+        with trio.fail_after(5):
+            assert await stream.receive_some() == b""
+        # The listener carries on.
+        stream = await chat.transport().connect("127.0.0.1:5003")
+        await stream.send_all(proxy_v1("203.0.113.8", 7000) + GET_PAGE)
+        assert (await read_response(stream))[0] == 200
+    refused = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert refused[0].startswith("chat web 10.1.2.3:5000 refused: not a --proxy-from address")
+    assert refused[1] == "chat web 127.0.0.1:5001 refused: no complete PROXY header within 5s"
+    assert refused[2].startswith("chat web 127.0.0.1:5002 refused: ")
+    assert len(refused) == 3, refused
+
+
 def test_page_is_self_contained() -> None:
     page = load_page().decode()
     body = page.partition("\r\n\r\n")[2]
@@ -445,6 +526,42 @@ async def test_web_and_tcp_members_talk_over_sockets(
         await bob.send_line("/quit")
         await bob.expect("BYE")
         await alice.expect("LEAVE bob")
+
+
+async def test_proxy_header_on_the_web_port_over_sockets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="trionet")
+    service = ChatService(
+        port=0, web_port=0, proxy_protocol=True, proxy_from=parse_networks("127.0.0.1")
+    )
+    async with running(service) as (_, _, web_port), trio.open_nursery() as nursery:
+        stream = await trio.open_tcp_stream("127.0.0.1", web_port)
+        await stream.send_all(proxy_v1("203.0.113.7", 5555) + GET_PAGE)
+        status, _, body = await read_response(stream)
+        assert status == 200 and body.startswith(b"<!doctype html>")
+        await stream.aclose()
+        stream = await trio.open_tcp_stream("127.0.0.1", web_port)
+        await stream.send_all(proxy_v1("198.51.100.9", 6000))
+        ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/ws")
+        alice = await WsClient(ws).join("alice")
+        await alice.send_line("/quit")
+        await alice.expect("BYE")
+        await alice.expect_closed()
+        # Without a header the connection is refused (and logged): closed
+        # unread, so the kernel may answer with a reset.
+        stream = await trio.open_tcp_stream("127.0.0.1", web_port)
+        await stream.send_all(GET_PAGE)
+        with trio.fail_after(5), suppress(trio.BrokenResourceError):
+            assert await stream.receive_some() == b""
+        await stream.aclose()
+    assert "chat web 203.0.113.7:5555 GET / 200" in caplog.messages
+    assert any(
+        m.startswith("chat 198.51.100.9:6000 ") and "end=quit" in m for m in caplog.messages
+    ), caplog.messages
+    assert any(
+        m.startswith("chat web 127.0.0.1:") and " refused: " in m for m in caplog.messages
+    ), caplog.messages
 
 
 async def test_page_404_and_405_over_sockets(opened: Opened) -> None:

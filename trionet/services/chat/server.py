@@ -289,6 +289,8 @@ class ChatService(Service):
             # more of them (with its WebSockets) than of connections.
             max_pending=self.max_connections,
             max_per_address=self.effective_max_per_address,
+            # Read at each connection: a reload may turn it on or off.
+            proxy=lambda: self.proxy_from if self.proxy_protocol else None,
         )
         return list(self._web)
 

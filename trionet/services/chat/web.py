@@ -51,7 +51,8 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from ..._logs import log_access, next_conn_number
-from ..._proxy_stream import ReplayStream
+from ..._proxy import Network, address_allowed
+from ..._proxy_stream import HEADER_TIMEOUT, ReplayStream, read_proxy_header_or_why
 from ..._transport import format_peer
 from .frames import FrameWatch, close_frame
 
@@ -461,6 +462,12 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
     Run :meth:`run` in a nursery (or use :func:`open_web_listeners`); then
     :meth:`accept` returns one :class:`WebSocketStream` per WebSocket opened
     on ``/ws``.
+
+    ``proxy``, asked at each connection (a reload may change the answer):
+    the networks allowed to send a PROXY protocol header, or ``None`` when
+    no header is expected. With a list, every connection must start with
+    one, from one of those networks (before TLS); the address it names is
+    the client's for the per-address limit, the access lines and the chat.
     """
 
     #: Logged and reported by the server as "chat web".
@@ -477,6 +484,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         host_names: Iterable[str] = (),
         max_pending: int = MAX_PENDING,
         max_per_address: int | None = None,
+        proxy: Callable[[], Sequence[Network] | None] | None = None,
     ) -> None:
         self.transport = transport
         self.page = load_page() if page is None else page
@@ -490,6 +498,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         self.max_pending = max_pending
         #: ... of which from one address (``None``: no limit of its own).
         self.max_per_address = max_per_address
+        self.proxy = proxy
         self._per_address: dict[str, int] = {}
         self._held = 0  # connections held: pending, answered or upgraded
         # Unbuffered: a WebSocket is handed over only when the server takes it.
@@ -541,32 +550,112 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                     log.error("%s: accept failed (%s); retrying", self.name, exc)
                     await trio.sleep(0.1)
                     continue
-                address = _address(stream)
-                held = self._per_address.get(address, 0) if address is not None else 0
-                if self._held >= self.max_pending or (
-                    self.max_per_address is not None and held >= self.max_per_address
-                ):
+                if self._held >= self.max_pending:
+                    await trio.aclose_forcefully(stream)
+                    continue
+                proxy_from = self.proxy() if self.proxy is not None else None
+                # Behind a balancer the socket's address is the balancer's:
+                # the client's is known once its header is read.
+                address = None if proxy_from is not None else _address(stream)
+                if not self._count(address):
                     await trio.aclose_forcefully(stream)
                     continue
                 self._held += 1
-                if address is not None:
-                    self._per_address[address] = held + 1
                 scope = trio.CancelScope(deadline=trio.current_time() + self.handshake_timeout)
                 self._handshakes.add(scope)
-                nursery.start_soon(self._serve, stream, scope, address)
+                nursery.start_soon(self._serve, stream, scope, address, proxy_from)
+
+    def _count(self, address: str | None) -> bool:
+        """Count a connection from ``address``, if it is not at its limit."""
+        if address is None:
+            return True
+        held = self._per_address.get(address, 0)
+        if self.max_per_address is not None and held >= self.max_per_address:
+            return False
+        self._per_address[address] = held + 1
+        return True
 
     async def _serve(
-        self, stream: trio.abc.Stream, scope: trio.CancelScope, address: str | None
+        self,
+        stream: trio.abc.Stream,
+        scope: trio.CancelScope,
+        address: str | None,
+        proxy_from: Sequence[Network] | None,
     ) -> None:
         """One TCP connection: the page, an error, or a WebSocket until it closes."""
         try:
+            if proxy_from is not None:
+                proxied = await self._proxy_header(stream, scope, proxy_from)
+                if proxied is None:
+                    return
+                stream = proxied
+                if not self._count(_address(stream)):
+                    await trio.aclose_forcefully(stream)
+                    return
+                address = _address(stream)
             await self._serve_one(stream, scope)
         finally:
+            self._handshakes.discard(scope)
             self._held -= 1
             if address is not None:
                 self._per_address[address] -= 1
                 if not self._per_address[address]:
                     del self._per_address[address]
+
+    async def _proxy_header(
+        self, stream: trio.abc.Stream, scope: trio.CancelScope, proxy_from: Sequence[Network]
+    ) -> trio.abc.Stream | None:
+        """Read the PROXY header, before TLS: the stream that names its client,
+        or ``None`` once the connection is closed (refused, logged).
+
+        As the server does on the chat's own port (trionet._server): only
+        ``proxy_from`` may send one, within :data:`HEADER_TIMEOUT` seconds
+        (and the handshake's deadline).
+        """
+        tls = stream if isinstance(stream, _TLSOrPlainHTTP) else None
+        raw = stream if tls is None else tls.transport_stream
+        peer = format_peer(raw)
+        started = trio.current_time()
+        failure, quiet = "the listener is closing", False
+        if peer == "disconnected":  # gone before we looked (a health check)
+            failure, quiet = "closed before sending anything", True
+        elif not address_allowed(_address(raw), proxy_from):
+            failure = "not a --proxy-from address, so its PROXY header is not trusted"
+        else:
+            # A scope of its own (the handshake's is entered later), which
+            # aclose() cancels like the handshakes'.
+            reading = trio.CancelScope(
+                deadline=min(scope.deadline, trio.current_time() + HEADER_TIMEOUT)
+            )
+            self._handshakes.add(reading)
+            try:
+                with reading:
+                    header, raw, failure, quiet = await read_proxy_header_or_why(raw)
+                    if header is not None:
+                        # (a socket's header was peeked, so nothing to replay)
+                        raw = ReplayStream(raw, b"", header.peer or peer)
+                        if tls is None:
+                            return raw
+                        tls.transport_stream = raw  # TLS has not begun
+                        return tls
+                if reading.cancelled_caught and trio.current_time() >= reading.deadline:
+                    failure = f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
+            finally:
+                self._handshakes.discard(reading)
+        await trio.aclose_forcefully(stream)
+        if quiet:  # a health check's connect-and-close: an access line, no warning
+            log_access(
+                self.name,
+                peer,
+                conn=next_conn_number(),
+                tls=tls is not None,
+                end="eof",
+                duration=trio.current_time() - started,
+                message=f"{self.name} {peer} {failure}",
+            )
+        else:
+            log.warning("%s %s refused: %s", self.name, peer, failure)
+        return None
 
     async def _serve_one(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
         peer = format_peer(stream)
@@ -823,6 +912,7 @@ async def open_web_listeners(
     host_names: Iterable[str] = (),
     max_pending: int = MAX_PENDING,
     max_per_address: int | None = None,
+    proxy: Callable[[], Sequence[Network] | None] | None = None,
 ) -> list[WebListener]:
     """Listen for HTTP on ``host:port`` (0: a free port); one listener per address.
 
@@ -832,6 +922,7 @@ async def open_web_listeners(
     :meth:`WebListener.run` in a nursery (the chat does it in its
     ``run_background``) before accepting from it. ``transports``: listeners
     opened already (a worker's, from its parent) instead of ``host:port``.
+    ``proxy``: :class:`WebListener`'s (the PROXY protocol).
     """
     page = load_page()
     listeners: list[trio.abc.Listener[Any]]
@@ -849,6 +940,7 @@ async def open_web_listeners(
             host_names=host_names,
             max_pending=max_pending,
             max_per_address=max_per_address,
+            proxy=proxy,
         )
         for transport in listeners
     ]
