@@ -367,9 +367,17 @@ async def test_sighup_never_stops_the_server(serve: Callable[..., Serve], opened
     p.wait_for(r"worker \d+ started \(pid (\d+)\)", count=2)
     for _ in range(3):  # in a burst, without waiting
         p.signal(signal.SIGHUP)
-    p.wait_for(r"reloaded: generation")
+    p.wait_for(r"reloaded: generation 1 ")
+    # The burst made one reload, or two (signals that arrive during one make
+    # at most one more, and the kernel merges a pending SIGHUP with the next):
+    # both were requested long before the first generation was ready.
+    last = p.count(r"SIGHUP received: reloading")
+    assert last in (1, 2), p.matching(r"SIGHUP")
+    p.wait_for(rf"reloaded: generation {last} ")
     # Once ready, a worker ignores SIGHUP (its parent reloads), logging why.
-    pid = int(p.wait_for(r"worker \d+ started \(pid (\d+), generation 1\)")[0][1])
+    # (One of the last generation: an earlier one may be retiring, and one
+    # whose signal watcher has stopped says nothing.)
+    pid = int(p.wait_for(rf"worker \d+ started \(pid (\d+), generation {last}\)")[0][1])
     os.kill(pid, signal.SIGHUP)
     p.wait_for(r"SIGHUP ignored: a worker reloads when its parent")
     with trio.fail_after(30):
