@@ -627,6 +627,8 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             reading = trio.CancelScope(
                 deadline=min(scope.deadline, trio.current_time() + HEADER_TIMEOUT)
             )
+            if scope.cancel_called:  # closed between the accept and this task's start
+                reading.cancel()
             self._handshakes.add(reading)
             try:
                 with reading:
@@ -639,7 +641,8 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                         tls.transport_stream = raw  # TLS has not begun
                         return tls
                 if reading.cancelled_caught and trio.current_time() >= reading.deadline:
-                    failure = f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
+                    limit = min(HEADER_TIMEOUT, self.handshake_timeout)
+                    failure = f"no complete PROXY header within {limit:g}s"
             finally:
                 self._handshakes.discard(reading)
         await trio.aclose_forcefully(stream)
