@@ -32,6 +32,7 @@ Usage: python scripts/bench/chat_redis.py [--rounds 5] [--messages 200] [--micro
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import socket
@@ -93,6 +94,7 @@ def micro(redis_port: int, lines: int = 20_000, batch: int = 500) -> None:
         url = f"redis://127.0.0.1:{redis_port}"
         async with coredis.Redis.from_url(url, decode_responses=True) as r:
             publish = r.register_script(_PUBLISH)
+            flushes = itertools.count(1)  # (the script skips a number it has seen)
             rows = []
 
             async def timed(name: str, work: object) -> None:
@@ -109,8 +111,8 @@ def micro(redis_port: int, lines: int = 20_000, batch: int = 500) -> None:
                 for _ in range(0, lines, batch):
                     # (the chat's format: a batch in entries of at most 16 KB)
                     entries = _stream_entries([(f"- - {text}", "", "", "")] * batch)
-                    args: list[str | int] = ["P", 10_000, len(entries), *entries]
-                    await publish(keys=["bench:s", "bench:n"], args=args)
+                    args: list[str | int] = ["P", 10_000, next(flushes), len(entries), *entries]
+                    await publish(keys=["bench:s", "bench:n", "bench:f"], args=args)
 
             async def publish_each() -> None:
                 for _ in range(lines):
@@ -127,7 +129,9 @@ def micro(redis_port: int, lines: int = 20_000, batch: int = 500) -> None:
             calls = {
                 "PING": lambda: r.ping(),
                 "XREAD (no block)": lambda: r.xread({"bench:cpu": "0"}, count=10),
-                "script call": lambda: publish(keys=["bench:cpu", "bench:n"], args=["P", 10, 0]),
+                "script call": lambda: publish(
+                    keys=["bench:cpu", "bench:n", "bench:f"], args=["P", 10, next(flushes), 0]
+                ),
                 "raw XREAD (create_request)": lambda: conn.create_request(
                     b"XREAD", b"COUNT", 10, b"STREAMS", "bench:cpu", "0"
                 ),

@@ -177,6 +177,25 @@ async def test_two_services_in_one_trio_run_share_a_room(redis_server: Any) -> N
             await alice.expect("LEAVE bob")
 
 
+def _published_lines(entries: Any, process: str) -> list[str]:
+    """The event lines ``process`` published, in stream order (the bus's batches)."""
+    return [
+        line
+        for entry in entries
+        if entry.field_values.get("p") == process and "b" in entry.field_values
+        for _, _, line in _events(entry.field_values)
+    ]
+
+
+async def _say_in_bursts(bus: RoomBus, sent: list[str]) -> None:
+    """alice says 1200 lines in 4 bursts (the flusher sends a call after each)."""
+    for i in range(1200):
+        bus._on_event(RoomEvent("MSG", "alice", f"m{i}", ms=1))
+        sent.append(f"MSG alice m{i}")
+        if i % 300 == 299:
+            await trio.sleep(0.01)
+
+
 async def test_flushes_in_flight_reach_the_stream_in_order(redis_server: Any) -> None:
     """Flushes sent before the previous one's reply (up to IN_FLIGHT at once, held
     back by a paused Redis) reach the stream in the order the events happened."""
@@ -209,12 +228,7 @@ async def test_flushes_in_flight_reach_the_stream_in_order(redis_server: Any) ->
             assert most == IN_FLIGHT
             entries = await r.xrange(bus._stream)
             nursery.cancel_scope.cancel()
-    lines = [
-        line
-        for entry in entries
-        if entry.field_values.get("p") == bus.process and "b" in entry.field_values
-        for _, _, line in _events(entry.field_values)
-    ]
+    lines = _published_lines(entries, bus.process)
     assert lines == ["JOIN alice", *sent]
 
 
@@ -598,3 +612,72 @@ def test_the_web_port_is_an_extra_port_for_the_parent_to_open() -> None:
     assert chat.extra_ports() == {"web": 0}
     (chat,) = build_services(["chat", "--redis", "redis://h:1"])
     assert chat.extra_ports() == {}
+
+
+async def test_a_flush_sent_again_is_not_run_twice(redis_server: Any) -> None:
+    """A flush whose reply was lost goes out again at the last flush with its own
+    number: the script skips it, so nobody sees its lines twice."""
+    import coredis
+
+    from trionet.services.chat.bus import _PUBLISH, _stream_entries
+
+    async with coredis.Redis.from_url(redis_server.url, decode_responses=True) as r:
+        publish = r.register_script(_PUBLISH)
+        keys = ["t:stream", "t:nicks", "t:flushed:p1"]
+
+        async def flush(number: int, text: str) -> int:
+            entries = _stream_entries([(f"- - MSG alice {text}", "", "", "")])
+            return int(await publish(keys=keys, args=["p1", 100, number, len(entries), *entries]))
+
+        assert await flush(1, "one") == 1
+        assert await flush(2, "two") == 1
+        assert await flush(2, "two") == 0  # sent again: skipped
+        assert await flush(1, "one") == 0
+        assert await flush(3, "three") == 1
+        lines = [
+            line
+            for entry in await r.xrange("t:stream")
+            for _, _, line in _events(entry.field_values)
+        ]
+        assert lines == ["MSG alice one", "MSG alice two", "MSG alice three"]
+
+
+@pytest.mark.parametrize("fault", ["held", "replies-lost"])
+async def test_stopping_with_flushes_in_flight_publishes_each_line_once(
+    redis_server: Any, fault: str
+) -> None:
+    """Stopped with flushes in flight, the last flush sends them again with their
+    numbers, and every line is in the stream exactly once: "held", Redis holds
+    the calls (a write pause) and never runs them; "replies-lost", Redis ran
+    them but the replies never arrived (the connection died on the way back),
+    so the script skips them."""
+    import coredis
+    from coredis.tokens import PureToken
+
+    bus = RoomBus(ChatService().room, redis_server.url)
+
+    async def replies_lost(*_: object) -> None:
+        await trio.sleep_forever()
+
+    if fault == "replies-lost":
+        bus._replies = replies_lost  # type: ignore[method-assign]
+    sent = ["JOIN alice"]
+    with trio.fail_after(30):
+        async with coredis.Redis.from_url(redis_server.url, decode_responses=True) as r:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(bus.run)
+                bus._on_event(RoomEvent("JOIN", "alice"))
+                if fault == "held":
+                    await r.client_pause(300, PureToken.WRITE)
+                await _say_in_bursts(bus, sent)
+                if fault == "replies-lost":
+                    for _ in range(1000):  # until Redis ran them: the first entry + 3 calls
+                        if len(await r.xrange(bus._stream)) >= 4:
+                            break
+                        await trio.sleep(0.01)
+                    assert len(bus._queue) == len(sent)  # no reply: nothing left the queue
+                assert bus._in_flight >= 2
+                nursery.cancel_scope.cancel()  # stops: the last flush
+            entries = await r.xrange(bus._stream)
+    lines = _published_lines(entries, bus.process)
+    assert lines == sent

@@ -71,6 +71,7 @@ import contextlib
 import itertools
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -147,16 +148,23 @@ return 1
 """
 )
 
-# KEYS: stream, nicks. ARGV: process, maxlen, n, then n entries (events, one
-# a line, see _event_line), then per nick change three values: op ('D'
-# release, 'U' update), nick key, value ("<token>" or "<token> <nick>"). A
-# change applies only if the hash still holds that token. An entry holds
-# many events: one XADD, and one entry for each reader to parse, per batch.
+# KEYS: stream, nicks, this process's last flush number (a string key).
+# ARGV: process, maxlen, flush number, n, then n entries (events, one a line,
+# see _event_line), then per nick change three values: op ('D' release, 'U'
+# update), nick key, value ("<token>" or "<token> <nick>"). A change applies
+# only if the hash still holds that token. An entry holds many events: one
+# XADD, and one entry for each reader to parse, per batch. A flush whose
+# number is not above the last one applied does nothing and returns 0: it
+# was run already, only its reply was lost (see RoomBus._last_flush).
 _PUBLISH: Final = (
     _LUA_HELPERS
     + """
-local n = tonumber(ARGV[3])
-for i = 4 + n, #ARGV, 3 do
+local seq = tonumber(ARGV[3])
+local last = tonumber(redis.call('GET', KEYS[3]) or '0')
+if seq <= last then return 0 end
+redis.call('SET', KEYS[3], ARGV[3], 'EX', 86400)
+local n = tonumber(ARGV[4])
+for i = 5 + n, #ARGV, 3 do
   local op, key, val = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local cur = redis.call('HGET', KEYS[2], key)
   if cur and token(cur) == token(val) then
@@ -164,7 +172,7 @@ for i = 4 + n, #ARGV, 3 do
     else redis.call('HSET', KEYS[2], key, val) end
   end
 end
-for i = 4, 3 + n do
+for i = 5, 4 + n do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'p', ARGV[1], 'b', ARGV[i])
 end
 return 1
@@ -436,6 +444,7 @@ class RoomBus:
         self._stream = f"{prefix}:stream"
         self._nicks = f"{prefix}:nicks"
         self._alive = f"{prefix}:alive"
+        self._flushed = f"{prefix}:flushed:{self.process}"
         self._clock = f"{prefix}:clock"
         self._client: coredis.Redis[str] | None = None
         # The session's connection for this process's writes (see _write).
@@ -444,6 +453,10 @@ class RoomBus:
         self._queue: list[_Entry] = []
         self._sent = 0  # the queue's first events, in flushes not answered yet
         self._in_flight = 0  # those flushes (script calls)
+        # Their numbers and sizes, in order: (flush number, events). Numbered
+        # so that one sent again after its reply was lost is not run twice.
+        self._calls: deque[tuple[int, int]] = deque()
+        self._flushes = itertools.count(1)
         self._queued_bytes = 0
         self._wake = trio.Event()
         self._tokens = itertools.count(1)
@@ -606,11 +619,23 @@ class RoomBus:
         if not self._synced:
             return
         self._up = False
+        # Flushes still unanswered when the session ended went out again with
+        # their own numbers: if Redis ran one before the connection closed (its
+        # reply lost on the way), the script skips it instead of repeating its
+        # lines to everyone. What was never sent gets new numbers.
+        batches: list[tuple[int, list[_Entry]]] = []
+        start = 0
+        for number, n in self._calls:
+            batches.append((number, queue[start : start + n]))
+            start += n
+        for at in range(start, len(queue), FLUSH_BATCH):
+            batches.append((next(self._flushes), queue[at : at + FLUSH_BATCH]))
+        self._calls.clear()
         with trio.move_on_after(5.0):
             try:
                 async with self.link.client() as client:
-                    for start in range(0, len(queue), FLUSH_BATCH):
-                        await self._publish(client, queue[start : start + FLUSH_BATCH])
+                    for number, batch in batches:
+                        await self._publish(client, number, batch)
                     await client.zrem(self._alive, [self.process])
             except redis_errors() as exc:
                 log.warning("chat: could not publish the last leaves to Redis: %s", exc)
@@ -619,6 +644,7 @@ class RoomBus:
         self._client = client
         self._up = True
         self._sent = self._in_flight = 0
+        self._calls.clear()
         try:
             with trio.fail_after(CALL_TIMEOUT):
                 self._writes = await client.connection_pool.get_connection()
@@ -642,6 +668,7 @@ class RoomBus:
                 # others). On cancellation the last flush publishes it.
                 self.unpublished += sum(1 for e in self._queue if _is_message(e[0]))
                 self._queue.clear()
+                self._calls.clear()
                 self._queued_bytes = 0
                 self._releasing.clear()
             raise
@@ -864,9 +891,13 @@ class RoomBus:
                 # answered: if the service stops meanwhile (its members'
                 # LEAVEs are in it), the last flush still has them.
                 batch = self._queue[self._sent : self._sent + FLUSH_BATCH]
+                number = next(self._flushes)
                 request = self._write(
-                    _PUBLISH, [self._stream, self._nicks], self._publish_args(batch)
+                    _PUBLISH,
+                    [self._stream, self._nicks, self._flushed],
+                    self._publish_args(number, batch),
                 )
+                self._calls.append((number, len(batch)))
                 self._sent += len(batch)
                 self._in_flight += 1
                 send.send_nowait((request, len(batch), trio.current_time() + CALL_TIMEOUT))
@@ -878,6 +909,7 @@ class RoomBus:
         async for request, n, deadline in receive:
             with trio.fail_at(deadline):
                 await request
+            self._calls.popleft()
             batch = self._queue[:n]
             del self._queue[:n]
             self._sent -= n
@@ -888,21 +920,22 @@ class RoomBus:
                     del self._releasing[key]
             slots.release()
 
-    def _publish_args(self, batch: list[_Entry]) -> list[str | int]:
-        """The publish script's ARGV for ``batch`` (see _PUBLISH)."""
+    def _publish_args(self, number: int, batch: list[_Entry]) -> list[str | int]:
+        """The publish script's ARGV for flush ``number`` of ``batch`` (see _PUBLISH)."""
         entries = _stream_entries(batch)
-        args: list[str | int] = [self.process, self.maxlen, len(entries), *entries]
+        args: list[str | int] = [self.process, self.maxlen, number, len(entries), *entries]
         for _, op, key, value in batch:
             if op:
                 args += [op, key, value]
         return args
 
-    async def _publish(self, client: coredis.Redis[str], batch: list[_Entry]) -> None:
-        """One batch, awaited (the last flush's way)."""
+    async def _publish(self, client: coredis.Redis[str], number: int, batch: list[_Entry]) -> None:
+        """Flush ``number``, of ``batch``, awaited (the last flush's way)."""
         with trio.fail_after(CALL_TIMEOUT):
             # EVALSHA (the script is loaded once per Redis, again after a restart).
             await client.register_script(_PUBLISH)(
-                keys=[self._stream, self._nicks], args=self._publish_args(batch)
+                keys=[self._stream, self._nicks, self._flushed],
+                args=self._publish_args(number, batch),
             )
 
     async def _tick_loop(self, client: coredis.Redis[str]) -> None:
