@@ -415,7 +415,11 @@ class Server:
                         self.connection_count,
                         self._retire_grace,
                     )
-                    if self._connections:
+                    # Every connection holding a slot counts, including one
+                    # accepted just before the loops stopped whose task has not
+                    # started yet (or is in its TLS handshake or PROXY header):
+                    # it is served, not met with the shutdown's BYE.
+                    if any(self._active.values()):
                         with trio.move_on_after(self._retire_grace):
                             await self._retired.wait()
                     self._shutdown.set()  # the rest is an ordinary shutdown
@@ -537,7 +541,7 @@ class Server:
         per_address = self._per_address[service.name]
         key = _address_key(peer)
         if key is not None and per_address.get(key, 0) >= service.effective_max_per_address:
-            self._active[service.name] -= 1
+            self._free_slot(service)
             connections.start_soon(self._turn_away, service, stream, peer, key, tls)
         else:
             if key is not None:
@@ -575,7 +579,7 @@ class Server:
                     failure = f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
                 nursery.cancel_scope.cancel()
         if header is None:
-            self._active[service.name] -= 1
+            self._free_slot(service)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             if quiet:  # an ordinary access line: the peer closed
@@ -707,11 +711,8 @@ class Server:
             self._connections.discard(conn)
             mine.discard(conn)
             self._release(service, key)
-            if not self._connections:
-                if self._shutdown.is_set():
-                    self._all_closed.set()
-                if self._stop_accepting.is_set():
-                    self._retired.set()
+            if not self._connections and self._shutdown.is_set():
+                self._all_closed.set()
             duration = trio.current_time() - started
             if self.metrics is not None:
                 self.metrics.ended_connection(
@@ -728,9 +729,15 @@ class Server:
                 bytes_out=conn.bytes_out,
             )
 
+    def _free_slot(self, service: Service) -> None:
+        """Give back a connection's slot of ``service`` (taken at accept)."""
+        self._active[service.name] -= 1
+        if self._stop_accepting.is_set() and not any(self._active.values()):
+            self._retired.set()  # retiring: the last connection is over
+
     def _release(self, service: Service, key: str | None) -> None:
         """Give back the slots a connection held (its service's, its address's)."""
-        self._active[service.name] -= 1
+        self._free_slot(service)
         if key is not None:
             per_address = self._per_address[service.name]
             per_address[key] -= 1

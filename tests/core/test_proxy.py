@@ -192,6 +192,26 @@ async def test_the_header_names_the_peer_for_the_handler_and_the_logs(
     assert access.startswith("whoami 203.0.113.7:5555 #")
 
 
+async def test_retiring_serves_a_connection_still_sending_its_header(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A connection accepted before a retirement but not yet a Connection (its
+    PROXY header still to come) is served, not met with the shutdown's BYE."""
+    async with trio.open_nursery() as nursery:
+        server, listener = await _server(nursery)
+        stream = await listener.connect("127.0.0.1:40000")
+        await trio.testing.wait_all_tasks_blocked()  # accepted; waiting for its header
+        server.retire(60)
+        await trio.sleep(1)
+        await stream.send_all(v1("203.0.113.7", "192.0.2.1", 5555, 7005) + b"who\nQUIT\n")
+        client = Client(stream)
+        await client.expect("you are 203.0.113.7:5555", "BYE")
+        await client.expect_closed()
+        ended = trio.current_time()
+    # Once it was over, the retired server ended (not after the 60 s grace).
+    assert trio.current_time() - ended < 1
+
+
 async def test_the_per_address_cap_counts_real_clients(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
