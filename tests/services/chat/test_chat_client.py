@@ -332,7 +332,12 @@ async def test_terminal_shows_history_on_joining_with_its_times() -> None:
             lines = [line for line in term.lines() if line]
             assert lines[1:3] == [f"{first} <alice> hello room", f"{second} * alice waves"]
             assert re.fullmatch(HH_MM + "-- 2 earlier messages above", lines[3]), term.text()
-            await term.type("\x03")  # Ctrl-C leaves too
+            # Ctrl-C leaves too. Typed once the prompt is up: before, the terminal
+            # keeps Ctrl-C's signal (a client waiting for the server can be
+            # stopped), and this pty, the controlling terminal of no process,
+            # would swallow it. (It did once: the client waited for ever.)
+            await term.wait_for(lambda t: _typing(t, ""))
+            await term.type("\x03")
             assert await term.wait_exit() == 0
         nursery.cancel_scope.cancel()
     assert received == ["/nick bob", "/history", "/who", "/quit"]

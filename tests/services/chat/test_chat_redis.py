@@ -164,6 +164,13 @@ async def test_two_services_in_one_trio_run_share_a_room(redis_server: Any) -> N
     with trio.fail_after(30):
         async with open_memory_server(one) as s1, open_memory_server(two) as s2:
             alice = await _joined(s1, "alice")
+            # Once the other process knows alice (its reader applied her JOIN),
+            # bob finds her there on joining; joining sooner he would be told
+            # "JOIN alice" a moment later, as the protocol says (that raced).
+            for _ in range(2000):
+                if "alice" in two.room.nicks():
+                    break
+                await trio.sleep(0.01)
             bob = await _joined(s2, "bob")
             await alice.expect("JOIN bob")
             await bob.send_line("hello alice")
