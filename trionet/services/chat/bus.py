@@ -14,7 +14,10 @@ the events themselves, a line each, in stream entries of up to 16 KB,
 ``XADD ... MAXLEN ~``, atomically), without waiting for the previous call's
 reply: up to ``IN_FLIGHT`` calls at once, in order on the connection that
 carries all of this process's writes (claims and syncs too), so Redis runs
-them in the order they were made. Each process reads the stream with
+them in the order they were made. Events leave the queue when their call is
+answered; each call carries this process's next flush number, and the script
+skips a number it has run, so a call sent again after its reply was lost
+(the last flush at shutdown does that) never repeats its lines. Each process reads the stream with
 ``XREAD BLOCK`` from the last id it has seen and applies the other
 processes' events to its room (its own are skipped: they were applied
 already). One stream, one writer per process writing in order, one reader
