@@ -56,6 +56,9 @@ class Service(Protocol):
     def tls_context(self) -> Any: ...
 
     @property
+    def proxy_protocol(self) -> bool: ...
+
+    @property
     def metric_help(self) -> Mapping[str, str]: ...
 
     def metric_values(self) -> Mapping[str, float]: ...
@@ -185,6 +188,14 @@ class Metrics:
             per_service,
             registry=r,
         )
+        self.proxy_refused = Counter(
+            "trionet_proxy_refused",
+            "Connections closed before a PROXY header was accepted (from outside "
+            "--proxy-from, a bad header, or none in time; not a health check's "
+            "connect-and-close).",
+            per_service,
+            registry=r,
+        )
         self.redis_up = Gauge(
             "trionet_redis_up",
             "1 while the service's Redis link is up (with workers: in every worker).",
@@ -247,6 +258,10 @@ class Metrics:
         """A client was turned away: ``busy`` or ``per-address``."""
         self.turned_away.labels(service, reason).inc()
 
+    def proxy_refused_client(self, service: str) -> None:
+        """A connection was refused for its PROXY header (or its lack of one)."""
+        self.proxy_refused.labels(service).inc()
+
     def tls_failed(self, service: str) -> None:
         """A TLS handshake failed."""
         self.tls_failures.labels(service).inc()
@@ -268,6 +283,8 @@ class Metrics:
             self.duration.labels(service.name)
             if service.tls_context is not None:
                 self.tls_failures.labels(service.name)
+            if service.proxy_protocol:
+                self.proxy_refused.labels(service.name)
             for reason in ("busy", "per-address"):
                 self.turned_away.labels(service.name, reason)
         self.refresh(services)

@@ -594,6 +594,8 @@ class Server:
                 )
             else:
                 log.warning("%s %s refused: %s", service.name, peer, failure)
+                if self.metrics is not None:
+                    self.metrics.proxy_refused_client(service.name)
             return
         self._admit(service, stream, header.peer or peer, tls, connections)
 

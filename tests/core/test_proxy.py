@@ -15,6 +15,7 @@ import ssl
 import struct
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from hypothesis import strategies as st
 
 import trionet
 from trionet import Connection, Server, Service
+from trionet._metrics import Metrics
 from trionet._proxy import (
     MAX_HEADER,
     MAX_V2_PAYLOAD,
@@ -273,6 +275,32 @@ async def test_a_header_from_elsewhere_is_refused_unread(
     )
 
 
+async def test_refusals_are_counted_in_the_metrics(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    metrics = Metrics()
+    service = Whoami(proxy_protocol=True, proxy_from=parse_networks("10.0.0.0/8"))
+    listener = MemoryListener()
+    server = Server([service], listeners={"whoami": [listener]}, metrics=metrics)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        assert metrics.value("trionet_proxy_refused_total", service="whoami") == 0
+        stream = await listener.connect("192.0.2.50:1234")  # not a balancer: refused
+        await stream.send_all(v1("127.0.0.1", "127.0.0.1", 1, 2) + b"who\n")
+        await Client(stream).expect_closed()
+        check = await listener.connect("10.1.2.3:1")  # a health check: connects, closes
+        await check.aclose()
+        bad = await listener.connect("10.1.2.3:2")  # a balancer without a header: refused
+        await bad.send_all(b"who\n")
+        await Client(bad).expect_closed()
+        ok = await listener.connect("10.1.2.3:4321")
+        await ok.send_all(v1("198.51.100.9", "192.0.2.1", 77, 7005) + b"who\n")
+        await Client(ok).expect("you are 198.51.100.9:77")
+        await trio.testing.wait_all_tasks_blocked()
+        server.shutdown()
+    assert metrics.value("trionet_proxy_refused_total", service="whoami") == 2
+
+
 async def test_the_header_has_a_deadline_and_may_come_in_pieces(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -367,13 +395,20 @@ def test_over_a_real_socket(serve: Callable[..., Serve]) -> None:
 def test_only_proxy_from_may_send_a_header_over_a_real_socket(
     serve: Callable[..., Serve],
 ) -> None:
-    p = serve("calc", "--port", "0", "--proxy-protocol", "--proxy-from", "127.0.0.2/32")
+    p = serve(
+        *("calc", "--port", "0", "--proxy-protocol", "--proxy-from", "127.0.0.2/32"),
+        *("--metrics-port", "0"),
+    )
     port = p.port("calc")
     header = v1("198.51.100.6", "127.0.0.1", 6002, port)
     assert _refused(port, header + b"1+1\n", source="127.0.0.1")
     assert _exchange(port, header + b"1+1\n", source="127.0.0.2") == b"OK 2\n"
     p.wait_for(r"calc 127\.0\.0\.1:\d+ refused: not a --proxy-from address")
     p.wait_for(r"calc 198\.51\.100\.6:6002 #\S+ end=eof")
+    metrics_port = int(p.wait_for(r"metrics listening on 127\.0\.0\.1:(\d+)")[0][1])
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=20) as page:
+        text = page.read().decode()
+    assert 'trionet_proxy_refused_total{service="calc"} 1.0' in text.splitlines(), text
     assert p.stop() == 0
 
 

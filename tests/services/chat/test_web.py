@@ -33,6 +33,7 @@ from trio_websocket import (
 )
 
 import trionet
+from trionet._metrics import Metrics
 from trionet._proxy import parse_networks
 from trionet._proxy_stream import HEADER_TIMEOUT
 from trionet.services.chat.server import WELCOME, ChatService
@@ -457,6 +458,8 @@ async def test_memory_proxy_header_names_the_web_client(
 async def test_memory_proxy_header_only_from_proxy_from_and_in_time(
     autojump_clock: object, caplog: pytest.LogCaptureFixture
 ) -> None:
+    metrics = Metrics()
+    metrics.activate()  # (in this test's own context: what Server.run does)
     async with memory_web(ChatService(), proxy_from="127.0.0.1") as chat:
         # From an address not in --proxy-from: closed unread.
         stream = await chat.transport().connect("10.1.2.3:5000")
@@ -483,6 +486,7 @@ async def test_memory_proxy_header_only_from_proxy_from_and_in_time(
     assert refused[1] == "chat web 127.0.0.1:5001 refused: no complete PROXY header within 5s"
     assert refused[2].startswith("chat web 127.0.0.1:5002 refused: ")
     assert len(refused) == 3, refused
+    assert metrics.value("trionet_proxy_refused_total", service="chat") == 3
 
 
 def test_page_is_self_contained() -> None:

@@ -51,6 +51,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from ..._logs import log_access, next_conn_number
+from ..._metrics import current_metrics
 from ..._proxy import Network, address_allowed
 from ..._proxy_stream import HEADER_TIMEOUT, ReplayStream, read_proxy_header_or_why
 from ..._transport import format_peer
@@ -472,6 +473,8 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
 
     #: Logged and reported by the server as "chat web".
     label: Final = "web"
+    #: The service whose metrics count what this listener refuses.
+    service: Final = "chat"
 
     def __init__(
         self,
@@ -658,6 +661,8 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             )
         else:
             log.warning("%s %s refused: %s", self.name, peer, failure)
+            if (metrics := current_metrics()) is not None:
+                metrics.proxy_refused_client(self.service)
         return None
 
     async def _serve_one(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
