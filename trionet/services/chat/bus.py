@@ -454,10 +454,9 @@ class RoomBus:
         self._writes: Any = None
         self._up = False  # publishing: a session is running
         self._queue: list[_Entry] = []
-        self._sent = 0  # the queue's first events, in flushes not answered yet
-        self._in_flight = 0  # those flushes (script calls)
-        # Their numbers and sizes, in order: (flush number, events). Numbered
-        # so that one sent again after its reply was lost is not run twice.
+        # The flushes sent and not answered yet, in order: (flush number, how
+        # many of the queue's first events it carries). Numbered so that one
+        # sent again after its reply was lost is not run twice.
         self._calls: deque[tuple[int, int]] = deque()
         self._flushes = itertools.count(1)
         self._queued_bytes = 0
@@ -643,10 +642,19 @@ class RoomBus:
             except redis_errors() as exc:
                 log.warning("chat: could not publish the last leaves to Redis: %s", exc)
 
+    @property
+    def _sent(self) -> int:
+        """The queue's first events, in flushes not answered yet."""
+        return sum(n for _, n in self._calls)
+
+    @property
+    def _in_flight(self) -> int:
+        """Flushes (script calls) sent and not answered yet."""
+        return len(self._calls)
+
     async def _session(self, client: coredis.Redis[str], ready: Callable[[], None]) -> None:
         self._client = client
         self._up = True
-        self._sent = self._in_flight = 0
         self._calls.clear()
         try:
             with trio.fail_after(CALL_TIMEOUT):
@@ -882,7 +890,7 @@ class RoomBus:
         queued while IN_FLIGHT calls wait for their replies goes in the next.
         """
         slots = trio.Semaphore(IN_FLIGHT)
-        send, receive = trio.open_memory_channel[tuple[Any, int, float]](IN_FLIGHT)
+        send, receive = trio.open_memory_channel[tuple[Any, float]](IN_FLIGHT)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._replies, receive, slots)
             while True:
@@ -893,7 +901,8 @@ class RoomBus:
                 # The events leave the queue only once their call is
                 # answered: if the service stops meanwhile (its members'
                 # LEAVEs are in it), the last flush still has them.
-                batch = self._queue[self._sent : self._sent + FLUSH_BATCH]
+                sent = self._sent
+                batch = self._queue[sent : sent + FLUSH_BATCH]
                 number = next(self._flushes)
                 request = self._write(
                     _PUBLISH,
@@ -901,22 +910,18 @@ class RoomBus:
                     self._publish_args(number, batch),
                 )
                 self._calls.append((number, len(batch)))
-                self._sent += len(batch)
-                self._in_flight += 1
-                send.send_nowait((request, len(batch), trio.current_time() + CALL_TIMEOUT))
+                send.send_nowait((request, trio.current_time() + CALL_TIMEOUT))
 
     async def _replies(
-        self, receive: trio.MemoryReceiveChannel[tuple[Any, int, float]], slots: trio.Semaphore
+        self, receive: trio.MemoryReceiveChannel[tuple[Any, float]], slots: trio.Semaphore
     ) -> None:
         """The flushes' replies, in order: each call's events leave the queue."""
-        async for request, n, deadline in receive:
+        async for request, deadline in receive:
             with trio.fail_at(deadline):
                 await request
-            self._calls.popleft()
+            _, n = self._calls.popleft()
             batch = self._queue[:n]
             del self._queue[:n]
-            self._sent -= n
-            self._in_flight -= 1
             self._queued_bytes -= sum(len(e[0]) for e in batch)
             for _, op, key, value in batch:
                 if op == "D" and self._releasing.get(key) == value:
