@@ -13,12 +13,26 @@ out first.
 
 from __future__ import annotations
 
+import logging
 import socket
-from typing import Any, Final
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ._proxy import MAX_HEADER, ProxyHeader, ProxyProtocolError, parse_proxy_header
+from ._logs import log_access, next_conn_number
+from ._proxy import (
+    MAX_HEADER,
+    Network,
+    ProxyHeader,
+    ProxyProtocolError,
+    address_allowed,
+    parse_proxy_header,
+)
+from ._transport import peer_host
+
+if TYPE_CHECKING:
+    from ._metrics import Metrics
 
 __all__ = [
     "HEADER_TIMEOUT",
@@ -26,6 +40,7 @@ __all__ = [
     "ReplayStream",
     "read_proxy_header",
     "read_proxy_header_or_why",
+    "report_refusal",
 ]
 
 #: Seconds a connection has to deliver its PROXY header. A balancer sends
@@ -63,14 +78,21 @@ async def read_proxy_header(stream: trio.abc.Stream) -> tuple[ProxyHeader, trio.
 
 
 async def read_proxy_header_or_why(
-    stream: trio.abc.Stream,
+    stream: trio.abc.Stream, peer: str, proxy_from: Iterable[Network]
 ) -> tuple[ProxyHeader | None, trio.abc.Stream, str, bool]:
-    """:func:`read_proxy_header`, its failures put in words for a log line.
+    """The header of a connection from ``peer``, if it may send one, or why not.
 
-    Returns (header, stream to go on with, why, quiet): with no header,
-    ``why`` says what went wrong, and ``quiet`` that the peer only
-    connected and closed (a balancer's health check: no warning due).
+    Only sources in ``proxy_from`` may (from anywhere else the connection
+    is refused unread: any client could claim any address). No deadline
+    of its own: the caller sets one. Returns (header, stream to go on
+    with, why, quiet): with no header, ``why`` says what went wrong for a
+    log line, and ``quiet`` that the peer only connected and closed (a
+    balancer's health check: no warning due, see :func:`report_refusal`).
     """
+    if peer == "disconnected":  # gone before we looked at it
+        return None, stream, "closed before sending anything", True
+    if not address_allowed(peer_host(peer), proxy_from):
+        return None, stream, "not a --proxy-from address, so its PROXY header is not trusted", False
     try:
         header, stream = await read_proxy_header(stream)
     except NoHeader as exc:
@@ -80,6 +102,39 @@ async def read_proxy_header_or_why(
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         return None, stream, "connection lost before a complete PROXY header", False
     return header, stream, "", False
+
+
+def report_refusal(
+    log: logging.Logger,
+    name: str,
+    peer: str,
+    why: str,
+    *,
+    quiet: bool,
+    started: float,
+    tls: bool,
+    metrics: Metrics | None,
+    service: str,
+) -> None:
+    """Say that the connection from ``peer`` on listener ``name`` was closed for its header.
+
+    A quiet one (a health check) is an ordinary access line; any other a
+    warning on ``log``, counted in ``metrics`` for ``service``.
+    """
+    if quiet:
+        log_access(
+            name,
+            peer,
+            conn=next_conn_number(),
+            tls=tls,
+            end="eof",
+            duration=trio.current_time() - started,
+            message=f"{name} {peer} {why}",
+        )
+    else:
+        log.warning("%s %s refused: %s", name, peer, why)
+        if metrics is not None:
+            metrics.proxy_refused_client(service)
 
 
 async def _peek_header(sock: trio.socket.SocketType) -> ProxyHeader:

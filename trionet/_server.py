@@ -32,11 +32,10 @@ import trio
 from ._connection import Connection
 from ._logs import log_access, next_conn_number
 from ._metrics import Metrics, set_redis_reporter
-from ._proxy import address_allowed
-from ._proxy_stream import HEADER_TIMEOUT, read_proxy_header_or_why
+from ._proxy_stream import HEADER_TIMEOUT, read_proxy_header_or_why, report_refusal
 from ._service import Service
 from ._tls import HANDSHAKE_TIMEOUT, accept_tls, transport_for
-from ._transport import format_peer
+from ._transport import format_peer, peer_host
 
 __all__ = ["Server", "StartupError", "serve"]
 
@@ -95,12 +94,6 @@ def _is_disconnect(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_is_disconnect(e) for e in exc.exceptions)
     return isinstance(exc, trio.BrokenResourceError | ConnectionError)
-
-
-def _address_key(peer: str) -> str | None:
-    """The IP part of ``host:port`` (``None`` for memory and unix streams)."""
-    host, sep, port = peer.rpartition(":")
-    return host if sep and port.isdigit() else None
 
 
 class _AcceptErrors:
@@ -539,7 +532,7 @@ class Server:
         """Serve ``stream`` from ``peer``, which holds a service slot, or turn it
         away (giving the slot back) if its address is at its limit."""
         per_address = self._per_address[service.name]
-        key = _address_key(peer)
+        key = peer_host(peer)
         if key is not None and per_address.get(key, 0) >= service.effective_max_per_address:
             self._free_slot(service)
             connections.start_soon(self._turn_away, service, stream, peer, key, tls)
@@ -556,46 +549,34 @@ class Server:
         tls: ssl.SSLContext | None,
         connections: trio.Nursery,
     ) -> None:
-        """Read the PROXY header (before TLS), then admit the client it names.
-
-        Only sources in ``proxy_from`` may send one: from anywhere else the
-        connection is closed unread, or any client could claim any address.
-        """
-        failure: str | None = "abandoned: the server is shutting down"
-        header = None
+        """Read the PROXY header (before TLS), then admit the client it names."""
+        failure = "abandoned: the server is shutting down"
+        header, quiet = None, False
         started = trio.current_time()
-        quiet = False  # a health check's connect-and-close is no warning
-        if peer == "disconnected":  # gone before we looked at it
-            failure, quiet = "closed before sending anything", True
-        elif not address_allowed(_address_key(peer), service.proxy_from):
-            failure = "not a --proxy-from address, so its PROXY header is not trusted"
-        else:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_when, self._shutdown, nursery.cancel_scope)
-                with trio.move_on_after(HEADER_TIMEOUT) as deadline:
-                    header, stream, why, quiet = await read_proxy_header_or_why(stream)
-                    failure = None if header is not None else why
-                if deadline.cancelled_caught:
-                    failure = f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
-                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_when, self._shutdown, nursery.cancel_scope)
+            with trio.move_on_after(HEADER_TIMEOUT) as deadline:
+                header, stream, failure, quiet = await read_proxy_header_or_why(
+                    stream, peer, service.proxy_from
+                )
+            if deadline.cancelled_caught:
+                failure = f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
+            nursery.cancel_scope.cancel()
         if header is None:
             self._free_slot(service)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
-            if quiet:  # an ordinary access line: the peer closed
-                log_access(
-                    service.name,
-                    peer,
-                    conn=next_conn_number(),
-                    tls=False,
-                    end="eof",
-                    duration=trio.current_time() - started,
-                    message=f"{service.name} {peer} {failure}",
-                )
-            else:
-                log.warning("%s %s refused: %s", service.name, peer, failure)
-                if self.metrics is not None:
-                    self.metrics.proxy_refused_client(service.name)
+            report_refusal(
+                log,
+                service.name,
+                peer,
+                failure,
+                quiet=quiet,
+                started=started,
+                tls=False,
+                metrics=self.metrics,
+                service=service.name,
+            )
             return
         self._admit(service, stream, header.peer or peer, tls, connections)
 

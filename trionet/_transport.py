@@ -39,6 +39,7 @@ __all__ = [
     "SupportsFileno",
     "Transport",
     "format_peer",
+    "peer_host",
 ]
 
 #: Bytes asked of the transport per receive. Large chunks keep the number of
@@ -243,6 +244,12 @@ class StreamTransport(Transport):
         finally:
             self.send_stalled_since = _INF
         self.bytes_sent += len(data)
+
+
+def peer_host(peer: str) -> str | None:
+    """The IP part of a peer as :func:`format_peer` shows it (``None`` for memory, unix)."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else None
 
 
 def format_peer(stream: trio.abc.Stream | Transport) -> str:

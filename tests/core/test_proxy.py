@@ -355,6 +355,11 @@ async def test_tls_after_the_header_in_memory(
 
 def _exchange(port: int, *chunks: bytes, source: str = "127.0.0.1") -> bytes:
     """Connect from ``source``, send ``chunks`` (a pause between), half-close, read all."""
+    return _exchange_from(port, *chunks, source=source)[0]
+
+
+def _exchange_from(port: int, *chunks: bytes, source: str) -> tuple[bytes, int]:
+    """As :func:`_exchange`; also the client's own port (what the server's log names)."""
     with socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0)) as s:
         for i, chunk in enumerate(chunks):
             if i:
@@ -364,7 +369,7 @@ def _exchange(port: int, *chunks: bytes, source: str = "127.0.0.1") -> bytes:
         out = b""
         while data := s.recv(65536):
             out += data
-    return out
+        return out, s.getsockname()[1]
 
 
 def _refused(port: int, data: bytes, source: str = "127.0.0.1") -> bool:
@@ -543,13 +548,9 @@ def test_chat_behind_haproxy_logs_its_members_real_addresses(
     front = haproxy(p.port("chat"))
     ports = []
     for source, nick in (("127.0.0.5", "ann"), ("127.0.0.6", "ben")):
-        with socket.create_connection(("127.0.0.1", front), 30, (source, 0)) as s:
-            s.sendall(f"/nick {nick}\n/quit\n".encode())
-            reply = b""
-            while data := s.recv(4096):
-                reply += data
-            assert f"OK nick {nick}\n".encode() in reply
-            ports.append(s.getsockname()[1])
+        reply, port = _exchange_from(front, f"/nick {nick}\n/quit\n".encode(), source=source)
+        assert f"OK nick {nick}\n".encode() in reply
+        ports.append(port)
     p.wait_for(rf"chat 127\.0\.0\.5:{ports[0]} #\S+ end=quit")
     p.wait_for(rf"chat 127\.0\.0\.6:{ports[1]} #\S+ end=quit")
     assert p.stop() == 0
@@ -561,12 +562,8 @@ def test_chat_web_page_behind_haproxy(
     """The chat's web port takes the header too (haproxy's health checks included)."""
     p = serve("chat", "--port", "0", "--web-port", "0", "--proxy-protocol")
     front = haproxy(p.port("chat web"))
-    with socket.create_connection(("127.0.0.1", front), 30, ("127.0.0.7", 0)) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        reply = b""
-        while data := s.recv(65536):
-            reply += data
-        port = s.getsockname()[1]
+    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    reply, port = _exchange_from(front, request, source="127.0.0.7")
     assert reply.startswith(b"HTTP/1.1 200 ")
     assert b"<!doctype html>" in reply
     p.wait_for(rf"chat web 127\.0\.0\.7:{port} GET / 200")

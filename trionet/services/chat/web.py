@@ -52,9 +52,14 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 
 from ..._logs import log_access, next_conn_number
 from ..._metrics import current_metrics
-from ..._proxy import Network, address_allowed
-from ..._proxy_stream import HEADER_TIMEOUT, ReplayStream, read_proxy_header_or_why
-from ..._transport import format_peer
+from ..._proxy import Network
+from ..._proxy_stream import (
+    HEADER_TIMEOUT,
+    ReplayStream,
+    read_proxy_header_or_why,
+    report_refusal,
+)
+from ..._transport import format_peer, peer_host
 from .frames import FrameWatch, close_frame
 
 __all__ = [
@@ -453,8 +458,7 @@ def _same_origin(headers: dict[str, str]) -> bool:
 
 def _address(stream: trio.abc.Stream) -> str | None:
     """The client's IP address, the key of the per-address limit (``None`` in memory)."""
-    host, sep, port = format_peer(stream).rpartition(":")
-    return host if sep and port.isdigit() else None
+    return peer_host(format_peer(stream))
 
 
 class WebListener(trio.abc.Listener[trio.abc.Stream]):
@@ -592,10 +596,11 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                 if proxied is None:
                     return
                 stream = proxied
-                if not self._count(_address(stream)):
+                client = _address(stream)
+                if not self._count(client):
                     await trio.aclose_forcefully(stream)
                     return
-                address = _address(stream)
+                address = client
             await self._serve_one(stream, scope)
         finally:
             self._handshakes.discard(scope)
@@ -620,49 +625,39 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         peer = format_peer(raw)
         started = trio.current_time()
         failure, quiet = "the listener is closing", False
-        if peer == "disconnected":  # gone before we looked (a health check)
-            failure, quiet = "closed before sending anything", True
-        elif not address_allowed(_address(raw), proxy_from):
-            failure = "not a --proxy-from address, so its PROXY header is not trusted"
-        else:
-            # A scope of its own (the handshake's is entered later), which
-            # aclose() cancels like the handshakes'.
-            reading = trio.CancelScope(
-                deadline=min(scope.deadline, trio.current_time() + HEADER_TIMEOUT)
-            )
-            if scope.cancel_called:  # closed between the accept and this task's start
-                reading.cancel()
-            self._handshakes.add(reading)
-            try:
-                with reading:
-                    header, raw, failure, quiet = await read_proxy_header_or_why(raw)
-                    if header is not None:
-                        # (a socket's header was peeked, so nothing to replay)
-                        raw = ReplayStream(raw, b"", header.peer or peer)
-                        if tls is None:
-                            return raw
-                        tls.transport_stream = raw  # TLS has not begun
-                        return tls
-                if reading.cancelled_caught and trio.current_time() >= reading.deadline:
-                    limit = min(HEADER_TIMEOUT, self.handshake_timeout)
-                    failure = f"no complete PROXY header within {limit:g}s"
-            finally:
-                self._handshakes.discard(reading)
+        # A scope of its own (the handshake's is entered later), which
+        # aclose() cancels like the handshakes'.
+        reading = trio.CancelScope(deadline=min(scope.deadline, started + HEADER_TIMEOUT))
+        if scope.cancel_called:  # closed between the accept and this task's start
+            reading.cancel()
+        self._handshakes.add(reading)
+        try:
+            with reading:
+                header, raw, failure, quiet = await read_proxy_header_or_why(raw, peer, proxy_from)
+                if header is not None:
+                    # (a socket's header was peeked, so nothing to replay)
+                    raw = ReplayStream(raw, b"", header.peer or peer)
+                    if tls is None:
+                        return raw
+                    tls.transport_stream = raw  # TLS has not begun
+                    return tls
+            if reading.cancelled_caught and trio.current_time() >= reading.deadline:
+                limit = min(HEADER_TIMEOUT, self.handshake_timeout)
+                failure = f"no complete PROXY header within {limit:g}s"
+        finally:
+            self._handshakes.discard(reading)
         await trio.aclose_forcefully(stream)
-        if quiet:  # a health check's connect-and-close: an access line, no warning
-            log_access(
-                self.name,
-                peer,
-                conn=next_conn_number(),
-                tls=tls is not None,
-                end="eof",
-                duration=trio.current_time() - started,
-                message=f"{self.name} {peer} {failure}",
-            )
-        else:
-            log.warning("%s %s refused: %s", self.name, peer, failure)
-            if (metrics := current_metrics()) is not None:
-                metrics.proxy_refused_client(self.service)
+        report_refusal(
+            log,
+            self.name,
+            peer,
+            failure,
+            quiet=quiet,
+            started=started,
+            tls=tls is not None,
+            metrics=current_metrics(),
+            service=self.service,
+        )
         return None
 
     async def _serve_one(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
