@@ -4,16 +4,15 @@ The room knows no transport. What the room sends lives in two places:
 
 * **The log**: every line relayed to the room (``JOIN``, ``MSG``, ``ACTION``,
   ``NICK``, ``LEAVE``) is appended once, as encoded bytes, to one buffer
-  shared by every member (with an entry per line: its sender and where it
-  ends). A member is a **cursor** into it: the log position up to which its
-  writer has sent. Bytes relayed to a hundred members are held once, not a
-  hundred times, and the log is trimmed from the front to the slowest
-  member's cursor. An entry remembers who sent it, and that member's writer
-  skips it (nobody gets a copy of its own message): each member keeps the
-  positions of its own lines still ahead of it, so a writer copies what is
-  due as one slice of the buffer per run between them, whatever the number
-  of lines (a busy room's writer would otherwise touch every line for every
-  member: the room's main cost per message).
+  shared by every member (with where each line ends). A member is a
+  **cursor** into it: the log position up to which its writer has sent.
+  Bytes relayed to a hundred members are held once, not a hundred times,
+  and the log is trimmed from the front to the slowest member's cursor.
+  Nobody gets a copy of its own message: each member keeps the positions of
+  its own lines still ahead of it, and its writer steps over them, copying
+  what is due as one slice of the buffer per run between them, whatever the
+  number of lines (a busy room's writer would otherwise touch every line for
+  every member: the room's main cost per message).
 * **A private queue per member** for what is for it alone (``OK``, ``ERR``,
   ``WHO``, ``PRIV``, ``HELP``, ``HIST``, ``BYE``). Each private item records
   the log position at which it was queued, and the writer interleaves the
@@ -62,7 +61,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import operator
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -97,9 +95,6 @@ DEFAULT_HISTORY_REPLY: Final = 20
 MAX_WRITE: Final = 64 * 1024
 #: Check every member (evictions) and trim the log at least this often, in bytes.
 _SCAN_STEP: Final = 64 * 1024
-
-_Entry = tuple["Member | None", int]  # (its sender, log offset at its end)
-_END = operator.itemgetter(1)
 
 
 class RoomEvent(NamedTuple):
@@ -276,14 +271,14 @@ class Member:
                 if k < len(own) and own[k] - first < end:
                     end = own[k] - first
                     if end == i:  # its own line: step over it
-                        off = log[i][1]
+                        off = log[i]
                         i += 1
                         k += 1
                         continue
-                if log[end - 1][1] - off > max_bytes - size:
+                if log[end - 1] - off > max_bytes - size:
                     # Up to the first line that reaches the bound, included.
-                    end = bisect.bisect_left(log, off + max_bytes - size, i, end, key=_END) + 1
-                end_off = log[end - 1][1]
+                    end = bisect.bisect_left(log, off + max_bytes - size, i, end) + 1
+                end_off = log[end - 1]
                 base = room._buf_base
                 parts.append(bytes(buf[off - base : end_off - base]))
                 size += end_off - off
@@ -364,7 +359,7 @@ class Room:
         self._draining: set[Member] = set()
         # Members in the room whose writers sleep with nothing to send.
         self._waiting: set[Member] = set()
-        self._log: list[_Entry] = []
+        self._log: list[int] = []  # where each line ends (a log offset), from _first_seq
         # The log's bytes from the start of _log[0]; at log offset _buf_base.
         self._buf = bytearray()
         self._buf_base = 0
@@ -429,7 +424,7 @@ class Room:
             return  # nobody to tell
         self._end_seq += 1
         self._end_off += len(data)
-        self._log.append((sender, self._end_off))
+        self._log.append(self._end_off)
         self._buf += data
         skipped = False
         if sender is not None:
@@ -474,7 +469,7 @@ class Room:
             for m in self._draining:
                 low = min(low, m._seq)
             if low > self._first_seq:
-                cut = self._log[low - self._first_seq - 1][1]
+                cut = self._log[low - self._first_seq - 1]
                 del self._log[: low - self._first_seq]
                 del self._buf[: cut - self._buf_base]
                 self._buf_base = cut
