@@ -18,11 +18,14 @@ Servers, each in its own process, all speaking the same protocol subset:
 Passes when trionet delivers at least as fast as fanout and as twisted
 (medians), with every message delivered; p50/p99 are reported beside.
 
-The load comes from ``--load-procs`` processes of scripts/chat_load.py
-(raw sockets and epoll). To show the generator is not the bottleneck, each
-row reports the server's CPU use during the run (from /proc) next to the
-generators': a server near 100% of one core while the generators have CPU
-to spare is server-bound.
+The load comes from ``--load-procs`` processes of scripts/bench/chat_load.c
+(``--generator c``, the default where there is a C compiler) or of its Python
+original chat_load.py (``--generator python``): the same load and protocol,
+but the Python one spends most of a core per million deliveries, on a machine
+whose two cores it shares with the servers. To show the generator is not the
+bottleneck, each row reports the server's CPU use during the run (from /proc)
+next to the busiest generator's: a server near 100% of one core while the
+generators have CPU to spare is server-bound.
 
 Usage: python scripts/bench/chat.py [--rounds 5] [--servers trionet fanout twisted] [--before TREE]
 """
@@ -44,6 +47,7 @@ from harness import (
     HERE,
     ROOT,
     add_before_argument,
+    build_c,
     cpu_seconds,
     free_port,
     median,
@@ -86,6 +90,27 @@ def start_servers(
     return servers
 
 
+def load_command(generator: str) -> list[str]:
+    """How to start one load process: ``generator`` is "c" or "python" (see the docstring)."""
+    if generator == "c":
+        binary = build_c("chat_load")
+        if binary is not None:
+            return [binary]
+        print("note: no C compiler: the Python load generator is used", flush=True)
+    return [sys.executable, str(HERE / "chat_load.py")]
+
+
+def add_generator_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--generator {c,python}`` (read by :func:`run_round` from the parsed args)."""
+    parser.add_argument(
+        "--generator",
+        choices=["c", "python"],
+        default="c",
+        help="the load generator: chat_load.c (built with cc; Python if there is no "
+        "compiler) or chat_load.py (default: %(default)s)",
+    )
+
+
 def run_round(
     servers: list[tuple[int, int]],
     a: argparse.Namespace,
@@ -108,7 +133,7 @@ def run_round(
             senders = [first + j for j in range(a.senders - senders_per * k)]
         port = servers[k % len(servers)][1]
         cmd = [
-            sys.executable, str(HERE / "chat_load.py"), "--port", str(port),
+            *load_command(a.generator), "--port", str(port),
             "--first", str(first), "--count", str(count), "--all-senders", str(a.senders),
             "--messages", str(a.messages), "--window", str(a.window),
             "--latencies", f"{tmp}/lat{k}", "--senders", *map(str, senders),
@@ -191,6 +216,7 @@ def main() -> int:
         default=["trionet", "fanout", "twisted"],
         help="servers to compare (default: %(default)s)",
     )
+    add_generator_argument(p)
     add_before_argument(p)
     a = p.parse_args()
     if any(n.startswith("twisted") for n in a.servers):
@@ -200,7 +226,7 @@ def main() -> int:
     rows: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     print(
         f"{a.clients} clients, {a.senders} senders x {a.messages} messages, window {a.window}, "
-        f"{a.load_procs} load processes, {os.cpu_count()} CPUs"
+        f"{a.load_procs} load processes ({a.generator}), {os.cpu_count()} CPUs"
     )
     print(f"{'round':>5} {'server':<10} {'deliv/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'srv CPU':>7} {'gen CPU':>7} {'delivered':>15}")  # fmt: skip

@@ -2,7 +2,8 @@
 
 100 clients in a room; 10 of them each send 200 messages with at most 16 of
 their own in flight (scripts/bench/chat.py's load, from its generator
-scripts/bench/chat_load.py). Two setups, interleaved round by round:
+scripts/bench/chat_load.c, or chat_load.py with ``--generator python``). Two
+setups, interleaved round by round:
 
 * one   — ``python -m trionet.serve chat``: all 100 clients on one process,
   no Redis (the baseline);
@@ -47,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from chat import run_round  # noqa: E402  (scripts/bench/chat.py)
+from chat import add_generator_argument, run_round  # noqa: E402  (scripts/bench/chat.py)
 from harness import free_port, wait_listening  # noqa: E402
 
 
@@ -202,6 +203,7 @@ def main() -> int:
         "--window", type=int, default=16, help="own messages in flight (default: %(default)s)"
     )
     p.add_argument("--micro", action="store_true", help="also run the Redis micro-measurements")
+    add_generator_argument(p)
     p.add_argument(
         "--before",
         metavar="DIR",
@@ -225,7 +227,8 @@ def main() -> int:
         rows: dict[str, list[dict[str, float]]] = {n: [] for n in setups}
         print(
             f"{a.clients} clients, {a.senders} senders x {a.messages} messages, window "
-            f"{a.window}; one: 1 process; redis: 2 processes on one Redis; {os.cpu_count()} CPUs"
+            f"{a.window}; one: 1 process; redis: 2 processes on one Redis; {os.cpu_count()} CPUs; "
+            f"load generator: {a.generator}"
         )
         print(f"{'round':>5} {'setup':<6} {'deliv/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'srv CPU':>7} {'gen CPU':>7} {'delivered':>15}")  # fmt: skip

@@ -174,18 +174,23 @@ def rounds(count: int, names: Sequence[_T]) -> Iterator[tuple[int, list[_T]]]:
         yield r, [*names[shift:], *names[:shift]]
 
 
-def build_pingpong() -> str | None:
-    """Build ``pingpong.c`` (once per version, in the temp folder); its path, or None
-    when the machine has no C compiler (the caller then says so and falls back)."""
-    source = HERE / "pingpong.c"
+def build_c(name: str) -> str | None:
+    """Build ``scripts/bench/NAME.c`` (once per version, in the temp folder); its path,
+    or None when the machine has no C compiler (the caller then says so and falls back)."""
+    source = HERE / f"{name}.c"
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    binary = Path(tempfile.gettempdir()) / f"trionet-pingpong-{digest}"
+    binary = Path(tempfile.gettempdir()) / f"trionet-{name}-{digest}"
     if not binary.exists():
         try:
             subprocess.run(["cc", "-O2", "-o", str(binary), str(source)], check=True)
         except (OSError, subprocess.CalledProcessError):
             return None
     return str(binary)
+
+
+def build_pingpong() -> str | None:
+    """``pingpong.c``, built (see :func:`build_c`)."""
+    return build_c("pingpong")
 
 
 def median(values: Sequence[float]) -> float:
