@@ -20,7 +20,11 @@ machine's loopback figures swing widely from one second to the next:
   (s) for reference: the client's process start-up alone
       (``python -m trionet.client files --help``);
   (h) for reference: SHA-256 of the file's size in memory, one core
-      (hashlib, 4 MiB updates).
+      (hashlib, 4 MiB updates);
+  (z) for reference: scripts/bench/sendfile_server.py, the plainest
+      sendfile server (one blocking thread, the whole file in ``os.sendfile``
+      calls, no digest, no event loop), with (a)'s discard client: what the
+      kernel gives a server with no Python per chunk, to read (a) against.
 
 (s) + (h) is a floor for (b): the client cannot hash a byte before it has
 started, and SHA-256 is one sequential chain (no second core can help).
@@ -244,11 +248,15 @@ def main() -> int:
         serve = [sys.executable, "-m", "trionet.serve", "files", "--port", str(tport)]
         serve += ["--root", str(root), "--log-level", "WARNING"]
         procs.append(subprocess.Popen(serve, cwd=ROOT, env=env))
+        zport = free_port()
+        plain = [sys.executable, str(Path(__file__).with_name("sendfile_server.py"))]
+        procs.append(subprocess.Popen([*plain, str(zport), str(root)]))
         http = [sys.executable, "-m", "http.server", str(hport), "--bind", "127.0.0.1"]
         http += ["--directory", str(root)]
         procs.append(subprocess.Popen(http, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_listening(tport, procs[0])
-        wait_listening(hport, procs[1])
+        wait_listening(zport, procs[1])
+        wait_listening(hport, procs[2])
 
         latency, hashed = list_latency_while_hashing(tport, name)
         print(
@@ -270,6 +278,7 @@ def main() -> int:
         contenders["p plain discard"] = lambda: trionet_discard(tport, name, batch=False)
         contenders["s client start-up"] = client_startup
         contenders["h sha256 alone"] = lambda: sha256_alone(size)
+        contenders["z plain sendfile"] = lambda: trionet_discard(zport, name)
         if args.before:  # row a's server from another checkout
             bport = free_port()
             before = [*serve[:5], str(bport), *serve[6:]]
@@ -296,11 +305,15 @@ def main() -> int:
         base = med[keys[2]]
         print(f"\nmedian of {args.rounds} rounds, {args.size_mib} MiB:")
         for key in keys:
-            rate = f"{size / med[key] / 1e6:7.0f} MB/s" if key[0] in "abcdphA" else " " * 12
+            rate = f"{size / med[key] / 1e6:7.0f} MB/s" if key[0] in "abcdphzA" else " " * 12
             print(f"  {key:20} {med[key]:6.3f} s  {rate}  {base / med[key]:4.2f}x (c)")
         ratio_a = base / med[keys[0]]
         ratio_b = base / med[keys[1]]
         floor = med["s client start-up"] + med["h sha256 alone"]
+        print(
+            f"(a) against the plain sendfile server (z): "
+            f"{med['z plain sendfile'] / med[keys[0]]:.2f}x its speed"
+        )
         print(
             f"\ntargets: (a) {ratio_a:.2f}x (c), >= 1.3: {'met' if ratio_a >= 1.3 else 'NOT met'}; "
             f"(b) {ratio_b:.2f}x (c), >= 0.8: {'met' if ratio_b >= 0.8 else 'NOT met'}"
