@@ -179,6 +179,9 @@ class Server:
         self.addresses: dict[str, list[tuple[str, int]]] = {}
         self._given_listeners = dict(listeners or {})
         self._extra: set[int] = set()  # ids of listeners from open_extra_listeners
+        # Listeners with requests of their own that a shutdown lets finish (chat's
+        # web page: ``wait_requests_done``), found when the listeners open.
+        self._finishing: list[Any] = []
         self._announce = announce
         self._on_listening = on_listening
         self._connections: set[Connection] = set()
@@ -349,6 +352,9 @@ class Server:
                 for _, listener in opened:
                     await listener.aclose()
                 raise
+        self._finishing = [
+            listener for _, listener in opened if hasattr(listener, "wait_requests_done")
+        ]
         for service, listener in opened:
             sock = getattr(listener, "socket", None)
             # An extra listener (chat's web page) names itself: "chat web".
@@ -411,10 +417,12 @@ class Server:
                     # Every connection holding a slot counts, including one
                     # accepted just before the loops stopped whose task has not
                     # started yet (or is in its TLS handshake or PROXY header):
-                    # it is served, not met with the shutdown's BYE.
-                    if any(self._active.values()):
-                        with trio.move_on_after(self._retire_grace):
+                    # it is served, not met with the shutdown's BYE. So does a
+                    # request under way on a listener of its own (the web page).
+                    with trio.move_on_after(self._retire_grace):
+                        if any(self._active.values()):
                             await self._retired.wait()
+                        await self._requests_done()
                     self._shutdown.set()  # the rest is an ordinary shutdown
                 log.info(
                     "shutting down: listeners closed, %d connection(s) open", self.connection_count
@@ -477,11 +485,18 @@ class Server:
     async def _drain(self) -> None:
         for conn in list(self._connections):
             conn._request_shutdown()
-        if self._connections:
-            with trio.move_on_after(self.grace):
+        with trio.move_on_after(self.grace):
+            if self._connections:
                 await self._all_closed.wait()
+            await self._requests_done()
         for conn in list(self._connections):
             conn._scope.cancel()
+
+    async def _requests_done(self) -> None:
+        """Wait for the requests under way on listeners that answer their own
+        (closed by now: each returns within its own deadline)."""
+        for listener in self._finishing:
+            await listener.wait_requests_done()
 
     async def _accept_loop(
         self,

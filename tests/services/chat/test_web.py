@@ -357,6 +357,51 @@ async def test_memory_shutdown_says_bye_and_ends_the_listener(autojump_clock: ob
     # memory_web's nursery, holding web.run, has ended: nothing was left behind.
 
 
+WS_HEAD_REST = (
+    b"Host: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def test_memory_a_retiring_server_answers_the_requests_under_way(
+    autojump_clock: object,
+) -> None:
+    """A reload retires the old server: a page request it has begun is still
+    answered, a WebSocket handshake gets 503 (the page retries, reaching the
+    new one), a connection that sent nothing is dropped, and a request that
+    never ends holds the retirement only until its handshake deadline."""
+    web = WebListener(MemoryListener())
+    server = trionet.Server([ChatService()], listeners={"chat": [MemoryListener(), web]})
+    assert isinstance(web.transport, MemoryListener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(web.run)
+        await nursery.start(server.run)
+        page = await web.transport.connect()
+        await page.send_all(b"GET / HTTP/1.1\r\n")
+        ws = await web.transport.connect()
+        await ws.send_all(b"GET /ws HTTP/1.1\r\n")
+        slow = await web.transport.connect()
+        await slow.send_all(b"GET / HTTP/1.1\r\n")  # ...and nothing more, ever
+        idle = await web.transport.connect()
+        await trio.testing.wait_all_tasks_blocked()
+        retired_at = trio.current_time()
+        server.retire(HANDSHAKE_TIMEOUT * 3)
+        await server.wait_not_accepting()
+        with trio.fail_after(1):
+            assert await idle.receive_some() == b""
+        await page.send_all(b"Host: localhost\r\n\r\n")
+        status, _, body = await read_response(page)
+        assert status == 200 and body.startswith(b"<!doctype html>") and web.page.endswith(body)
+        await ws.send_all(WS_HEAD_REST)
+        status, headers, _ = await read_response(ws)
+        assert (status, headers["retry-after"]) == (503, "1")
+        with trio.fail_after(HANDSHAKE_TIMEOUT + 1):
+            assert await slow.receive_some() == b""
+    # The server and the listener have ended: once the slow request's deadline
+    # passed, not after the whole grace.
+    assert trio.current_time() - retired_at < HANDSHAKE_TIMEOUT + 1
+
+
 async def test_memory_max_connections_apply_to_web_members(autojump_clock: object) -> None:
     async with memory_web(ChatService(max_connections=1)) as chat:
         alice = await (await chat.connect_ws()).join("alice")
@@ -598,6 +643,38 @@ async def test_flood_control_applies_to_a_web_member_over_sockets(opened: Opened
         await alice.expect("ERR rate-limited")
         await bob.expect("MSG alice flood 0", "MSG alice flood 1", "MSG alice flood 2")
         await bob.expect_nothing(for_seconds=0.2)
+
+
+async def test_a_retiring_server_answers_a_page_request_under_way_over_sockets(
+    opened: Opened,
+) -> None:
+    async with running(ChatService(port=0, web_port=0)) as (server, _, web_port):
+        page = await opened.stream(web_port)
+        await page.send_all(b"GET / HTTP/1.1\r\n")
+        ws = await opened.stream(web_port)
+        await ws.send_all(b"GET /ws HTTP/1.1\r\n")
+        # Wait until the listener has read a byte of both (its own count: a
+        # request not begun when the server retires is dropped, by design).
+        (web,) = server._finishing
+        for _ in range(500):  # 5 s at most
+            if web._requests == 2 and not web._idle:
+                break
+            await trio.sleep(0.01)
+        else:
+            pytest.fail("the server did not read the two requests' first bytes")
+        server.retire(30)
+        await server.wait_not_accepting()
+        # New connections are refused now (this server was the only one).
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", web_port)
+        await page.send_all(b"Host: 127.0.0.1\r\n\r\n")
+        status, _, body = await read_response(page)
+        assert status == 200 and body.startswith(b"<!doctype html>")
+        await ws.send_all(WS_HEAD_REST.replace(b"localhost", b"127.0.0.1"))
+        assert (await read_response(ws))[0] == 503
+        with trio.fail_after(5):
+            await server.wait_not_accepting()
+    # running() returned: the retired server ended once both were answered.
 
 
 async def test_shutdown_says_bye_to_a_web_member_over_sockets(opened: Opened) -> None:

@@ -333,6 +333,7 @@ _REASONS: Final = {
     405: "Method Not Allowed",
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
 }
 
 
@@ -473,6 +474,13 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
     no header is expected. With a list, every connection must start with
     one, from one of those networks (before TLS); the address it names is
     the client's for the per-address limit, the access lines and the chat.
+
+    Closing (:meth:`aclose`) is graceful, so that a reload drops nobody: a
+    request already under way is still answered (within its handshake
+    deadline), except a WebSocket, which gets ``503`` and a ``Retry-After``
+    (the page reconnects, to the listener that took over); connections that
+    have not sent a byte yet are closed at once. :meth:`wait_requests_done`
+    waits for the requests under way (the server does, within its grace).
     """
 
     #: Logged and reported by the server as "chat web".
@@ -511,7 +519,17 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         # Unbuffered: a WebSocket is handed over only when the server takes it.
         self._ready_send, self._ready = trio.open_memory_channel[WebSocketStream](0)
         self._accepting = trio.CancelScope()
+        self._closing = False
+        # Deadlines of the handshakes under way; of those, the ones whose client
+        # has not sent a byte of its request yet (closing cancels these); and
+        # the PROXY header reads (closing cancels them too).
         self._handshakes: set[trio.CancelScope] = set()
+        self._idle: set[trio.CancelScope] = set()
+        self._header_reads: set[trio.CancelScope] = set()
+        # Requests under way: accepted, not yet answered or handed over.
+        self._requests = 0
+        self._requests_done = trio.Event()
+        self._requests_done.set()
 
     @property
     def socket(self) -> trio.socket.SocketType | None:
@@ -527,18 +545,29 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             raise trio.ClosedResourceError("the web listener is closed") from None
 
     async def aclose(self) -> None:
-        """Stop at once: no more accepts, requests in progress are dropped.
+        """Stop accepting at once; let the requests under way end (see the class).
 
-        WebSockets already accepted are not affected: whoever accepted them
-        closes them. Everything before the last ``await`` is synchronous, so
-        this works under cancellation too (the server closes its listeners
-        that way).
+        Connections that have sent nothing yet, and PROXY headers still
+        being read, are dropped. WebSockets already accepted are not
+        affected: whoever accepted them closes them. Everything before the
+        last ``await`` is synchronous, so this works under cancellation too
+        (the server closes its listeners that way).
         """
+        self._closing = True
         self._ready.close()
         self._accepting.cancel()
-        for scope in self._handshakes:
+        for scope in (*self._idle, *self._header_reads):
             scope.cancel()
         await self.transport.aclose()
+
+    async def wait_requests_done(self) -> None:
+        """Return once no request is under way (page, error, WebSocket handshake).
+
+        Open WebSockets do not count: they are members, ended by the server
+        like its other connections. Each request is bounded by the handshake
+        deadline, so after :meth:`aclose` this returns within it.
+        """
+        await self._requests_done.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The background work; returns once closed and every WebSocket is gone."""
@@ -568,8 +597,12 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                     await trio.aclose_forcefully(stream)
                     continue
                 self._held += 1
+                if not self._requests:
+                    self._requests_done = trio.Event()
+                self._requests += 1
                 scope = trio.CancelScope(deadline=trio.current_time() + self.handshake_timeout)
                 self._handshakes.add(scope)
+                self._idle.add(scope)
                 nursery.start_soon(self._serve, stream, scope, address, proxy_from)
 
     def _count(self, address: str | None) -> bool:
@@ -590,6 +623,16 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         proxy_from: Sequence[Network] | None,
     ) -> None:
         """One TCP connection: the page, an error, or a WebSocket until it closes."""
+        under_way = True
+
+        def request_over() -> None:
+            nonlocal under_way
+            if under_way:
+                under_way = False
+                self._requests -= 1
+                if not self._requests:
+                    self._requests_done.set()
+
         try:
             if proxy_from is not None:
                 proxied = await self._proxy_header(stream, scope, proxy_from)
@@ -601,9 +644,11 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                     await trio.aclose_forcefully(stream)
                     return
                 address = client
-            await self._serve_one(stream, scope)
+            await self._serve_one(stream, scope, request_over)
         finally:
+            request_over()
             self._handshakes.discard(scope)
+            self._idle.discard(scope)
             self._held -= 1
             if address is not None:
                 self._per_address[address] -= 1
@@ -630,7 +675,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         reading = trio.CancelScope(deadline=min(scope.deadline, started + HEADER_TIMEOUT))
         if scope.cancel_called:  # closed between the accept and this task's start
             reading.cancel()
-        self._handshakes.add(reading)
+        self._header_reads.add(reading)
         try:
             with reading:
                 header, raw, failure, quiet = await read_proxy_header_or_why(raw, peer, proxy_from)
@@ -645,7 +690,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                 limit = min(HEADER_TIMEOUT, self.handshake_timeout)
                 failure = f"no complete PROXY header within {limit:g}s"
         finally:
-            self._handshakes.discard(reading)
+            self._header_reads.discard(reading)
         await trio.aclose_forcefully(stream)
         report_refusal(
             log,
@@ -660,7 +705,9 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         )
         return None
 
-    async def _serve_one(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
+    async def _serve_one(
+        self, stream: trio.abc.Stream, scope: trio.CancelScope, request_over: Callable[[], None]
+    ) -> None:
         peer = format_peer(stream)
         try:
             # trio-websocket's reader task lives in this nursery for as long
@@ -669,9 +716,11 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                 handed_over = False
                 try:
                     with scope:
-                        handed_over = await self._handle_request(nursery, stream, peer)
+                        handed_over = await self._handle_request(nursery, stream, peer, scope)
                 finally:
+                    request_over()
                     self._handshakes.discard(scope)
+                    self._idle.discard(scope)
                     if not handed_over:
                         # Ends the reader task of a handshake cut short too.
                         await trio.aclose_forcefully(stream)
@@ -714,11 +763,13 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         )
 
     async def _handle_request(
-        self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str, scope: trio.CancelScope
     ) -> bool:
         """Answer one request; ``True`` once a WebSocket was handed to :meth:`accept`."""
         started = trio.current_time()
-        head = await self._read_head(stream)
+        # From its first byte on, the request is under way: closing the
+        # listener no longer drops it.
+        head = await self._read_head(stream, lambda: self._idle.discard(scope))
         if head is None:
             return False
         method = path = "-"
@@ -743,6 +794,10 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                 raise _Refused(426, "this is a WebSocket", [("Upgrade", "websocket")])
             if not _same_origin(headers):
                 raise _Refused(403, "WebSocket from another origin")
+            if self._closing:
+                # Nobody here will take it: the page tries again, and reaches
+                # the listener that took over (a reload) or learns it is down.
+                raise _Refused(503, "closing: try again", [("Retry-After", "1")])
         except _Refused as refused:
             sent = len(refused.response)
             self._access(stream, peer, method, path, refused.status, started, len(head), sent)
@@ -763,10 +818,13 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         return True
 
     @staticmethod
-    async def _read_head(stream: trio.abc.Stream) -> bytes | None:
+    async def _read_head(
+        stream: trio.abc.Stream, began: Callable[[], None] | None = None
+    ) -> bytes | None:
         """Bytes up to and including the blank line ending the head (and any
         bytes after it); longer than :data:`MAX_HEAD` if it does not end in
-        time; ``None`` if the client closed first."""
+        time; ``None`` if the client closed first. ``began`` is called at the
+        first byte."""
         buf = bytearray()
         while True:
             # Resume the search a little before the new bytes: the blank
@@ -775,6 +833,8 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             chunk = await stream.receive_some(4096)
             if not chunk:
                 return None
+            if began is not None and not buf:
+                began()
             buf += chunk
             if buf.find(b"\r\n\r\n", start) >= 0 or len(buf) > MAX_HEAD:
                 return bytes(buf)
