@@ -402,6 +402,27 @@ async def test_memory_a_retiring_server_answers_the_requests_under_way(
     assert trio.current_time() - retired_at < HANDSHAKE_TIMEOUT + 1
 
 
+async def test_memory_web_limits_given_as_functions_are_read_at_each_connection(
+    autojump_clock: object,
+) -> None:
+    """As the chat passes them, so that a reload changes them (see the socket test)."""
+    limit = 1
+    web = WebListener(MemoryListener(), max_pending=lambda: limit)
+    assert isinstance(web.transport, MemoryListener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(web.run)
+        held = await web.transport.connect()  # holds the one place (sends nothing)
+        turned_away = await web.transport.connect()
+        with trio.fail_after(1):
+            assert await turned_away.receive_some() == b""
+        limit = 2
+        served = await web.transport.connect()
+        await served.send_all(GET_PAGE)
+        assert (await read_response(served))[0] == 200
+        await held.aclose()
+        await web.aclose()
+
+
 async def test_memory_max_connections_apply_to_web_members(autojump_clock: object) -> None:
     async with memory_web(ChatService(max_connections=1)) as chat:
         alice = await (await chat.connect_ws()).join("alice")
@@ -675,6 +696,24 @@ async def test_a_retiring_server_answers_a_page_request_under_way_over_sockets(
         with trio.fail_after(5):
             await server.wait_not_accepting()
     # running() returned: the retired server ended once both were answered.
+
+
+async def test_a_reload_changes_the_web_ports_per_address_limit_over_sockets(
+    opened: Opened,
+) -> None:
+    get = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    service = ChatService(port=0, web_port=0, max_per_address=1)
+    async with running(service) as (server, _, web_port):
+        await opened.stream(web_port)  # holds 127.0.0.1's one place (sends nothing)
+        turned_away = await opened.stream(web_port)
+        await turned_away.send_all(get)
+        # Closed unread, so the kernel may answer with a reset.
+        with trio.fail_after(5), suppress(trio.BrokenResourceError):
+            assert await turned_away.receive_some() == b""
+        server.reload({"chat": {"max_per_address": 2}})
+        served = await opened.stream(web_port)
+        await served.send_all(get)
+        assert (await read_response(served))[0] == 200
 
 
 async def test_shutdown_says_bye_to_a_web_member_over_sockets(opened: Opened) -> None:

@@ -286,10 +286,10 @@ class ChatService(Service):
             transports=(inherited or {}).get("web"),
             host_names=self.web_host_names,
             # Handshakes count like connections: one address may hold no
-            # more of them (with its WebSockets) than of connections.
-            max_pending=self.max_connections,
-            max_per_address=self.effective_max_per_address,
-            # Read at each connection: a reload may turn it on or off.
+            # more of them (with its WebSockets) than of connections. All
+            # three are read at each connection: a reload may change them.
+            max_pending=lambda: self.max_connections,
+            max_per_address=lambda: self.effective_max_per_address,
             proxy=lambda: self.proxy_from if self.proxy_protocol else None,
         )
         return list(self._web)

@@ -469,6 +469,10 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
     :meth:`accept` returns one :class:`WebSocketStream` per WebSocket opened
     on ``/ws``.
 
+    ``max_pending`` and ``max_per_address`` may be numbers or functions
+    returning one, asked at each connection (the chat passes functions that
+    read its settings, so that a reload changes them).
+
     ``proxy``, asked at each connection (a reload may change the answer):
     the networks allowed to send a PROXY protocol header, or ``None`` when
     no header is expected. With a list, every connection must start with
@@ -497,8 +501,8 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         name: str = "chat web",
         host_names: Iterable[str] = (),
-        max_pending: int = MAX_PENDING,
-        max_per_address: int | None = None,
+        max_pending: int | Callable[[], int] = MAX_PENDING,
+        max_per_address: int | Callable[[], int | None] | None = None,
         proxy: Callable[[], Sequence[Network] | None] | None = None,
     ) -> None:
         self.transport = transport
@@ -509,7 +513,8 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         #: Names a request's ``Host`` may give besides the address (see
         #: :func:`served_names`).
         self.host_names = tuple(host_names)
-        #: Connections held at once (requests, handshakes, open WebSockets).
+        #: Connections held at once (requests, handshakes, open WebSockets),
+        #: or a function giving it.
         self.max_pending = max_pending
         #: ... of which from one address (``None``: no limit of its own).
         self.max_per_address = max_per_address
@@ -586,7 +591,8 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                     log.error("%s: accept failed (%s); retrying", self.name, exc)
                     await trio.sleep(0.1)
                     continue
-                if self._held >= self.max_pending:
+                max_pending = self.max_pending
+                if self._held >= (max_pending() if callable(max_pending) else max_pending):
                     await trio.aclose_forcefully(stream)
                     continue
                 proxy_from = self.proxy() if self.proxy is not None else None
@@ -610,7 +616,10 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         if address is None:
             return True
         held = self._per_address.get(address, 0)
-        if self.max_per_address is not None and held >= self.max_per_address:
+        limit = self.max_per_address
+        if callable(limit):
+            limit = limit()
+        if limit is not None and held >= limit:
             return False
         self._per_address[address] = held + 1
         return True
@@ -973,8 +982,8 @@ async def open_web_listeners(
     tls: ssl.SSLContext | None = None,
     transports: Sequence[trio.abc.Listener[Any]] | None = None,
     host_names: Iterable[str] = (),
-    max_pending: int = MAX_PENDING,
-    max_per_address: int | None = None,
+    max_pending: int | Callable[[], int] = MAX_PENDING,
+    max_per_address: int | Callable[[], int | None] | None = None,
     proxy: Callable[[], Sequence[Network] | None] | None = None,
 ) -> list[WebListener]:
     """Listen for HTTP on ``host:port`` (0: a free port); one listener per address.
