@@ -688,3 +688,48 @@ async def test_stopping_with_flushes_in_flight_publishes_each_line_once(
             entries = await r.xrange(bus._stream)
     lines = _published_lines(entries, bus.process)
     assert lines == sent
+
+
+async def test_a_link_lost_with_flushes_in_flight_counts_them_apart(
+    redis_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The link fails while calls are sent and unanswered (Redis ran them, the
+    replies never came back): the "reachable again" line does not count them
+    as not relayed, but says they may or may not have been, apart from the
+    messages that never left (none here)."""
+    import coredis
+
+    caplog.set_level(logging.INFO, "trionet")
+    bus = RoomBus(ChatService().room, redis_server.url, liveness=0.5)
+    replies_seen = trio.Event()
+
+    async def replies_lost(*_: object) -> None:
+        replies_seen.set()
+        await trio.sleep_forever()
+
+    bus._replies = replies_lost  # type: ignore[method-assign]
+    sent: list[str] = []
+    with trio.fail_after(30):
+        async with (
+            coredis.Redis.from_url(redis_server.url, decode_responses=True) as r,
+            trio.open_nursery() as nursery,
+        ):
+            await nursery.start(bus.run)
+            await replies_seen.wait()
+            await _say_in_bursts(bus, sent)
+            for _ in range(1000):  # until Redis ran them all: 1,200 lines
+                if len(_published_lines(await r.xrange(bus._stream), bus.process)) == 1200:
+                    break
+                await trio.sleep(0.01)
+            assert bus._sent == len(sent) == 1200  # sent, none answered
+            for client in await r.client_list():
+                if str(client.get("name", "")).startswith(f"trionet-chat-{bus.process}"):
+                    await r.client_kill(identifier=int(client["id"]))
+            for _ in range(1000):
+                if any("reachable again" in m.getMessage() for m in caplog.records):
+                    break
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    (back,) = [m.getMessage() for m in caplog.records if "reachable again" in m.getMessage()]
+    assert "; 0 message(s) of this process's members not relayed" in back, back
+    assert "(and 1200 more sent just as the link failed: relayed or not" in back, back

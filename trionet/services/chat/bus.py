@@ -472,6 +472,9 @@ class RoomBus:
         self._history_loaded = False
         #: Messages of this process's members not published (outage, or Redis too slow).
         self.unpublished = 0
+        #: ... and those in calls sent but never answered when the link failed:
+        #: Redis may have run them or not, nobody can tell.
+        self.maybe_unpublished = 0
         self._slow_logged = False
         self._stream_lost = False  # the room's stream was gone when we came back
         # Suspects (see Liveness) seen without a connection: since when.
@@ -488,7 +491,13 @@ class RoomBus:
     def _note(self) -> str:
         """What the link's "reachable again" line adds: what the outage cost."""
         n, self.unpublished = self.unpublished, 0
+        maybe, self.maybe_unpublished = self.maybe_unpublished, 0
         note = f"{n} message(s) of this process's members not relayed to the other processes"
+        if maybe:
+            note += (
+                f" (and {maybe} more sent just as the link failed: relayed or not, Redis "
+                "never answered)"
+            )
         if self._stream_lost:
             note += (
                 "; the room's stream had moved past this process's place (Redis restarted "
@@ -677,7 +686,9 @@ class RoomBus:
                 # Redis failed: what was queued will not be published (the
                 # next sync repairs the nicks; the messages are lost to the
                 # others). On cancellation the last flush publishes it.
-                self.unpublished += sum(1 for e in self._queue if _is_message(e[0]))
+                sent = self._sent  # (in calls not answered: run or not, unknown)
+                self.maybe_unpublished += sum(1 for e in self._queue[:sent] if _is_message(e[0]))
+                self.unpublished += sum(1 for e in self._queue[sent:] if _is_message(e[0]))
                 self._queue.clear()
                 self._calls.clear()
                 self._queued_bytes = 0
