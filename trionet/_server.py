@@ -419,10 +419,14 @@ class Server:
                     # started yet (or is in its TLS handshake or PROXY header):
                     # it is served, not met with the shutdown's BYE. So does a
                     # request under way on a listener of its own (the web page).
-                    with trio.move_on_after(self._retire_grace):
-                        if any(self._active.values()):
-                            await self._retired.wait()
-                        await self._requests_done()
+                    # A shutdown() meanwhile ends the wait at once.
+                    async with trio.open_nursery() as waiting:
+                        waiting.start_soon(_cancel_when, self._shutdown, waiting.cancel_scope)
+                        with trio.move_on_after(self._retire_grace):
+                            if any(self._active.values()):
+                                await self._retired.wait()
+                            await self._requests_done()
+                        waiting.cancel_scope.cancel()
                     self._shutdown.set()  # the rest is an ordinary shutdown
                 log.info(
                     "shutting down: listeners closed, %d connection(s) open", self.connection_count

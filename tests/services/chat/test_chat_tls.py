@@ -141,3 +141,26 @@ async def test_plain_http_to_the_tls_web_port_is_answered_in_memory(
         status, headers, body = await ask(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", tls=True)
         assert status == 200 and body.startswith(b"<!doctype html>")
         await web.aclose()
+
+
+async def test_a_tls_web_connection_under_way_when_the_listener_closes_is_answered(
+    tls_files: TLSFiles, autojump_clock: object
+) -> None:
+    """Under TLS a request is under way from its first raw byte (a ClientHello, or
+    here a plain-HTTP request line), not from its first decrypted one: closing
+    the listener does not cut it off, however long it then takes."""
+    from trionet.services.chat.web import CLOSE_LINGER, WebListener, _TLSListener
+    from trionet.testing import MemoryListener
+
+    memory = MemoryListener()
+    web = WebListener(_TLSListener(memory, server_context(tls_files.cert, tls_files.key)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(web.run)
+        plain = await memory.connect()
+        await plain.send_all(b"GET / HTTP/1.1\r\n")
+        await trio.testing.wait_all_tasks_blocked()
+        await web.aclose()
+        await trio.sleep(CLOSE_LINGER * 2)
+        await plain.send_all(b"Host: localhost:8443\r\n\r\n")
+        status, headers, _ = await read_response(plain)
+        assert (status, headers["location"]) == (307, "https://localhost:8443/")

@@ -38,6 +38,7 @@ from trionet._proxy import parse_networks
 from trionet._proxy_stream import HEADER_TIMEOUT
 from trionet.services.chat.server import WELCOME, ChatService
 from trionet.services.chat.web import (
+    CLOSE_LINGER,
     HANDSHAKE_TIMEOUT,
     MAX_HEAD,
     WebListener,
@@ -368,8 +369,9 @@ async def test_memory_a_retiring_server_answers_the_requests_under_way(
 ) -> None:
     """A reload retires the old server: a page request it has begun is still
     answered, a WebSocket handshake gets 503 (the page retries, reaching the
-    new one), a connection that sent nothing is dropped, and a request that
-    never ends holds the retirement only until its handshake deadline."""
+    new one), a connection that sent nothing is dropped once CLOSE_LINGER has
+    passed, and a request that never ends holds the retirement only until its
+    handshake deadline."""
     web = WebListener(MemoryListener())
     server = trionet.Server([ChatService()], listeners={"chat": [MemoryListener(), web]})
     assert isinstance(web.transport, MemoryListener)
@@ -387,7 +389,7 @@ async def test_memory_a_retiring_server_answers_the_requests_under_way(
         retired_at = trio.current_time()
         server.retire(HANDSHAKE_TIMEOUT * 3)
         await server.wait_not_accepting()
-        with trio.fail_after(1):
+        with trio.fail_after(CLOSE_LINGER + 0.1):
             assert await idle.receive_some() == b""
         await page.send_all(b"Host: localhost\r\n\r\n")
         status, _, body = await read_response(page)
@@ -400,6 +402,56 @@ async def test_memory_a_retiring_server_answers_the_requests_under_way(
     # The server and the listener have ended: once the slow request's deadline
     # passed, not after the whole grace.
     assert trio.current_time() - retired_at < HANDSHAKE_TIMEOUT + 1
+
+
+async def test_memory_a_request_sent_as_the_listener_closes_is_answered(
+    autojump_clock: object,
+) -> None:
+    """Sent, but not read yet when the listener closes (a reload): still answered.
+    One that sends its first byte within CLOSE_LINGER is too; later, it is dropped."""
+    web = WebListener(MemoryListener())
+    assert isinstance(web.transport, MemoryListener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(web.run)
+        unread = await web.transport.connect()
+        late = await web.transport.connect()
+        too_late = await web.transport.connect()
+        await trio.testing.wait_all_tasks_blocked()  # each waits for its first byte
+        await unread.send_all(GET_PAGE)
+        await web.aclose()  # (no checkpoint since the send: not read yet)
+        assert (await read_response(unread))[0] == 200
+        await trio.sleep(CLOSE_LINGER / 2)
+        await late.send_all(GET_PAGE)
+        assert (await read_response(late))[0] == 200
+        await trio.sleep(CLOSE_LINGER)
+        with suppress(trio.BrokenResourceError):
+            await too_late.send_all(GET_PAGE)
+        with trio.fail_after(1):
+            assert await too_late.receive_some() == b""
+
+
+async def test_memory_a_shutdown_while_retiring_takes_the_shutdown_grace_only(
+    autojump_clock: object,
+) -> None:
+    """A request under way holds a retirement up to its deadline, but a shutdown
+    meanwhile ends the wait: the server stops within its own grace."""
+    web = WebListener(MemoryListener())
+    server = trionet.Server([ChatService()], listeners={"chat": [MemoryListener(), web]}, grace=1)
+    assert isinstance(web.transport, MemoryListener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(web.run)  # (here the test's: it ends with the slow request)
+        async with trio.open_nursery() as serving:
+            await serving.start(server.run)
+            slow = await web.transport.connect()
+            await slow.send_all(b"G")  # ...and nothing more
+            await trio.testing.wait_all_tasks_blocked()
+            server.retire(600)
+            await server.wait_not_accepting()
+            await trio.sleep(0.1)
+            stopped_at = trio.current_time()
+            server.shutdown()
+        assert trio.current_time() - stopped_at <= server.grace + 0.1
+        nursery.cancel_scope.cancel()
 
 
 async def test_memory_web_limits_given_as_functions_are_read_at_each_connection(
@@ -669,33 +721,34 @@ async def test_flood_control_applies_to_a_web_member_over_sockets(opened: Opened
 async def test_a_retiring_server_answers_a_page_request_under_way_over_sockets(
     opened: Opened,
 ) -> None:
-    async with running(ChatService(port=0, web_port=0)) as (server, _, web_port):
-        page = await opened.stream(web_port)
-        await page.send_all(b"GET / HTTP/1.1\r\n")
-        ws = await opened.stream(web_port)
-        await ws.send_all(b"GET /ws HTTP/1.1\r\n")
-        # Wait until the listener has read a byte of both (its own count: a
-        # request not begun when the server retires is dropped, by design).
-        (web,) = server._finishing
-        for _ in range(500):  # 5 s at most
-            if web._requests == 2 and not web._idle:
-                break
-            await trio.sleep(0.01)
-        else:
-            pytest.fail("the server did not read the two requests' first bytes")
-        server.retire(30)
-        await server.wait_not_accepting()
-        # New connections are refused now (this server was the only one).
-        with pytest.raises(OSError):
-            await trio.open_tcp_stream("127.0.0.1", web_port)
-        await page.send_all(b"Host: 127.0.0.1\r\n\r\n")
-        status, _, body = await read_response(page)
-        assert status == 200 and body.startswith(b"<!doctype html>")
-        await ws.send_all(WS_HEAD_REST.replace(b"localhost", b"127.0.0.1"))
-        assert (await read_response(ws))[0] == 503
-        with trio.fail_after(5):
+    server = trionet.Server([ChatService(port=0, web_port=0)])
+    # The retire grace is 30 s: ending well before shows it was not waited out.
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            web_port = (await nursery.start(server.run))["chat web"][0][1]
+            page = await opened.stream(web_port)
+            await page.send_all(b"GET / HTTP/1.1\r\n")
+            ws = await opened.stream(web_port)
+            await ws.send_all(b"GET /ws HTTP/1.1\r\n")
+            # Until the listener has read a byte of both (its own count).
+            (web,) = server._finishing
+            for _ in range(500):  # 5 s at most
+                if web._requests == 2 and not web._idle:
+                    break
+                await trio.sleep(0.01)
+            else:
+                pytest.fail("the server did not read the two requests' first bytes")
+            server.retire(30)
             await server.wait_not_accepting()
-    # running() returned: the retired server ended once both were answered.
+            # New connections are refused now (this server was the only one).
+            with pytest.raises(OSError):
+                await trio.open_tcp_stream("127.0.0.1", web_port)
+            await page.send_all(b"Host: 127.0.0.1\r\n\r\n")
+            status, _, body = await read_response(page)
+            assert status == 200 and body.startswith(b"<!doctype html>")
+            await ws.send_all(WS_HEAD_REST.replace(b"localhost", b"127.0.0.1"))
+            assert (await read_response(ws))[0] == 503
+    # server.run returned by itself once both requests were answered.
 
 
 async def test_a_reload_changes_the_web_ports_per_address_limit_over_sockets(

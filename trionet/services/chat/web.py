@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import importlib.resources
 import ipaddress
@@ -90,6 +91,10 @@ MAX_PENDING: Final = 1000
 _PROTOCOL_ERRORS: Final = (1002, 1007)
 #: Seconds a graceful WebSocket close may wait for the peer's reply.
 CLOSE_TIMEOUT: Final = 2.0
+#: Once the listener closes, seconds a connection that has sent nothing yet
+#: (or is still sending its PROXY header) has left before it is dropped: its
+#: bytes may be on their way, or waiting unread (see WebListener.aclose).
+CLOSE_LINGER: Final = 0.5
 
 _GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 
@@ -292,6 +297,11 @@ class _Replay(trio.abc.Stream):
         await self.stream.aclose()
 
 
+def _linger(scope: trio.CancelScope) -> None:
+    """Give what ``scope`` waits for :data:`CLOSE_LINGER` more at most."""
+    scope.deadline = min(scope.deadline, trio.current_time() + CLOSE_LINGER)
+
+
 def _csp_hash(source: str) -> str:
     digest = hashlib.sha256(source.encode()).digest()
     return "'sha256-" + base64.b64encode(digest).decode() + "'"
@@ -482,9 +492,10 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
     Closing (:meth:`aclose`) is graceful, so that a reload drops nobody: a
     request already under way is still answered (within its handshake
     deadline), except a WebSocket, which gets ``503`` and a ``Retry-After``
-    (the page reconnects, to the listener that took over); connections that
-    have not sent a byte yet are closed at once. :meth:`wait_requests_done`
-    waits for the requests under way (the server does, within its grace).
+    (the page reconnects, to the listener that took over); a connection that
+    has not sent a byte yet is dropped unless one arrives within
+    :data:`CLOSE_LINGER`. :meth:`wait_requests_done` waits for the requests
+    under way (the server does, within its grace).
     """
 
     #: Logged and reported by the server as "chat web".
@@ -525,9 +536,9 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         self._ready_send, self._ready = trio.open_memory_channel[WebSocketStream](0)
         self._accepting = trio.CancelScope()
         self._closing = False
-        # Deadlines of the handshakes under way; of those, the ones whose client
-        # has not sent a byte of its request yet (closing cancels these); and
-        # the PROXY header reads (closing cancels them too).
+        # Deadlines of the handshakes under way; the waits for a connection's
+        # first byte, and the PROXY header reads (closing cuts these short:
+        # CLOSE_LINGER).
         self._handshakes: set[trio.CancelScope] = set()
         self._idle: set[trio.CancelScope] = set()
         self._header_reads: set[trio.CancelScope] = set()
@@ -552,17 +563,19 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
     async def aclose(self) -> None:
         """Stop accepting at once; let the requests under way end (see the class).
 
-        Connections that have sent nothing yet, and PROXY headers still
-        being read, are dropped. WebSockets already accepted are not
-        affected: whoever accepted them closes them. Everything before the
-        last ``await`` is synchronous, so this works under cancellation too
-        (the server closes its listeners that way).
+        A connection that has sent nothing yet, or is still sending its PROXY
+        header, has :data:`CLOSE_LINGER` more: a request already sent but not
+        read yet (the kernel holds it, or its task has not run) is still
+        answered, and an idle one is not waited for. WebSockets already
+        accepted are not affected: whoever accepted them closes them.
+        Everything before the last ``await`` is synchronous, so this works
+        under cancellation too (the server closes its listeners that way).
         """
         self._closing = True
         self._ready.close()
         self._accepting.cancel()
         for scope in (*self._idle, *self._header_reads):
-            scope.cancel()
+            _linger(scope)
         await self.transport.aclose()
 
     async def wait_requests_done(self) -> None:
@@ -608,8 +621,13 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                 self._requests += 1
                 scope = trio.CancelScope(deadline=trio.current_time() + self.handshake_timeout)
                 self._handshakes.add(scope)
-                self._idle.add(scope)
-                nursery.start_soon(self._serve, stream, scope, address, proxy_from)
+                # The wait for the first byte: once one has come (the raw
+                # first byte, under TLS), closing no longer cuts it short.
+                first = trio.CancelScope()
+                self._idle.add(first)
+                if isinstance(stream, _TLSOrPlainHTTP):
+                    stream.began = functools.partial(self._idle.discard, first)
+                nursery.start_soon(self._serve, stream, scope, first, address, proxy_from)
 
     def _count(self, address: str | None) -> bool:
         """Count a connection from ``address``, if it is not at its limit."""
@@ -628,6 +646,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         self,
         stream: trio.abc.Stream,
         scope: trio.CancelScope,
+        first: trio.CancelScope,
         address: str | None,
         proxy_from: Sequence[Network] | None,
     ) -> None:
@@ -653,11 +672,11 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                     await trio.aclose_forcefully(stream)
                     return
                 address = client
-            await self._serve_one(stream, scope, request_over)
+            await self._serve_one(stream, scope, first, request_over)
         finally:
             request_over()
             self._handshakes.discard(scope)
-            self._idle.discard(scope)
+            self._idle.discard(first)
             self._held -= 1
             if address is not None:
                 self._per_address[address] -= 1
@@ -682,8 +701,8 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         # A scope of its own (the handshake's is entered later), which
         # aclose() cancels like the handshakes'.
         reading = trio.CancelScope(deadline=min(scope.deadline, started + HEADER_TIMEOUT))
-        if scope.cancel_called:  # closed between the accept and this task's start
-            reading.cancel()
+        if self._closing:  # closed between the accept and this task's start
+            _linger(reading)
         self._header_reads.add(reading)
         try:
             with reading:
@@ -715,7 +734,11 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         return None
 
     async def _serve_one(
-        self, stream: trio.abc.Stream, scope: trio.CancelScope, request_over: Callable[[], None]
+        self,
+        stream: trio.abc.Stream,
+        scope: trio.CancelScope,
+        first: trio.CancelScope,
+        request_over: Callable[[], None],
     ) -> None:
         peer = format_peer(stream)
         try:
@@ -725,11 +748,11 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                 handed_over = False
                 try:
                     with scope:
-                        handed_over = await self._handle_request(nursery, stream, peer, scope)
+                        handed_over = await self._handle_request(nursery, stream, peer, first)
                 finally:
                     request_over()
                     self._handshakes.discard(scope)
-                    self._idle.discard(scope)
+                    self._idle.discard(first)
                     if not handed_over:
                         # Ends the reader task of a handshake cut short too.
                         await trio.aclose_forcefully(stream)
@@ -772,13 +795,13 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         )
 
     async def _handle_request(
-        self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str, scope: trio.CancelScope
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str, first: trio.CancelScope
     ) -> bool:
         """Answer one request; ``True`` once a WebSocket was handed to :meth:`accept`."""
         started = trio.current_time()
         # From its first byte on, the request is under way: closing the
-        # listener no longer drops it.
-        head = await self._read_head(stream, lambda: self._idle.discard(scope))
+        # listener no longer cuts it short.
+        head = await self._read_head(stream, first, lambda: self._idle.discard(first))
         if head is None:
             return False
         method = path = "-"
@@ -828,22 +851,31 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
 
     @staticmethod
     async def _read_head(
-        stream: trio.abc.Stream, began: Callable[[], None] | None = None
+        stream: trio.abc.Stream,
+        first: trio.CancelScope | None = None,
+        began: Callable[[], None] | None = None,
     ) -> bytes | None:
         """Bytes up to and including the blank line ending the head (and any
         bytes after it); longer than :data:`MAX_HEAD` if it does not end in
-        time; ``None`` if the client closed first. ``began`` is called at the
-        first byte."""
+        time; ``None`` if the client closed first, or if ``first`` (the wait
+        for the first bytes) was cut short. ``began`` is called once they
+        have come."""
         buf = bytearray()
         while True:
             # Resume the search a little before the new bytes: the blank
             # line may straddle two reads.
             start = max(0, len(buf) - 3)
-            chunk = await stream.receive_some(4096)
+            if first is not None and not buf:
+                with first:
+                    chunk = await stream.receive_some(4096)
+                if first.cancelled_caught:
+                    return None  # the listener closed and nothing came in time
+                if began is not None:
+                    began()
+            else:
+                chunk = await stream.receive_some(4096)
             if not chunk:
                 return None
-            if began is not None and not buf:
-                began()
             buf += chunk
             if buf.find(b"\r\n\r\n", start) >= 0 or len(buf) > MAX_HEAD:
                 return bytes(buf)
@@ -905,12 +937,16 @@ class _TLSOrPlainHTTP(trio.abc.Stream):
         self._started = trio.current_time()
         self._tls: trio.SSLStream[trio.abc.Stream] | None = None
         self._answered = False  # plain HTTP was answered: the stream is done
+        #: Called at the first raw byte (the listener's "under way": see WebListener.aclose).
+        self.began: Callable[[], None] | None = None
 
     async def _start(self) -> trio.SSLStream[trio.abc.Stream]:
         if self._answered:
             raise trio.BrokenResourceError("plain HTTP on the HTTPS port")
         if self._tls is None:
             first = await self.transport_stream.receive_some(MAX_HEAD)
+            if first and self.began is not None:
+                self.began()
             replay = ReplayStream(self.transport_stream, bytes(first))
             if first[:1].isupper():  # a method (GET); a ClientHello starts with 0x16
                 self._answered = True
