@@ -188,15 +188,16 @@ int main(int argc, char **argv) {
         struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)k};
         if (epoll_ctl(ep, EPOLL_CTL_ADD, clients[k].fd, &ev) < 0) die("epoll_ctl");
     }
-    /* Local senders: global index -> slot; their sent/acked counts and, per
-     * message, how many of this process's clients have received it. */
-    int slot_of[MAX_CLIENTS];
+    /* Local senders: (global index - first) -> slot; their sent/acked counts
+     * and, per message, how many of this process's clients have received it. */
+    static int slot_of[MAX_CLIENTS];
     for (int k = 0; k < MAX_CLIENTS; k++) slot_of[k] = -1;
-    int local[MAX_CLIENTS], n_local = 0;
+    static int local[MAX_CLIENTS];
+    int n_local = 0;
     for (int j = 0; j < n_senders_arg; j++) {
         int s = senders_arg[j];
-        if (s >= first && s < first + count && slot_of[s] < 0) {
-            slot_of[s] = n_local;
+        if (s >= first && s < first + count && slot_of[s - first] < 0) {
+            slot_of[s - first] = n_local;
             local[n_local++] = s;
         }
     }
@@ -207,7 +208,7 @@ int main(int argc, char **argv) {
     int local_recipients = count - 1;
     int64_t expected = 0;
     for (int k = 0; k < count; k++)
-        expected += (int64_t)all_senders * messages - (slot_of[first + k] >= 0 ? messages : 0);
+        expected += (int64_t)all_senders * messages - (slot_of[k] >= 0 ? messages : 0);
     int64_t received = 0;
     vec_t lat = {0}, lat_other = {0};
     double cpu0 = cpu_seconds();
@@ -223,6 +224,8 @@ int main(int argc, char **argv) {
         for (int j = 0; j < n_local; j++) {
             int n = window - (sent[j] - acked[j]);
             if (n > messages - sent[j]) n = messages - sent[j];
+            /* what fits in `out` (a line is at most 43 bytes); the rest next pass */
+            if (n > (int)(sizeof out / 48)) n = (int)(sizeof out / 48);
             if (n <= 0) continue;
             int64_t t = now_ns();
             size_t len = 0;
@@ -274,7 +277,7 @@ int main(int argc, char **argv) {
                         int64_t t = number(&f, nl);
                         push(&lat, now - t);
                         received++;
-                        int slot = s >= 0 && s < MAX_CLIENTS ? slot_of[s] : -1;
+                        int slot = s >= first && s < first + count ? slot_of[s - first] : -1;
                         if (slot < 0) {
                             push(&lat_other, now - t);
                         } else if (q >= 0 && q < messages) {
