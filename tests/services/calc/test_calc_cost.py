@@ -4,7 +4,7 @@ Issue 19: ``"+".join(["2**14000%(2**1000-1)"]*195)`` cost 40 ms of CPU and
 eight connections pipelining it held up everyone else. Every line, hostile
 or not, must now cost at most 5 ms of CPU (scripts/bench/calc_flood.py and
 scripts/bench/calc_costs.py print the figures; this test allows twice that,
-as the machine it runs on is shared and busy).
+or more when the machine is slower at the moment: see the test).
 """
 
 from __future__ import annotations
@@ -57,17 +57,30 @@ def cpu_seconds(line: str, against: str = CALIBRATION) -> tuple[float, float]:
     return best, best_against
 
 
+#: Measurements of a line before it is judged too costly: noise only ever
+#: adds, so one within the bound settles it.
+ATTEMPTS = 3
+
+
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_no_line_costs_more_than_a_few_ms_of_cpu(name: str) -> None:
-    """At most twice the target, or five times the harmless longest line
-    measured in turn with it when the machine is slower now (the worst hostile
-    line costs 2.5 times that line; the probe's lines cost 20-40 ms here before
-    the cost model, far over either bound)."""
+    """At most twice the target, or eight times the harmless longest line
+    measured in turn with it when the machine is slower now.
+
+    On a quiet machine the worst hostile line costs 3.4 times that line (so
+    the bound is 10 ms); beside ``burn 2`` and a parallel test run, lines that
+    do big-number work slowed more than the harmless one: 5.6 times it was
+    seen. The probe's lines cost 20-40 ms here before the cost model, 18 to
+    36 times the harmless line: far over either bound, on any machine.
+    """
     line = HOSTILE[name]
     assert len(line.encode()) <= LINE_LIMIT
-    spent, calibration = cpu_seconds(line)
-    allowed = max(2 * TARGET, 5 * calibration)
-    assert spent < allowed, f"{name}: {spent * 1000:.2f} ms of CPU (allowed {allowed * 1000:.2f})"
+    for _ in range(ATTEMPTS):
+        spent, calibration = cpu_seconds(line)
+        allowed = max(2 * TARGET, 8 * calibration)
+        if spent < allowed:
+            return
+    pytest.fail(f"{name}: {spent * 1000:.2f} ms of CPU (allowed {allowed * 1000:.2f})")
 
 
 def test_the_probes_lines_are_refused_before_the_work_is_done() -> None:
