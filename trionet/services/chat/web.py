@@ -46,7 +46,7 @@ import logging
 import re
 import ssl
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
@@ -95,6 +95,8 @@ CLOSE_TIMEOUT: Final = 2.0
 #: (or is still sending its PROXY header) has left before it is dropped: its
 #: bytes may be on their way, or waiting unread (see WebListener.aclose).
 CLOSE_LINGER: Final = 0.5
+
+_T = TypeVar("_T")
 
 _GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 
@@ -295,6 +297,11 @@ class _Replay(trio.abc.Stream):
             with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(*_GONE):
                 await self.stream.send_all(close_frame(reason.code, "protocol error"))
         await self.stream.aclose()
+
+
+def _current(setting: _T | Callable[[], _T]) -> _T:
+    """A limit given as a value, or as a function read each time (a reload changes it)."""
+    return setting() if callable(setting) else setting
 
 
 def _linger(scope: trio.CancelScope) -> None:
@@ -536,10 +543,8 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         self._ready_send, self._ready = trio.open_memory_channel[WebSocketStream](0)
         self._accepting = trio.CancelScope()
         self._closing = False
-        # Deadlines of the handshakes under way; the waits for a connection's
-        # first byte, and the PROXY header reads (closing cuts these short:
-        # CLOSE_LINGER).
-        self._handshakes: set[trio.CancelScope] = set()
+        # The waits for a connection's first byte, and the PROXY header reads
+        # (closing cuts these short: CLOSE_LINGER).
         self._idle: set[trio.CancelScope] = set()
         self._header_reads: set[trio.CancelScope] = set()
         # Requests under way: accepted, not yet answered or handed over.
@@ -604,8 +609,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                     log.error("%s: accept failed (%s); retrying", self.name, exc)
                     await trio.sleep(0.1)
                     continue
-                max_pending = self.max_pending
-                if self._held >= (max_pending() if callable(max_pending) else max_pending):
+                if self._held >= _current(self.max_pending):
                     await trio.aclose_forcefully(stream)
                     continue
                 proxy_from = self.proxy() if self.proxy is not None else None
@@ -620,7 +624,6 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                     self._requests_done = trio.Event()
                 self._requests += 1
                 scope = trio.CancelScope(deadline=trio.current_time() + self.handshake_timeout)
-                self._handshakes.add(scope)
                 # The wait for the first byte: once one has come (the raw
                 # first byte, under TLS), closing no longer cuts it short.
                 first = trio.CancelScope()
@@ -634,9 +637,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         if address is None:
             return True
         held = self._per_address.get(address, 0)
-        limit = self.max_per_address
-        if callable(limit):
-            limit = limit()
+        limit = _current(self.max_per_address)
         if limit is not None and held >= limit:
             return False
         self._per_address[address] = held + 1
@@ -675,7 +676,6 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             await self._serve_one(stream, scope, first, request_over)
         finally:
             request_over()
-            self._handshakes.discard(scope)
             self._idle.discard(first)
             self._held -= 1
             if address is not None:
@@ -751,7 +751,6 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                         handed_over = await self._handle_request(nursery, stream, peer, first)
                 finally:
                     request_over()
-                    self._handshakes.discard(scope)
                     self._idle.discard(first)
                     if not handed_over:
                         # Ends the reader task of a handshake cut short too.
