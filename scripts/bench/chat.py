@@ -50,8 +50,10 @@ from harness import (
     build_c,
     cpu_seconds,
     free_port,
+    machine_idle,
     median,
     rounds,
+    run_delay,
     wait_listening,
 )
 
@@ -147,6 +149,8 @@ def run_round(
             raise SystemExit("a load process failed to join")
     time.sleep(settle)  # let the JOIN announcements settle
     cpu0 = sum(sum(cpu_seconds(pid)) for pid, _ in servers)
+    wait0 = sum(run_delay(pid) for pid, _ in servers)
+    idle0, total0 = machine_idle()
     for p in procs:
         assert p.stdin is not None
         p.stdin.write("go\n")
@@ -157,6 +161,8 @@ def run_round(
         results.append(json.loads(p.stdout.readline()))
         p.wait()
     cpu = sum(sum(cpu_seconds(pid)) for pid, _ in servers) - cpu0
+    wait = sum(run_delay(pid) for pid, _ in servers) - wait0
+    idle1, total1 = machine_idle()
     lat, other = array.array("q"), array.array("q")
     for k in range(a.load_procs):
         with open(f"{tmp}/lat{k}", "rb") as f:
@@ -181,6 +187,10 @@ def run_round(
         "other_p99_ms": qo[98] / 1e6,
         "server_cpu": cpu / duration,
         "load_cpu": max(r["cpu_s"] for r in results) / duration,
+        # Servers' time ready to run but without a core (all their threads, as a
+        # share of one core), and the machine's idle share over the same span.
+        "server_wait": wait / duration,
+        "idle": (idle1 - idle0) / max(total1 - total0, 1e-9),
     }
 
 

@@ -231,7 +231,8 @@ def main() -> int:
             f"load generator: {a.generator}"
         )
         print(f"{'round':>5} {'setup':<6} {'deliv/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-              f"{'srv CPU':>7} {'gen CPU':>7} {'delivered':>15}")  # fmt: skip
+              f"{'srv CPU':>7} {'gen CPU':>7} {'srv wait':>8} {'idle':>5} "
+              f"{'delivered':>15}")  # fmt: skip
         try:
             names = list(setups)
             for r in range(a.rounds):
@@ -250,6 +251,7 @@ def main() -> int:
                     print(
                         f"{r + 1:>5} {name:<6} {res['rate']:>9.0f} {res['p50_ms']:>7.1f} "
                         f"{res['p99_ms']:>7.1f} {res['server_cpu']:>6.0%} {res['load_cpu']:>6.0%} "
+                        f"{res['server_wait']:>7.0%} {res['idle']:>4.0%} "
                         f"{int(res['received']):>7}/{int(res['expected'])}",
                         flush=True,
                     )
@@ -263,7 +265,10 @@ def main() -> int:
             for server in servers:
                 server.terminate()
                 server.wait(10)
-    keys = ("rate", "p50_ms", "p99_ms", "other_p50_ms", "other_p99_ms", "server_cpu", "load_cpu")
+    keys = (
+        "rate", "p50_ms", "p99_ms", "other_p50_ms", "other_p99_ms", "server_cpu", "load_cpu",
+        "server_wait", "idle",
+    )  # fmt: skip
     med = {n: {k: statistics.median(row[k] for row in rows[n]) for k in keys} for n in rows}
     crossed = {"redis": " (across Redis)", "before": " (across Redis)"}
     print("\nmedian over rounds:")
@@ -272,6 +277,10 @@ def main() -> int:
             f"  {n:<6} {m['rate']:>9.0f} deliveries/s  p50 {m['p50_ms']:.1f} ms  "
             f"p99 {m['p99_ms']:.1f} ms  servers' CPU {m['server_cpu']:.0%}  "
             f"busiest generator's CPU {m['load_cpu']:.0%}"
+        )
+        print(
+            f"         servers ready but waiting for a core {m['server_wait']:.0%} of one; "
+            f"machine idle {m['idle']:.0%}"
         )
         print(
             f"         messages from the other generator's clients{crossed.get(n, '')}: "
