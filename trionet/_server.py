@@ -25,7 +25,7 @@ import logging
 import os
 import ssl
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
@@ -82,6 +82,21 @@ class StartupError(OSError):
         if error is not None:
             log.error("%s", error)
         return error is not None
+
+
+@runtime_checkable
+class AnswersRequests(Protocol):
+    """A listener that answers requests of its own before it hands a stream
+    over, if ever (the chat's web page): the server lets those requests
+    finish when it closes, within its grace, and tells it whether the close
+    is a retirement (a reload, where the listening socket lives on in the
+    next generation) or a shutdown."""
+
+    async def wait_requests_done(self) -> None:
+        """Return once no request is under way (closed: within its own deadline)."""
+
+    def set_retiring(self, retiring: bool) -> None:
+        """``True`` before a retirement's close; ``False`` at a shutdown."""
 
 
 def _reason(exc: OSError) -> str:
@@ -180,8 +195,8 @@ class Server:
         self._given_listeners = dict(listeners or {})
         self._extra: set[int] = set()  # ids of listeners from open_extra_listeners
         # Listeners with requests of their own that a shutdown lets finish (chat's
-        # web page: ``wait_requests_done``), found when the listeners open.
-        self._finishing: list[Any] = []
+        # web page), found when the listeners open.
+        self._finishing: list[AnswersRequests] = []
         self._announce = announce
         self._on_listening = on_listening
         self._connections: set[Connection] = set()
@@ -221,6 +236,8 @@ class Server:
     def shutdown(self) -> None:
         """Begin a graceful shutdown; :meth:`run` returns when it is complete."""
         self._shutdown.set()
+        for listener in self._finishing:
+            listener.set_retiring(False)
         self._stop_accepting.set()
         self._retired.set()
         if self.metrics is not None:
@@ -237,6 +254,8 @@ class Server:
         """
         if not self._stop_accepting.is_set():
             self._retire_grace = grace
+            for listener in self._finishing:
+                listener.set_retiring(True)
             self._stop_accepting.set()
             if self.metrics is not None:
                 self.metrics.set_ready(False)
@@ -353,7 +372,7 @@ class Server:
                     await listener.aclose()
                 raise
         self._finishing = [
-            listener for _, listener in opened if hasattr(listener, "wait_requests_done")
+            listener for _, listener in opened if isinstance(listener, AnswersRequests)
         ]
         for service, listener in opened:
             sock = getattr(listener, "socket", None)
@@ -427,7 +446,7 @@ class Server:
                                 await self._retired.wait()
                             await self._requests_done()
                         waiting.cancel_scope.cancel()
-                    self._shutdown.set()  # the rest is an ordinary shutdown
+                    self.shutdown()  # the rest is an ordinary shutdown
                 log.info(
                     "shutting down: listeners closed, %d connection(s) open", self.connection_count
                 )

@@ -369,9 +369,10 @@ async def test_memory_a_retiring_server_answers_the_requests_under_way(
 ) -> None:
     """A reload retires the old server: a page request it has begun is still
     answered, a WebSocket handshake gets 503 (the page retries, reaching the
-    new one), a connection that sent nothing is dropped once CLOSE_LINGER has
-    passed, and a request that never ends holds the retirement only until its
-    handshake deadline."""
+    new one), a connection that had sent nothing yet (a browser's, opened
+    ahead of its request) is answered when its request comes within the
+    handshake deadline, and a request that never ends, or never begins, holds
+    the retirement only until that deadline."""
     web = WebListener(MemoryListener())
     server = trionet.Server([ChatService()], listeners={"chat": [MemoryListener(), web]})
     assert isinstance(web.transport, MemoryListener)
@@ -384,13 +385,16 @@ async def test_memory_a_retiring_server_answers_the_requests_under_way(
         await ws.send_all(b"GET /ws HTTP/1.1\r\n")
         slow = await web.transport.connect()
         await slow.send_all(b"GET / HTTP/1.1\r\n")  # ...and nothing more, ever
-        idle = await web.transport.connect()
+        ahead = await web.transport.connect()
+        silent = await web.transport.connect()  # ...forever
         await trio.testing.wait_all_tasks_blocked()
         retired_at = trio.current_time()
         server.retire(HANDSHAKE_TIMEOUT * 3)
         await server.wait_not_accepting()
-        with trio.fail_after(CLOSE_LINGER + 0.1):
-            assert await idle.receive_some() == b""
+        # Far past CLOSE_LINGER (a shutdown's), within the handshake deadline.
+        await trio.sleep(HANDSHAKE_TIMEOUT / 2)
+        await ahead.send_all(GET_PAGE)
+        assert (await read_response(ahead))[0] == 200
         await page.send_all(b"Host: localhost\r\n\r\n")
         status, _, body = await read_response(page)
         assert status == 200 and body.startswith(b"<!doctype html>") and web.page.endswith(body)
@@ -399,6 +403,7 @@ async def test_memory_a_retiring_server_answers_the_requests_under_way(
         assert (status, headers["retry-after"]) == (503, "1")
         with trio.fail_after(HANDSHAKE_TIMEOUT + 1):
             assert await slow.receive_some() == b""
+            assert await silent.receive_some() == b""
     # The server and the listener have ended: once the slow request's deadline
     # passed, not after the whole grace.
     assert trio.current_time() - retired_at < HANDSHAKE_TIMEOUT + 1
@@ -434,7 +439,8 @@ async def test_memory_a_shutdown_while_retiring_takes_the_shutdown_grace_only(
     autojump_clock: object,
 ) -> None:
     """A request under way holds a retirement up to its deadline, but a shutdown
-    meanwhile ends the wait: the server stops within its own grace."""
+    meanwhile ends the wait: the server stops within its own grace, and a
+    connection that has sent nothing gets only CLOSE_LINGER from the shutdown."""
     web = WebListener(MemoryListener())
     server = trionet.Server([ChatService()], listeners={"chat": [MemoryListener(), web]}, grace=1)
     assert isinstance(web.transport, MemoryListener)
@@ -444,12 +450,15 @@ async def test_memory_a_shutdown_while_retiring_takes_the_shutdown_grace_only(
             await serving.start(server.run)
             slow = await web.transport.connect()
             await slow.send_all(b"G")  # ...and nothing more
+            silent = await web.transport.connect()
             await trio.testing.wait_all_tasks_blocked()
             server.retire(600)
             await server.wait_not_accepting()
             await trio.sleep(0.1)
             stopped_at = trio.current_time()
             server.shutdown()
+            with trio.fail_after(CLOSE_LINGER + 0.01):
+                assert await silent.receive_some() == b""
         assert trio.current_time() - stopped_at <= server.grace + 0.1
         nursery.cancel_scope.cancel()
 
@@ -730,10 +739,12 @@ async def test_a_retiring_server_answers_a_page_request_under_way_over_sockets(
             await page.send_all(b"GET / HTTP/1.1\r\n")
             ws = await opened.stream(web_port)
             await ws.send_all(b"GET /ws HTTP/1.1\r\n")
-            # Until the listener has read a byte of both (its own count).
+            ahead = await opened.stream(web_port)  # a browser's, opened ahead of its request
+            # Until the listener has read a byte of the first two and holds
+            # the third (its own count).
             (web,) = server._finishing
             for _ in range(500):  # 5 s at most
-                if web._requests == 2 and not web._idle:
+                if web._requests == 3 and len(web._idle) == 1:
                     break
                 await trio.sleep(0.01)
             else:
@@ -743,6 +754,9 @@ async def test_a_retiring_server_answers_a_page_request_under_way_over_sockets(
             # New connections are refused now (this server was the only one).
             with pytest.raises(OSError):
                 await trio.open_tcp_stream("127.0.0.1", web_port)
+            await trio.sleep(2 * CLOSE_LINGER)  # what a shutdown would give it, twice
+            await ahead.send_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert (await read_response(ahead))[0] == 200
             await page.send_all(b"Host: 127.0.0.1\r\n\r\n")
             status, _, body = await read_response(page)
             assert status == 200 and body.startswith(b"<!doctype html>")

@@ -20,7 +20,7 @@ per-address limit from the moment it is accepted::
     WebListener.run                       (the listener's nursery)
         accept loop on the TCP listener
         one task per TCP connection:
-            read the request head           <- cancelled when the listener closes
+            read the request head           <- bounded by the handshake deadline
             GET /   -> the page, close
             GET /ws -> WebSocket handshake, hand the stream to accept()
             ... then only trio-websocket's reader task, until the WebSocket closes
@@ -28,10 +28,11 @@ per-address limit from the moment it is accepted::
 The chat opens its listeners in :meth:`trionet.Service.open_extra_listeners`
 and runs their background work in :meth:`trionet.Service.run_background`,
 which the server starts before it accepts and cancels after the last
-connection has ended. Closing the listener ends the HTTP work at once;
-WebSockets already handed out live on until the server closes them (they
-still have to say ``BYE shutdown``), and ``run`` returns when the last one
-is gone.
+connection has ended. Closing the listener stops its accepting at once and
+lets the requests under way finish (:class:`WebListener` says how; the
+server waits for them within its grace); WebSockets already handed out live
+on until the server closes them (they still have to say ``BYE shutdown``),
+and ``run`` returns when the last one is gone.
 """
 
 from __future__ import annotations
@@ -499,10 +500,13 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
     Closing (:meth:`aclose`) is graceful, so that a reload drops nobody: a
     request already under way is still answered (within its handshake
     deadline), except a WebSocket, which gets ``503`` and a ``Retry-After``
-    (the page reconnects, to the listener that took over); a connection that
-    has not sent a byte yet is dropped unless one arrives within
-    :data:`CLOSE_LINGER`. :meth:`wait_requests_done` waits for the requests
-    under way (the server does, within its grace).
+    (the page reconnects, to the listener that took over). A connection that
+    has not sent a byte yet (a browser opens one ahead of its request) keeps
+    its handshake deadline to send it when the listener retires
+    (:meth:`set_retiring`: a reload; the server's grace bounds the wait), and
+    :data:`CLOSE_LINGER` otherwise (a shutdown: an idle connection must not
+    hold it up). :meth:`wait_requests_done` waits for the requests under way
+    (the server does, within its grace).
     """
 
     #: Logged and reported by the server as "chat web".
@@ -543,6 +547,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         self._ready_send, self._ready = trio.open_memory_channel[WebSocketStream](0)
         self._accepting = trio.CancelScope()
         self._closing = False
+        self._retiring = False  # see set_retiring
         # The waits for a connection's first byte, and the PROXY header reads
         # (closing cuts these short: CLOSE_LINGER).
         self._idle: set[trio.CancelScope] = set()
@@ -579,9 +584,28 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         self._closing = True
         self._ready.close()
         self._accepting.cancel()
+        if not self._retiring:
+            self._linger_all()
+        await self.transport.aclose()
+
+    def set_retiring(self, retiring: bool) -> None:
+        """Say whether closing is a retirement (``True``: a reload) or a shutdown.
+
+        When retiring, a connection that has sent nothing yet keeps its whole
+        handshake deadline to send its request, which is then answered: on a
+        reload the listening socket lives on in the next generation, so a
+        browser's connection opened ahead of its request must not be dropped
+        for coming to the old one. Otherwise it gets :data:`CLOSE_LINGER`.
+        Turning it off after the close (a shutdown during a retirement)
+        applies the linger at once. The server calls this.
+        """
+        self._retiring = retiring
+        if self._closing and not retiring:
+            self._linger_all()
+
+    def _linger_all(self) -> None:
         for scope in (*self._idle, *self._header_reads):
             _linger(scope)
-        await self.transport.aclose()
 
     async def wait_requests_done(self) -> None:
         """Return once no request is under way (page, error, WebSocket handshake).
@@ -701,7 +725,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         # A scope of its own (the handshake's is entered later), which
         # aclose() cancels like the handshakes'.
         reading = trio.CancelScope(deadline=min(scope.deadline, started + HEADER_TIMEOUT))
-        if self._closing:  # closed between the accept and this task's start
+        if self._closing and not self._retiring:  # closed since the accept
             _linger(reading)
         self._header_reads.add(reading)
         try:
