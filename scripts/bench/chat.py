@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import collections
 import importlib.util
 import json
 import os
@@ -175,6 +176,11 @@ def run_round(
     q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [0.0] * 99
     # Messages from the other generator's clients: on two servers, the ones that crossed.
     qo = statistics.quantiles(other, n=100) if len(other) > 1 else [0.0] * 99
+    # ...and the others, from clients of the same generator: on two servers, local.
+    own = collections.Counter(lat)
+    own.subtract(other)
+    own_lat = list(own.elements())
+    qs = statistics.quantiles(own_lat, n=100) if len(own_lat) > 1 else [0.0] * 99
     time.sleep(after)  # let the disconnects settle before the next run
     return {
         "received": received,
@@ -185,6 +191,8 @@ def run_round(
         "p99_ms": q[98] / 1e6,
         "other_p50_ms": qo[49] / 1e6,
         "other_p99_ms": qo[98] / 1e6,
+        "own_p50_ms": qs[49] / 1e6,
+        "own_p99_ms": qs[98] / 1e6,
         "server_cpu": cpu / duration,
         "load_cpu": max(r["cpu_s"] for r in results) / duration,
         # Servers' time ready to run but without a core (all their threads, as a

@@ -267,7 +267,7 @@ def main() -> int:
                 server.wait(10)
     keys = (
         "rate", "p50_ms", "p99_ms", "other_p50_ms", "other_p99_ms", "server_cpu", "load_cpu",
-        "server_wait", "idle",
+        "server_wait", "idle", "own_p50_ms", "own_p99_ms",
     )  # fmt: skip
     med = {n: {k: statistics.median(row[k] for row in rows[n]) for k in keys} for n in rows}
     crossed = {"redis": " (across Redis)", "before": " (across Redis)"}
@@ -285,6 +285,11 @@ def main() -> int:
         print(
             f"         messages from the other generator's clients{crossed.get(n, '')}: "
             f"p50 {m['other_p50_ms']:.1f} ms  p99 {m['other_p99_ms']:.1f} ms"
+        )
+        local = " (local)" if n in crossed else ""
+        print(
+            f"         messages from the same generator's clients{local}: "
+            f"p50 {m['own_p50_ms']:.1f} ms  p99 {m['own_p99_ms']:.1f} ms"
         )
     if "before" in med:
         print(
