@@ -181,8 +181,7 @@ class SendSide:
 
     async def send_eof(self) -> None:
         """Flush queued lines, then half-close the sending side."""
-        if not isinstance(self.stream, trio.abc.HalfCloseableStream):
-            raise TypeError(f"{type(self.stream).__name__} cannot half-close")
+        self._transport.half_closeable()  # before the flush
         await self.flush()
         await self._transport.send_eof()
 

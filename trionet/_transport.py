@@ -181,12 +181,19 @@ class Transport:
         with self.send_guard():
             await self.stream.wait_send_all_might_not_block()
 
+    def half_closeable(self) -> trio.abc.HalfCloseableStream:
+        """The stream, if it can half-close; :exc:`TypeError` if not (so a
+        caller can check before it flushes)."""
+        stream = self.stream
+        if not isinstance(stream, trio.abc.HalfCloseableStream):
+            raise TypeError(f"{type(stream).__name__} cannot half-close")
+        return stream
+
     async def send_eof(self) -> None:
         """Half-close the sending side; :exc:`TypeError` if the stream cannot."""
-        if not isinstance(self.stream, trio.abc.HalfCloseableStream):
-            raise TypeError(f"{type(self.stream).__name__} cannot half-close")
+        stream = self.half_closeable()
         with self.send_guard():
-            await self.stream.send_eof()
+            await stream.send_eof()
             self.eof_sent = True
 
     @contextmanager

@@ -98,6 +98,43 @@ async def test_send_line_refuses_embedded_newline() -> None:
         await conn.send_line("two\nlines")
 
 
+class _WholeStream(trio.abc.Stream):
+    """A stream that cannot half-close (as TLS without a way to say so)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_send_eof_on_a_stream_that_cannot_half_close_refuses_before_sending(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """TypeError, and the queued line stays queued: nothing half-sent, the
+    connection usable (a later flush sends it)."""
+    client, server = trio.testing.memory_stream_pair()
+    conn = Connection(_WholeStream(server))
+    conn.write_line("queued")
+    with pytest.raises(TypeError, match="_WholeStream cannot half-close"):
+        await conn.send_eof()
+    got = b""
+    with trio.move_on_after(1) as waited:
+        got = await client.receive_some()
+    assert waited.cancelled_caught, f"send_eof sent {got!r} before refusing"
+    await conn.flush()
+    assert await client.receive_some() == b"queued\n"
+
+
 async def test_as_stream_is_a_half_closeable_trio_stream() -> None:
     async def make() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
         a, b = trio.testing.memory_stream_pair()
