@@ -263,6 +263,26 @@ def serve() -> Iterator[Callable[..., Serve]]:
             process.close_log()
 
 
+class PlainStream(trio.abc.Stream):
+    """Forwards to ``inner``, as a stream that cannot half-close (like TLS
+    without a way to say so); subclass it to watch the calls."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 class _Closable(Protocol):
     async def aclose(self) -> None: ...
 

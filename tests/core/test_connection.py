@@ -17,6 +17,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from conftest import PlainStream
 
 from trionet import Connection, LineError, Service
 from trionet._socket import SocketTransport, make_transport
@@ -98,34 +99,15 @@ async def test_send_line_refuses_embedded_newline() -> None:
         await conn.send_line("two\nlines")
 
 
-class _WholeStream(trio.abc.Stream):
-    """A stream that cannot half-close (as TLS without a way to say so)."""
-
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 async def test_send_eof_on_a_stream_that_cannot_half_close_refuses_before_sending(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """TypeError, and the queued line stays queued: nothing half-sent, the
     connection usable (a later flush sends it)."""
     client, server = trio.testing.memory_stream_pair()
-    conn = Connection(_WholeStream(server))
+    conn = Connection(PlainStream(server))
     conn.write_line("queued")
-    with pytest.raises(TypeError, match="_WholeStream cannot half-close"):
+    with pytest.raises(TypeError, match="PlainStream cannot half-close"):
         await conn.send_eof()
     got = b""
     with trio.move_on_after(1) as waited:

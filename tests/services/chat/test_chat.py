@@ -15,7 +15,7 @@ from typing import Protocol
 import pytest
 import trio
 import trio.testing
-from conftest import Opened
+from conftest import Opened, PlainStream
 
 import trionet
 from trionet._runner import build_parser
@@ -533,25 +533,16 @@ def test_command_line_options() -> None:
         ChatService(history=-1)
 
 
-class CountingStream(trio.abc.Stream):
+class CountingStream(PlainStream):
     """Wraps a stream and counts ``send_all`` calls (one per system call on TCP)."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.sends = 0
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self.sends += 1
         await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def stream_pair(transport: str, opened: Opened) -> tuple[trio.abc.Stream, trio.abc.Stream]:
