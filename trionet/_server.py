@@ -374,6 +374,11 @@ class Server:
         self._finishing = [
             listener for _, listener in opened if isinstance(listener, AnswersRequests)
         ]
+        if self._stop_accepting.is_set() and not self._shutdown.is_set():
+            # retire() came during start-up, before these were known: they
+            # close as in a retirement too (a shutdown() later undoes it).
+            for finishing in self._finishing:
+                finishing.set_retiring(True)
         for service, listener in opened:
             sock = getattr(listener, "socket", None)
             # An extra listener (chat's web page) names itself: "chat web".

@@ -409,6 +409,56 @@ async def test_memory_a_retiring_server_answers_the_requests_under_way(
     assert trio.current_time() - retired_at < HANDSHAKE_TIMEOUT + 1
 
 
+async def test_memory_a_retirement_during_start_up_keeps_a_connection_that_sent_nothing(
+    autojump_clock: object,
+) -> None:
+    """A worker's parent may say "retire" while the server is still opening its
+    listeners (a reload given up on): the web listener, running already, must
+    then be closed as a retirement too, not with a shutdown's CLOSE_LINGER."""
+    web = WebListener(MemoryListener())
+    server = trionet.Server(
+        [ChatService()],
+        listeners={"chat": [MemoryListener(), web]},
+        # Called while the listeners open, before the server knows which
+        # answer requests of their own.
+        on_listening=lambda: server.retire(HANDSHAKE_TIMEOUT * 3),
+    )
+    assert isinstance(web.transport, MemoryListener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(web.run)
+        ahead = await web.transport.connect()  # a browser's, opened ahead of its request
+        await trio.testing.wait_all_tasks_blocked()
+        await nursery.start(server.run)
+        await server.wait_not_accepting()
+        await trio.sleep(HANDSHAKE_TIMEOUT / 2)  # far past CLOSE_LINGER
+        with suppress(trio.BrokenResourceError):
+            await ahead.send_all(GET_PAGE)
+        assert (await read_response(ahead))[0] == 200
+
+
+async def test_memory_the_end_of_a_short_retire_grace_gives_a_silent_connection_close_linger(
+    autojump_clock: object,
+) -> None:
+    """A reload grace shorter than the handshake deadline: once it has passed,
+    a connection that has sent nothing gets a shutdown's CLOSE_LINGER, not the
+    rest of its deadline (nor the server's grace)."""
+    web = WebListener(MemoryListener())
+    server = trionet.Server([ChatService()], listeners={"chat": [MemoryListener(), web]}, grace=5)
+    assert isinstance(web.transport, MemoryListener)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(web.run)  # (the test's: it ends with the silent connection)
+        async with trio.open_nursery() as serving:
+            await serving.start(server.run)
+            silent = await web.transport.connect()  # ...forever
+            await trio.testing.wait_all_tasks_blocked()
+            retired_at = trio.current_time()
+            server.retire(1)
+        assert trio.current_time() - retired_at <= 1 + CLOSE_LINGER + 0.1
+        with trio.fail_after(0.1):
+            assert await silent.receive_some() == b""
+        nursery.cancel_scope.cancel()
+
+
 async def test_memory_a_request_sent_as_the_listener_closes_is_answered(
     autojump_clock: object,
 ) -> None:
