@@ -164,3 +164,27 @@ async def test_a_tls_web_connection_under_way_when_the_listener_closes_is_answer
         await plain.send_all(b"Host: localhost:8443\r\n\r\n")
         status, headers, _ = await read_response(plain)
         assert (status, headers["location"]) == (307, "https://localhost:8443/")
+
+
+async def test_a_tls_web_request_begun_within_the_close_linger_may_take_longer(
+    tls_files: TLSFiles, autojump_clock: object
+) -> None:
+    """A connection that sends its first raw byte within CLOSE_LINGER of the
+    close (a shutdown) is under way from then on: the rest of its TLS
+    handshake, or here of its plain-HTTP request, is not held to the linger."""
+    from trionet.services.chat.web import CLOSE_LINGER, WebListener, _TLSListener
+    from trionet.testing import MemoryListener
+
+    memory = MemoryListener()
+    web = WebListener(_TLSListener(memory, server_context(tls_files.cert, tls_files.key)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(web.run)
+        plain = await memory.connect()
+        await trio.testing.wait_all_tasks_blocked()
+        await web.aclose()
+        await trio.sleep(CLOSE_LINGER / 2)
+        await plain.send_all(b"GET / HTTP/1.1\r\n")
+        await trio.sleep(CLOSE_LINGER * 2)
+        await plain.send_all(b"Host: localhost:8443\r\n\r\n")
+        status, headers, _ = await read_response(plain)
+        assert (status, headers["location"]) == (307, "https://localhost:8443/")

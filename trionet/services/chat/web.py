@@ -44,6 +44,7 @@ import hashlib
 import importlib.resources
 import ipaddress
 import logging
+import math
 import re
 import ssl
 from collections.abc import Callable, Iterable, Sequence
@@ -653,8 +654,19 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                 first = trio.CancelScope()
                 self._idle.add(first)
                 if isinstance(stream, _TLSOrPlainHTTP):
-                    stream.began = functools.partial(self._idle.discard, first)
+                    stream.began = functools.partial(self._began, first)
                 nursery.start_soon(self._serve, stream, scope, first, address, proxy_from)
+
+    def _began(self, first: trio.CancelScope) -> None:
+        """A TLS connection's first raw byte came: its request is under way.
+
+        The wait for the first byte (``first``) also holds the TLS handshake,
+        which runs inside the first read: a close's linger, if it already cut
+        that wait short, must not cut the handshake short too. The handshake
+        deadline still holds.
+        """
+        self._idle.discard(first)
+        first.deadline = math.inf
 
     def _count(self, address: str | None) -> bool:
         """Count a connection from ``address``, if it is not at its limit."""
