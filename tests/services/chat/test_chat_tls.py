@@ -188,3 +188,37 @@ async def test_a_tls_web_request_begun_within_the_close_linger_may_take_longer(
         await plain.send_all(b"Host: localhost:8443\r\n\r\n")
         status, headers, _ = await read_response(plain)
         assert (status, headers["location"]) == (307, "https://localhost:8443/")
+
+
+async def test_a_tls_web_request_begun_as_the_server_shuts_down_is_answered_over_sockets(
+    tls_files: TLSFiles, opened: Opened
+) -> None:
+    """The socket side of the test above: a connection that has sent nothing
+    when the shutdown begins, then sends a request slowly, still gets its answer."""
+    import pytest
+
+    import trionet
+    from trionet.services.chat.web import CLOSE_LINGER, WebListener
+
+    service = ChatService(port=0, web_port=0, tls_cert=tls_files.cert, tls_key=tls_files.key)
+    server = trionet.Server([service], grace=30)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            web_port = (await nursery.start(server.run))["chat web"][0][1]
+            plain = await opened.stream(web_port)
+            (web,) = server._finishing
+            assert isinstance(web, WebListener)
+            for _ in range(500):  # 5 s at most: until the listener holds it
+                if len(web._idle) == 1:
+                    break
+                await trio.sleep(0.01)
+            else:
+                pytest.fail("the web listener did not take the connection")
+            server.shutdown()
+            await server.wait_not_accepting()
+            assert web._closing  # (closed: the first byte comes within the linger)
+            await plain.send_all(b"GET / HTTP/1.1\r\n")
+            await trio.sleep(2 * CLOSE_LINGER)
+            await plain.send_all(f"Host: 127.0.0.1:{web_port}\r\n\r\n".encode())
+            status, headers, _ = await read_response(plain)
+            assert (status, headers["location"]) == (307, f"https://127.0.0.1:{web_port}/")

@@ -793,6 +793,7 @@ async def test_a_retiring_server_answers_a_page_request_under_way_over_sockets(
             # Until the listener has read a byte of the first two and holds
             # the third (its own count).
             (web,) = server._finishing
+            assert isinstance(web, WebListener)
             for _ in range(500):  # 5 s at most
                 if web._requests == 3 and len(web._idle) == 1:
                     break
