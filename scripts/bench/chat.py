@@ -103,6 +103,30 @@ def load_command(generator: str) -> list[str]:
     return [sys.executable, str(HERE / "chat_load.py")]
 
 
+def add_load_arguments(parser: argparse.ArgumentParser, *, messages: int = 200) -> None:
+    """The load's options, shared by the chat benchmarks (``run_round`` reads them),
+    the generator's included."""
+    parser.add_argument(
+        "--clients", type=int, default=100, help="clients in the room (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--senders", type=int, default=10, help="clients that send (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=messages,
+        help="messages per sender (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=16,
+        help="own messages in flight per sender (default: %(default)s)",
+    )
+    add_generator_argument(parser)
+
+
 def add_generator_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--generator {c,python}`` (read by :func:`run_round` from the parsed args)."""
     parser.add_argument(
@@ -209,21 +233,7 @@ def main() -> int:
     p.add_argument(
         "--rounds", type=int, default=5, help="rounds, interleaved (default: %(default)s)"
     )
-    p.add_argument(
-        "--clients", type=int, default=100, help="clients in the room (default: %(default)s)"
-    )
-    p.add_argument(
-        "--senders", type=int, default=10, help="clients that send (default: %(default)s)"
-    )
-    p.add_argument(
-        "--messages", type=int, default=200, help="messages per sender (default: %(default)s)"
-    )
-    p.add_argument(
-        "--window",
-        type=int,
-        default=16,
-        help="own messages in flight per sender (default: %(default)s)",
-    )
+    add_load_arguments(p)
     p.add_argument(
         "--load-procs", type=int, default=2, help="load generator processes (default: %(default)s)"
     )
@@ -234,7 +244,6 @@ def main() -> int:
         default=["trionet", "fanout", "twisted"],
         help="servers to compare (default: %(default)s)",
     )
-    add_generator_argument(p)
     add_before_argument(p)
     a = p.parse_args()
     if any(n.startswith("twisted") for n in a.servers):

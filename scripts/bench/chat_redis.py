@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from chat import add_generator_argument, run_round  # noqa: E402  (scripts/bench/chat.py)
+from chat import add_load_arguments, run_round  # noqa: E402  (scripts/bench/chat.py)
 from harness import free_port, wait_listening  # noqa: E402
 
 
@@ -194,16 +194,8 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--rounds", type=int, default=5, help="rounds (default: %(default)s)")
-    p.add_argument("--clients", type=int, default=100, help="clients (default: %(default)s)")
-    p.add_argument("--senders", type=int, default=10, help="senders (default: %(default)s)")
-    p.add_argument(
-        "--messages", type=int, default=200, help="messages per sender (default: %(default)s)"
-    )
-    p.add_argument(
-        "--window", type=int, default=16, help="own messages in flight (default: %(default)s)"
-    )
+    add_load_arguments(p)
     p.add_argument("--micro", action="store_true", help="also run the Redis micro-measurements")
-    add_generator_argument(p)
     p.add_argument(
         "--before",
         metavar="DIR",
