@@ -95,7 +95,7 @@ def main() -> int:
     print(
         f"\n{members} members came and went, {a.rounds * a.senders * a.messages} messages; "
         f"growth over rounds {half}-{len(history)}: {growth[0]} and {growth[1]} KiB "
-        f"(from the start: {history[-1][0] - history[0][0]} and "
+        f"(since round 1: {history[-1][0] - history[0][0]} and "
         f"{history[-1][1] - history[0][1]} KiB)"
     )
     print(f"  all delivered: {'yes' if complete else 'NO'}")
