@@ -550,7 +550,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         self._closing = False
         self._retiring = False  # see set_retiring
         # The waits for a connection's first byte, and the PROXY header reads
-        # (closing cuts these short: CLOSE_LINGER).
+        # (closing cuts these short, to CLOSE_LINGER, unless retiring).
         self._idle: set[trio.CancelScope] = set()
         self._header_reads: set[trio.CancelScope] = set()
         # Requests under way: accepted, not yet answered or handed over.
@@ -575,9 +575,10 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         """Stop accepting at once; let the requests under way end (see the class).
 
         A connection that has sent nothing yet, or is still sending its PROXY
-        header, has :data:`CLOSE_LINGER` more: a request already sent but not
-        read yet (the kernel holds it, or its task has not run) is still
-        answered, and an idle one is not waited for. WebSockets already
+        header, has :data:`CLOSE_LINGER` more (unless the listener retires:
+        :meth:`set_retiring`): a request already sent but not read yet (the
+        kernel holds it, or its task has not run) is still answered, and an
+        idle one is not waited for. WebSockets already
         accepted are not affected: whoever accepted them closes them.
         Everything before the last ``await`` is synchronous, so this works
         under cancellation too (the server closes its listeners that way).
