@@ -40,22 +40,34 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def main() -> int:
+def soak_parser(doc: str | None, rounds: int, max_growth: int) -> argparse.ArgumentParser:
+    """The soaks' common options: ``--rounds`` and ``--max-growth`` (check with
+    :func:`check_rounds` once parsed)."""
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--rounds", type=int, default=40, help="rounds (default: %(default)s)")
-    add_load_arguments(p, messages=1000)
+    p.add_argument("--rounds", type=int, default=rounds, help="rounds (default: %(default)s)")
     p.add_argument(
         "--max-growth",
         type=int,
-        default=2048,
+        default=max_growth,
         metavar="KIB",
         help="most a chat process may grow over the second half, in KiB (default: %(default)s)",
     )
-    a = p.parse_args()
+    return p
+
+
+def check_rounds(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Two rounds at least: the second half must have a start."""
     if a.rounds < 2:
         p.error("--rounds must be at least 2")
+
+
+def main() -> int:
+    p = soak_parser(__doc__, rounds=40, max_growth=2048)
+    add_load_arguments(p, messages=1000)
+    a = p.parse_args()
+    check_rounds(p, a)
     a.load_procs = 2
     complete = True
     history: list[list[int]] = []
