@@ -600,6 +600,60 @@ def proxy_v1(source: str, port: int) -> bytes:
 GET_PAGE = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
 
+async def test_memory_every_connection_leaves_no_state_behind(autojump_clock: object) -> None:
+    """A page, errors, members who quit or vanish, a head cut short, an idle
+    connection, a refused PROXY header, a client over its per-address limit: once
+    all have gone, the listener holds nothing for any of them (what
+    scripts/bench/chat_web_soak.py checks from outside, as memory)."""
+    service = ChatService(max_per_address=2)
+    async with memory_web(service, proxy_from="127.0.0.1") as chat:
+        web = chat.web
+
+        async def connect(peer: str, source: str) -> trio.abc.Stream:
+            stream = await chat.transport().connect(peer)
+            await stream.send_all(proxy_v1(source, 1000))
+            return stream
+
+        for i in range(3):
+            peer, source = f"127.0.0.1:{41000 + i}", f"198.51.100.{i + 1}"
+            page = await connect(peer, source)
+            await page.send_all(GET_PAGE)
+            assert (await read_response(page))[0] == 200
+            missing = await connect(peer, source)
+            await missing.send_all(b"GET /nothing HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert (await read_response(missing))[0] == 404
+            cut = await connect(peer, source)
+            await cut.send_all(b"GET / HT")
+            await cut.aclose()
+            await trio.testing.wait_all_tasks_blocked()  # (its place is free again)
+            idle = await connect(peer, source)
+            ws = await wrap_client_stream(
+                chat.nursery, await connect(peer, source), "localhost", "/ws"
+            )
+            member = await WsClient(ws, timeout=100).join(f"m{i}")
+            over = await connect(peer, source)  # the 3rd held from this client: refused
+            with trio.fail_after(5):
+                assert await over.receive_some() == b""
+            await member.send_line("/quit")
+            await member.expect("BYE")
+            await member.expect_closed()
+            await idle.aclose()
+            await trio.testing.wait_all_tasks_blocked()  # (their places are free again)
+            vanishing = await wrap_client_stream(
+                chat.nursery, await connect(peer, source), "localhost", "/ws"
+            )
+            await WsClient(vanishing, timeout=100).join(f"v{i}")
+            await vanishing.aclose()  # a tab closed
+            refused = await chat.transport().connect("192.0.2.50:9")  # not a balancer
+            with trio.fail_after(5):
+                assert await refused.receive_some() == b""
+        await trio.sleep(1)  # (virtual) the last closes run their course
+        await trio.testing.wait_all_tasks_blocked()
+        assert (web._held, web._requests, web._per_address) == (0, 0, {})
+        assert not web._idle and not web._header_reads and web._requests_done.is_set()
+        assert chat.server.connection_count == 0
+
+
 async def test_memory_proxy_header_names_the_web_client(
     autojump_clock: object, caplog: pytest.LogCaptureFixture
 ) -> None:
