@@ -209,7 +209,7 @@ async def test_a_tls_web_request_begun_as_the_server_shuts_down_is_answered_over
             (web,) = server._finishing
             assert isinstance(web, WebListener)
             for _ in range(500):  # 5 s at most: until the listener holds it
-                if len(web._idle) == 1:
+                if len(web._first_waits) == 1:
                     break
                 await trio.sleep(0.01)
             else:

@@ -650,7 +650,7 @@ async def test_memory_every_connection_leaves_no_state_behind(autojump_clock: ob
         await trio.sleep(1)  # (virtual) the last closes run their course
         await trio.testing.wait_all_tasks_blocked()
         assert (web._held, web._requests, web._per_address) == (0, 0, {})
-        assert not web._idle and not web._header_reads and web._requests_done.is_set()
+        assert not web._first_waits and web._requests_done.is_set()
         assert chat.server.connection_count == 0
 
 
@@ -849,7 +849,7 @@ async def test_a_retiring_server_answers_a_page_request_under_way_over_sockets(
             (web,) = server._finishing
             assert isinstance(web, WebListener)
             for _ in range(500):  # 5 s at most
-                if web._requests == 3 and len(web._idle) == 1:
+                if web._requests == 3 and len(web._first_waits) == 1:
                     break
                 await trio.sleep(0.01)
             else:

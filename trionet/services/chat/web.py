@@ -549,10 +549,9 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         self._accepting = trio.CancelScope()
         self._closing = False
         self._retiring = False  # see set_retiring
-        # The waits for a connection's first byte, and the PROXY header reads
-        # (closing cuts these short, to CLOSE_LINGER, unless retiring).
-        self._idle: set[trio.CancelScope] = set()
-        self._header_reads: set[trio.CancelScope] = set()
+        # The waits for a connection's first bytes: its PROXY header's, its
+        # request's (closing cuts these short, to CLOSE_LINGER, unless retiring).
+        self._first_waits: set[trio.CancelScope] = set()
         # Requests under way: accepted, not yet answered or handed over.
         self._requests = 0
         self._requests_done = trio.Event()
@@ -606,7 +605,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             self._linger_all()
 
     def _linger_all(self) -> None:
-        for scope in (*self._idle, *self._header_reads):
+        for scope in self._first_waits:
             _linger(scope)
 
     async def wait_requests_done(self) -> None:
@@ -653,20 +652,21 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                 # The wait for the first byte: once one has come (the raw
                 # first byte, under TLS), closing no longer cuts it short.
                 first = trio.CancelScope()
-                self._idle.add(first)
+                self._first_waits.add(first)
                 if isinstance(stream, _TLSOrPlainHTTP):
                     stream.began = functools.partial(self._began, first)
                 nursery.start_soon(self._serve, stream, scope, first, address, proxy_from)
 
     def _began(self, first: trio.CancelScope) -> None:
-        """A TLS connection's first raw byte came: its request is under way.
+        """A connection's first byte came (under TLS, its first raw byte): its
+        request is under way.
 
-        The wait for the first byte (``first``) also holds the TLS handshake,
-        which runs inside the first read: a close's linger, if it already cut
-        that wait short, must not cut the handshake short too. The handshake
-        deadline still holds.
+        Under TLS the wait for the first byte (``first``) also holds the
+        handshake, which runs inside the first read: a close's linger, if it
+        already cut that wait short, must not cut the handshake short too.
+        The handshake deadline still holds.
         """
-        self._idle.discard(first)
+        self._first_waits.discard(first)
         first.deadline = math.inf
 
     def _count(self, address: str | None) -> bool:
@@ -713,7 +713,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
             await self._serve_one(stream, scope, first, request_over)
         finally:
             request_over()
-            self._idle.discard(first)
+            self._first_waits.discard(first)
             self._held -= 1
             if address is not None:
                 self._per_address[address] -= 1
@@ -735,12 +735,12 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         peer = format_peer(raw)
         started = trio.current_time()
         failure, quiet = "the listener is closing", False
-        # A scope of its own (the handshake's is entered later), which
-        # aclose() cancels like the handshakes'.
+        # A scope of its own (the handshake's is entered later), which a
+        # close cuts short like the wait for a request's first byte.
         reading = trio.CancelScope(deadline=min(scope.deadline, started + HEADER_TIMEOUT))
         if self._closing and not self._retiring:  # closed since the accept
             _linger(reading)
-        self._header_reads.add(reading)
+        self._first_waits.add(reading)
         try:
             with reading:
                 header, raw, failure, quiet = await read_proxy_header_or_why(raw, peer, proxy_from)
@@ -755,7 +755,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                 limit = min(HEADER_TIMEOUT, self.handshake_timeout)
                 failure = f"no complete PROXY header within {limit:g}s"
         finally:
-            self._header_reads.discard(reading)
+            self._first_waits.discard(reading)
         await trio.aclose_forcefully(stream)
         report_refusal(
             log,
@@ -788,7 +788,6 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
                         handed_over = await self._handle_request(nursery, stream, peer, first)
                 finally:
                     request_over()
-                    self._idle.discard(first)
                     if not handed_over:
                         # Ends the reader task of a handshake cut short too.
                         await trio.aclose_forcefully(stream)
@@ -837,7 +836,7 @@ class WebListener(trio.abc.Listener[trio.abc.Stream]):
         started = trio.current_time()
         # From its first byte on, the request is under way: closing the
         # listener no longer cuts it short.
-        head = await self._read_head(stream, first, lambda: self._idle.discard(first))
+        head = await self._read_head(stream, first, functools.partial(self._began, first))
         if head is None:
             return False
         method = path = "-"
