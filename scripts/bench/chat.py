@@ -145,10 +145,13 @@ def run_round(
     *,
     settle: float = 0.5,
     after: float = 0.3,
+    local: bool = False,
 ) -> dict[str, float]:
     """One run of the load against ``servers`` (pid, port): load process k talks to
     server k (modulo their number). ``settle``: seconds for the JOINs to spread
-    before the clock starts; ``after``: for the leaves, before the next run."""
+    before the clock starts; ``after``: for the leaves, before the next run;
+    ``local``: also the latencies of the messages from each generator's own
+    clients (``own_p50_ms``, ``own_p99_ms``: a second or so per million)."""
     per = a.clients // a.load_procs
     senders_per = a.senders // a.load_procs
     procs = []
@@ -201,10 +204,12 @@ def run_round(
     # Messages from the other generator's clients: on two servers, the ones that crossed.
     qo = statistics.quantiles(other, n=100) if len(other) > 1 else [0.0] * 99
     # ...and the others, from clients of the same generator: on two servers, local.
-    own = collections.Counter(lat)
-    own.subtract(other)
-    own_lat = list(own.elements())
-    qs = statistics.quantiles(own_lat, n=100) if len(own_lat) > 1 else [0.0] * 99
+    qs = [0.0] * 99
+    if local:
+        own = collections.Counter(lat)
+        own.subtract(other)
+        own_lat = list(own.elements())
+        qs = statistics.quantiles(own_lat, n=100) if len(own_lat) > 1 else qs
     time.sleep(after)  # let the disconnects settle before the next run
     return {
         "received": received,
@@ -215,8 +220,7 @@ def run_round(
         "p99_ms": q[98] / 1e6,
         "other_p50_ms": qo[49] / 1e6,
         "other_p99_ms": qo[98] / 1e6,
-        "own_p50_ms": qs[49] / 1e6,
-        "own_p99_ms": qs[98] / 1e6,
+        **({"own_p50_ms": qs[49] / 1e6, "own_p99_ms": qs[98] / 1e6} if local else {}),
         "server_cpu": cpu / duration,
         "load_cpu": max(r["cpu_s"] for r in results) / duration,
         # Servers' time ready to run but without a core (all their threads, as a

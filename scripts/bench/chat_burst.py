@@ -26,16 +26,11 @@ from pathlib import Path
 from typing import IO
 
 import trio
+from harness import status_kib
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PER, SIZE = 10, 4000
-
-
-def status_kib(pid: int, field: str) -> int:
-    text = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else 0
 
 
 def start(name: str, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], int]:

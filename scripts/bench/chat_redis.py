@@ -238,6 +238,7 @@ def main() -> int:
                         tmp,
                         settle=1.0,  # (across processes too)
                         after=0.5,  # the leaves are published too
+                        local=True,
                     )
                     rows[name].append(res)
                     print(

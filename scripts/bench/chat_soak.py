@@ -30,14 +30,7 @@ sys.path.insert(0, str(HERE))
 
 from chat import add_load_arguments, run_round  # noqa: E402  (scripts/bench/chat.py)
 from chat_redis import start_chat, start_redis  # noqa: E402
-
-
-def rss_kib(pid: int) -> int:
-    """Resident memory of process ``pid`` in KiB (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for process {pid}")
+from harness import status_kib  # noqa: E402
 
 
 def soak_parser(doc: str | None, rounds: int, max_growth: int) -> argparse.ArgumentParser:
@@ -88,11 +81,11 @@ def main() -> int:
                     [(proc.pid, port) for proc, port in chats], a, tmp, settle=1.0, after=0.5
                 )
                 complete &= res["received"] == res["expected"]
-                rss = [rss_kib(proc.pid) for proc, _ in chats]
+                rss = [status_kib(proc.pid) for proc, _ in chats]
                 history.append(rss)
                 print(
                     f"{r + 1:>5} {res['rate']:>9.0f} {res['p99_ms']:>7.1f} "
-                    f"{rss[0]:>8} {rss[1]:>8} {rss_kib(redis.pid):>9}",
+                    f"{rss[0]:>8} {rss[1]:>8} {status_kib(redis.pid):>9}",
                     flush=True,
                 )
         finally:

@@ -29,8 +29,8 @@ import trio_websocket
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from chat_soak import check_rounds, rss_kib, soak_parser  # noqa: E402  (chat_soak.py)
-from harness import ROOT  # noqa: E402
+from chat_soak import check_rounds, soak_parser  # noqa: E402  (chat_soak.py)
+from harness import ROOT, status_kib  # noqa: E402
 
 
 def start_chat() -> tuple[subprocess.Popen[str], int]:
@@ -85,7 +85,7 @@ async def soak(a: argparse.Namespace, pid: int, port: int) -> list[int]:
                 for n in range(a.members):
                     nursery.start_soon(member, port, n)
                     nursery.start_soon(page, port)
-        history.append(rss_kib(pid))
+        history.append(status_kib(pid))
         if r % a.every == 0 or r == a.rounds - 1:
             print(f"{r + 1:>5} {history[-1]:>9}", flush=True)
     return history

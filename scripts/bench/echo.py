@@ -33,7 +33,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from harness import (
     Server,
@@ -46,6 +45,7 @@ from harness import (
     rounds,
     sides,
     start_pingpong,
+    status_kib,
 )
 
 MESSAGE = b"m" * 64
@@ -163,16 +163,9 @@ def gen_stream(port: int, seconds: float) -> dict[str, float]:
     return {"value": received / seconds / 1e6}
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
 def gen_idle(port: int, pid: int, conns: int) -> dict[str, float]:
     raise_fd_limit()
-    before = rss_kib(pid)
+    before = status_kib(pid)
     socks = []
     for _ in range(conns):
         s = socket.create_connection(("127.0.0.1", port))
@@ -185,7 +178,7 @@ def gen_idle(port: int, pid: int, conns: int) -> dict[str, float]:
         if s.recv(1) != b"x":
             raise SystemExit("bad echo")
     time.sleep(0.5)
-    after = rss_kib(pid)
+    after = status_kib(pid)
     for s in socks:
         s.close()
     return {"value": (after - before) / conns}

@@ -52,6 +52,16 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def status_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of process ``pid`` in KiB (Linux /proc/PID/status):
+    ``VmRSS`` resident now, ``VmHWM`` its peak."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"no {field} for process {pid}")
+    return int(match.group(1))
+
+
 def run_delay(pid: int) -> float:
     """Seconds process ``pid``'s threads have spent runnable but waiting for a CPU
     (Linux /proc/PID/task/*/schedstat, second field): on a busy machine, the time a
