@@ -8,6 +8,9 @@ send while a receive is pending, which is what this exercises.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 from conftest import Opened, TLSFiles
@@ -16,7 +19,7 @@ from test_web import read_response
 
 from trionet._tls import server_context
 from trionet.services.chat.server import WELCOME, ChatService
-from trionet.testing import Client
+from trionet.testing import Client, MemoryListener
 
 
 async def test_interactive_session_inside_tls(tls_files: TLSFiles, opened: Opened) -> None:
@@ -104,19 +107,25 @@ async def test_the_browser_page_is_https_when_the_chat_speaks_tls(
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def tls_web(tls_files: TLSFiles) -> AsyncIterator[tuple[MemoryListener, Any]]:
+    """A TLS web listener on a memory listener, running: (the memory listener, it)."""
+    from trionet.services.chat.web import WebListener, _TLSListener
+
+    memory = MemoryListener()
+    web = WebListener(_TLSListener(memory, server_context(tls_files.cert, tls_files.key)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(web.run)
+        yield memory, web
+        await web.aclose()
+
+
 async def test_plain_http_to_the_tls_web_port_is_answered_in_memory(
     tls_files: TLSFiles, autojump_clock: object
 ) -> None:
     """The first bytes decide: a request line gets a plain-text redirect (or a
     400 without a usable Host), a ClientHello gets TLS and the page."""
-    from trionet.services.chat.web import WebListener, _TLSListener
-    from trionet.testing import MemoryListener
-
-    memory = MemoryListener()
-    ctx = server_context(tls_files.cert, tls_files.key)
-    web = WebListener(_TLSListener(memory, ctx))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(web.run)
+    async with tls_web(tls_files) as (memory, _):
 
         async def ask(request: bytes, tls: bool = False) -> tuple[int, dict[str, str], bytes]:
             stream: trio.abc.Stream = await memory.connect()
@@ -140,7 +149,6 @@ async def test_plain_http_to_the_tls_web_port_is_answered_in_memory(
         # A ClientHello: TLS as before.
         status, headers, body = await ask(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", tls=True)
         assert status == 200 and body.startswith(b"<!doctype html>")
-        await web.aclose()
 
 
 async def test_a_tls_web_connection_under_way_when_the_listener_closes_is_answered(
@@ -149,13 +157,9 @@ async def test_a_tls_web_connection_under_way_when_the_listener_closes_is_answer
     """Under TLS a request is under way from its first raw byte (a ClientHello, or
     here a plain-HTTP request line), not from its first decrypted one: closing
     the listener does not cut it off, however long it then takes."""
-    from trionet.services.chat.web import CLOSE_LINGER, WebListener, _TLSListener
-    from trionet.testing import MemoryListener
+    from trionet.services.chat.web import CLOSE_LINGER
 
-    memory = MemoryListener()
-    web = WebListener(_TLSListener(memory, server_context(tls_files.cert, tls_files.key)))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(web.run)
+    async with tls_web(tls_files) as (memory, web):
         plain = await memory.connect()
         await plain.send_all(b"GET / HTTP/1.1\r\n")
         await trio.testing.wait_all_tasks_blocked()
@@ -172,13 +176,9 @@ async def test_a_tls_web_request_begun_within_the_close_linger_may_take_longer(
     """A connection that sends its first raw byte within CLOSE_LINGER of the
     close (a shutdown) is under way from then on: the rest of its TLS
     handshake, or here of its plain-HTTP request, is not held to the linger."""
-    from trionet.services.chat.web import CLOSE_LINGER, WebListener, _TLSListener
-    from trionet.testing import MemoryListener
+    from trionet.services.chat.web import CLOSE_LINGER
 
-    memory = MemoryListener()
-    web = WebListener(_TLSListener(memory, server_context(tls_files.cert, tls_files.key)))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(web.run)
+    async with tls_web(tls_files) as (memory, web):
         plain = await memory.connect()
         await trio.testing.wait_all_tasks_blocked()
         await web.aclose()
